@@ -1,0 +1,268 @@
+"""Per-stream animation logic, independent of where the networks run.
+
+A `Runner` executes one served sub-network on a batch (`run(model, {input: array}) -> {output: array}`, names
+from `spec`). `TorchRunner` runs our PyTorch modules in-process, `OnnxRunner` runs exported ONNX files with
+ONNX Runtime, and the Triton pipeline model wraps BLS calls in the same interface. `Animator` holds the logic of
+the official per-frame block: source registration (F and M once), then for each driving frame M (or a motion
+template frame) -> keypoint maths -> stitching / retargeting MLPs -> W -> G, batched across streams.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from . import keypoints as K
+from . import spec
+from .config import NUM_KP
+from .lip_array import LIP_ARRAY
+
+
+class Runner(Protocol):
+    def run(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ...
+
+
+class InputError(ValueError):
+    """A request that cannot be served as sent (the caller's fault)."""
+
+
+def crop_to_input(crops: np.ndarray) -> np.ndarray:
+    """(B, 256, 256, 3) uint8 RGB -> (B, 3, 256, 256) float32 in [0, 1] (no mean/std, as the official code)."""
+    crops = np.asarray(crops)
+    if crops.ndim == 3:
+        crops = crops[None]
+    return np.ascontiguousarray(np.transpose(crops.astype(np.float32) / np.float32(255.0), (0, 3, 1, 2)))
+
+
+def image_to_uint8(images: np.ndarray) -> np.ndarray:
+    """(B, 3, H, W) float in [0, 1] -> (B, H, W, 3) uint8, truncating like the official parse_output."""
+    out = np.clip(np.transpose(np.asarray(images), (0, 2, 3, 1)), 0, 1)
+    return np.clip(out * 255, 0, 255).astype(np.uint8)
+
+
+def check_crop(name: str, crop) -> np.ndarray:
+    """A (256, 256, 3) uint8 crop, or InputError naming what is wrong."""
+    arr = np.asarray(crop)
+    want = (spec.SOURCE_SIZE, spec.SOURCE_SIZE, 3)
+    if arr.dtype != np.uint8:
+        raise InputError(f"{name}: expected dtype uint8, got {arr.dtype}")
+    if arr.shape != want:
+        raise InputError(f"{name}: expected shape {list(want)} (H, W, RGB), got {list(arr.shape)}")
+    return arr
+
+
+@dataclasses.dataclass
+class MotionFrame:
+    """One frame of template motion (official template keys R, exp, t, scale)."""
+    R: np.ndarray
+    exp: np.ndarray
+    t: np.ndarray
+    scale: np.ndarray
+
+    def validated(self) -> "MotionFrame":
+        shapes = {"R": (3, 3), "exp": (NUM_KP, 3), "t": (3,), "scale": (1,)}
+        out = {}
+        for name, shape in shapes.items():
+            arr = np.asarray(getattr(self, name), dtype=np.float32)
+            if arr.size != int(np.prod(shape)):
+                raise InputError(f"motion_{name}: expected shape {list(shape)}, got {list(arr.shape)}")
+            if not np.all(np.isfinite(arr)):
+                raise InputError(f"motion_{name}: contains NaN or Inf")
+            out[name] = arr.reshape(shape)
+        return MotionFrame(**out)
+
+    def info(self) -> K.MotionInfo:
+        return K.MotionInfo(R=self.R.reshape(1, 3, 3), t=self.t.reshape(1, 3), exp=self.exp.reshape(1, NUM_KP, 3),
+                            scale=self.scale.reshape(1, 1))
+
+
+@dataclasses.dataclass
+class DrivingFrame:
+    """One driving input: a crop (motion extractor runs) or a template motion frame, plus optional ratios."""
+    crop: np.ndarray | None = None
+    motion: MotionFrame | None = None
+    eye_ratio: float | None = None     # c_d_eye
+    lip_ratio: float | None = None     # c_d_lip
+
+
+@dataclasses.dataclass
+class StreamState:
+    """What one sequence keeps between frames: the source's features and keypoints, options and anchors."""
+    options: dict
+    feature_volume: np.ndarray          # (1, C, D, 64, 64)
+    source: K.MotionInfo
+    x_s: np.ndarray                     # (1, 21, 3)
+    source_eye_ratio: np.ndarray | None = None   # (1, 2)
+    source_lip_ratio: np.ndarray | None = None   # (1, 1)
+    anchor: K.MotionInfo | None = None
+    x_d0_new: np.ndarray | None = None
+    motion_multiplier: float = 1.0
+    frames_done: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.feature_volume.nbytes)
+
+
+class Animator:
+    """The LivePortrait per-frame computation over a Runner."""
+
+    def __init__(self, runner: Runner):
+        self.runner = runner
+
+    # -- source ---------------------------------------------------------------------------------------------
+    def register_sources(self, crops: list[np.ndarray], options: list[dict],
+                         eye_ratios: list | None = None, lip_ratios: list | None = None) -> list[StreamState]:
+        """F and M on a batch of source crops; one StreamState each."""
+        batch = crop_to_input(np.stack([check_crop("source", c) for c in crops]))
+        volume = self.runner.run(spec.APPEARANCE, {"image": batch})["feature_volume"]
+        motion = K.MotionInfo.from_raw(self.runner.run(spec.MOTION, {"image": batch}))
+        x_s = motion.transformed()
+        states = []
+        for i, opts in enumerate(options):
+            src = K.MotionInfo(R=motion.R[i:i + 1], t=motion.t[i:i + 1], exp=motion.exp[i:i + 1],
+                               scale=motion.scale[i:i + 1], kp=motion.kp[i:i + 1], pitch=motion.pitch[i:i + 1],
+                               yaw=motion.yaw[i:i + 1], roll=motion.roll[i:i + 1])
+            eye = None if eye_ratios is None or eye_ratios[i] is None else np.asarray(eye_ratios[i], np.float32).reshape(1, 2)
+            lip = None if lip_ratios is None or lip_ratios[i] is None else np.asarray(lip_ratios[i], np.float32).reshape(1, 1)
+            if opts["eye_retargeting"] and eye is None:
+                raise InputError("eye_retargeting is on but the START request has no source_eye_ratio")
+            if opts["lip_retargeting"] and lip is None:
+                raise InputError("lip_retargeting is on but the START request has no source_lip_ratio")
+            states.append(StreamState(options=opts, feature_volume=np.ascontiguousarray(volume[i:i + 1]),
+                                      source=src, x_s=x_s[i:i + 1], source_eye_ratio=eye, source_lip_ratio=lip,
+                                      anchor=src if opts["anchor"] == "source" else None))
+        return states
+
+    # -- driving --------------------------------------------------------------------------------------------
+    def driving_motion(self, frames: list[DrivingFrame]) -> list[K.MotionInfo]:
+        """M on the crops of the batch (one call), template motion as given."""
+        crops = [i for i, f in enumerate(frames) if f.motion is None]
+        infos: list[K.MotionInfo | None] = [f.motion.info() if f.motion is not None else None for f in frames]
+        if crops:
+            batch = crop_to_input(np.stack([check_crop("driving", frames[i].crop) for i in crops]))
+            m = K.MotionInfo.from_raw(self.runner.run(spec.MOTION, {"image": batch}))
+            for j, i in enumerate(crops):
+                infos[i] = K.MotionInfo(R=m.R[j:j + 1], t=m.t[j:j + 1], exp=m.exp[j:j + 1], scale=m.scale[j:j + 1])
+        return infos
+
+    def driving_keypoints(self, state: StreamState, driving: K.MotionInfo, frame: DrivingFrame) -> np.ndarray:
+        """x_d for one frame of one stream: motion transfer, stitching / retargeting, multiplier (updates state)."""
+        o = state.options
+        if state.anchor is None:
+            state.anchor = driving
+        image = o["driving_type"] == "image"
+        lip_array = LIP_ARRAY if (image and o["relative_motion"]) else None
+        if image:
+            anchor = driving if o["anchor"] == "first_frame" else state.anchor
+        else:
+            anchor = state.anchor
+        x = K.compose_keypoints(state.source.kp, *K.new_motion(state.source, driving, anchor, o["animation_region"],
+                                                                o["relative_motion"], lip_array))
+        if o["relative_motion"] and o["driving_option"] == "expression-friendly" and not image:
+            if state.x_d0_new is None:
+                state.x_d0_new = x
+                state.motion_multiplier = K.convex_hull_multiplier(state.x_s, x)
+            x = (x - state.x_d0_new) * np.float32(state.motion_multiplier) + state.x_s
+        x_s = state.x_s
+        if o["eye_retargeting"] or o["lip_retargeting"]:
+            base = x_s if o["relative_motion"] else x
+            x = base.copy()
+            if o["eye_retargeting"]:
+                if frame.eye_ratio is None:
+                    raise InputError("eye_retargeting is on but the frame has no driving_eye_ratio")
+                ratio = np.concatenate([state.source_eye_ratio, np.float32([[frame.eye_ratio]])], axis=1)
+                x = x + self._delta(spec.RETARGET_EYE, {"kp_source": x_s, "eye_ratio": ratio})
+            if o["lip_retargeting"]:
+                if frame.lip_ratio is None:
+                    raise InputError("lip_retargeting is on but the frame has no driving_lip_ratio")
+                ratio = np.concatenate([state.source_lip_ratio, np.float32([[frame.lip_ratio]])], axis=1)
+                x = x + self._delta(spec.RETARGET_LIP, {"kp_source": x_s, "lip_ratio": ratio})
+        if o["stitching"]:
+            delta = self.runner.run(spec.STITCHING, {"kp_source": x_s, "kp_driving": x})["delta"]
+            x = K.apply_stitching(x, delta)
+        return K.apply_driving_multiplier(x_s, x, o["driving_multiplier"])
+
+    def _delta(self, model: str, inputs: dict) -> np.ndarray:
+        return self.runner.run(model, inputs)["delta"].reshape(1, NUM_KP, 3)
+
+    def render(self, volumes: np.ndarray, x_s: np.ndarray, x_d: np.ndarray) -> np.ndarray:
+        """W then G on a batch -> (B, 512, 512, 3) uint8."""
+        warped = self.runner.run(spec.WARPING, {"feature_volume": volumes, "kp_source": x_s, "kp_driving": x_d})
+        image = self.runner.run(spec.GENERATOR, {"warped_feature": warped["warped_feature"]})["image"]
+        return image_to_uint8(image)
+
+    def animate(self, states: list[StreamState], frames: list[DrivingFrame]) -> list[np.ndarray]:
+        """One driving frame for each of several streams (a stream may appear once per call)."""
+        drivings = self.driving_motion(frames)
+        x_d = [self.driving_keypoints(s, d, f) for s, d, f in zip(states, drivings, frames)]
+        images = self.render(np.concatenate([s.feature_volume for s in states]),
+                             np.concatenate([s.x_s for s in states]), np.concatenate(x_d))
+        for s in states:
+            s.frames_done += 1
+        return list(images)
+
+
+class TorchRunner:
+    """Runs our PyTorch sub-networks in-process (the parity reference for served results)."""
+
+    def __init__(self, networks):
+        import torch
+        self._torch = torch
+        self.networks = networks
+
+    def run(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        torch = self._torch
+        n = self.networks
+        t = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in inputs.items()}
+        with torch.no_grad():
+            if model == spec.APPEARANCE:
+                out = {"feature_volume": n.appearance_feature_extractor(t["image"])}
+            elif model == spec.MOTION:
+                out = n.motion_extractor(t["image"])
+            elif model == spec.WARPING:
+                w = n.warping_module(t["feature_volume"], t["kp_source"], t["kp_driving"])
+                out = {"warped_feature": w["out"], "occlusion_map": w["occlusion_map"]}
+            elif model == spec.GENERATOR:
+                out = {"image": n.spade_generator(t["warped_feature"])}
+            elif model in (spec.STITCHING, spec.RETARGET_EYE, spec.RETARGET_LIP):
+                out = {"delta": mlp_forward(n, model, t)}
+            else:
+                raise KeyError(f"unknown model {model!r}")
+        return {k: v.numpy() for k, v in out.items()}
+
+
+def mlp_forward(networks, model: str, t: dict):
+    """The S MLPs take the flattened keypoints concatenated with the second input."""
+    import torch
+    kp = t["kp_source"].reshape(t["kp_source"].shape[0], -1)
+    if model == spec.STITCHING:
+        return networks.stitching(torch.cat([kp, t["kp_driving"].reshape(kp.shape[0], -1)], 1))
+    if model == spec.RETARGET_EYE:
+        return networks.eye(torch.cat([kp, t["eye_ratio"]], 1))
+    return networks.lip(torch.cat([kp, t["lip_ratio"]], 1))
+
+
+class OnnxRunner:
+    """Runs exported `<repository>/<model>/1/model.onnx` files with ONNX Runtime (CPU), bound by name."""
+
+    def __init__(self, repository: str | Path, threads: int | None = None):
+        import onnxruntime as ort
+        self.sessions = {}
+        for model in spec.SUBMODELS:
+            path = Path(repository) / model / "1" / "model.onnx"
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} not found: run `liveportrait-triton export` first")
+            opts = ort.SessionOptions()
+            if threads:
+                opts.intra_op_num_threads = threads
+            self.sessions[model] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+    def run(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        session = self.sessions[model]
+        names = [o.name for o in session.get_outputs()]
+        feeds = {i.name: np.ascontiguousarray(inputs[i.name], dtype=np.float32) for i in session.get_inputs()}
+        return dict(zip(names, session.run(names, feeds)))

@@ -1,0 +1,196 @@
+"""The one tensor spec: names, dtypes and per-item shapes of every served model, and the pipeline's options.
+
+Export (ONNX names and dynamic batch axes), config.pbtxt rendering, the server's request validation, the client
+and the benchmarks all read this module; nothing else spells a tensor name. Shapes exclude the batch dimension,
+which is dynamic everywhere.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+
+from .config import NUM_BINS, NUM_KP, feature_volume_shape, model_params, warped_feature_channels
+from .keypoints import REGIONS
+
+_NUMPY = {"FP32": np.float32, "FP16": np.float16, "UINT8": np.uint8, "INT64": np.int64, "INT32": np.int32,
+          "UINT64": np.uint64, "BOOL": np.bool_, "BYTES": np.object_}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str                 # Triton dtype name: FP32, UINT8, INT64, ...
+    shape: tuple[int, ...]     # per item, without the batch dimension
+    optional: bool = False
+
+    @property
+    def numpy_dtype(self):
+        return np.dtype(_NUMPY[self.dtype])
+
+    @property
+    def triton_type(self) -> str:
+        """The config.pbtxt data type (TYPE_FP32, ...)."""
+        return "TYPE_STRING" if self.dtype == "BYTES" else f"TYPE_{self.dtype}"
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.numpy_dtype.itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def input(self, name: str) -> TensorSpec:
+        return _by_name(self.inputs, name, self.name, "input")
+
+    def output(self, name: str) -> TensorSpec:
+        return _by_name(self.outputs, name, self.name, "output")
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+
+def _by_name(tensors, name, model, kind) -> TensorSpec:
+    for t in tensors:
+        if t.name == name:
+            return t
+    raise KeyError(f"model {model!r} has no {kind} {name!r} (it has {[t.name for t in tensors]})")
+
+
+# Served sub-network names (the public contract).
+APPEARANCE = "appearance_feature_extractor"
+MOTION = "motion_extractor"
+WARPING = "warping_module"
+GENERATOR = "spade_generator"
+STITCHING = "stitching"
+RETARGET_EYE = "retarget_eye"
+RETARGET_LIP = "retarget_lip"
+PIPELINE = "liveportrait"
+SUBMODELS = (APPEARANCE, MOTION, WARPING, GENERATOR, STITCHING, RETARGET_EYE, RETARGET_LIP)
+
+SOURCE_SIZE = 256      # network input crop, H = W
+OUTPUT_SIZE = 512      # generator output, H = W
+MAX_BATCH_SIZE = 16    # largest batch any served sub-network accepts (TensorRT profiles cover 1..16)
+
+
+def submodel_specs(config: str | dict = "full") -> dict[str, ModelSpec]:
+    """Spec of every served sub-network for a network configuration ('full', 'tiny' or a params dict)."""
+    params = model_params(config) if isinstance(config, str) else config
+    volume = feature_volume_shape(params)
+    warped = warped_feature_channels(params)
+    kp = TensorSpec("kp_source", "FP32", (NUM_KP, 3))
+    kp_d = TensorSpec("kp_driving", "FP32", (NUM_KP, 3))
+    image = TensorSpec("image", "FP32", (3, SOURCE_SIZE, SOURCE_SIZE))
+    specs = [
+        ModelSpec(APPEARANCE, (image,), (TensorSpec("feature_volume", "FP32", volume),)),
+        ModelSpec(MOTION, (image,), (
+            TensorSpec("pitch", "FP32", (NUM_BINS,)), TensorSpec("yaw", "FP32", (NUM_BINS,)),
+            TensorSpec("roll", "FP32", (NUM_BINS,)), TensorSpec("t", "FP32", (3,)),
+            TensorSpec("exp", "FP32", (3 * NUM_KP,)), TensorSpec("scale", "FP32", (1,)),
+            TensorSpec("kp", "FP32", (3 * NUM_KP,)))),
+        ModelSpec(WARPING, (TensorSpec("feature_volume", "FP32", volume), kp, kp_d), (
+            TensorSpec("warped_feature", "FP32", (warped, 64, 64)),
+            TensorSpec("occlusion_map", "FP32", (1, 64, 64)))),
+        ModelSpec(GENERATOR, (TensorSpec("warped_feature", "FP32", (warped, 64, 64)),),
+                  (TensorSpec("image", "FP32", (3, OUTPUT_SIZE, OUTPUT_SIZE)),)),
+        ModelSpec(STITCHING, (kp, kp_d), (TensorSpec("delta", "FP32", (3 * NUM_KP + 2,)),)),
+        ModelSpec(RETARGET_EYE, (kp, TensorSpec("eye_ratio", "FP32", (3,))),
+                  (TensorSpec("delta", "FP32", (3 * NUM_KP,)),)),
+        ModelSpec(RETARGET_LIP, (kp, TensorSpec("lip_ratio", "FP32", (2,))),
+                  (TensorSpec("delta", "FP32", (3 * NUM_KP,)),)),
+    ]
+    return {s.name: s for s in specs}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The `liveportrait` pipeline model: a sequence model (one sequence = one stream = one source).
+
+SEQUENCE_CONTROLS = {"START": "CONTROL_SEQUENCE_START", "END": "CONTROL_SEQUENCE_END",
+                     "CORRID": "CONTROL_SEQUENCE_CORRID"}
+
+PIPELINE_SPEC = ModelSpec(PIPELINE, inputs=(
+    TensorSpec("source", "UINT8", (SOURCE_SIZE, SOURCE_SIZE, 3), optional=True),     # RGB crop, START only
+    TensorSpec("driving", "UINT8", (SOURCE_SIZE, SOURCE_SIZE, 3), optional=True),    # RGB crop, one frame
+    # one frame of a motion template instead of a driving crop (the motion extractor is skipped)
+    TensorSpec("motion_R", "FP32", (3, 3), optional=True),
+    TensorSpec("motion_exp", "FP32", (NUM_KP, 3), optional=True),
+    TensorSpec("motion_t", "FP32", (3,), optional=True),
+    TensorSpec("motion_scale", "FP32", (1,), optional=True),
+    # eye/lip retargeting ratios: the source's with START, the driving frame's with each frame
+    TensorSpec("source_eye_ratio", "FP32", (2,), optional=True),
+    TensorSpec("source_lip_ratio", "FP32", (1,), optional=True),
+    TensorSpec("driving_eye_ratio", "FP32", (1,), optional=True),
+    TensorSpec("driving_lip_ratio", "FP32", (1,), optional=True),
+), outputs=(
+    TensorSpec("image", "UINT8", (OUTPUT_SIZE, OUTPUT_SIZE, 3)),   # animated RGB crop
+    TensorSpec("frame_index", "INT64", (1,)),                      # 0-based driving-frame count of the sequence
+))
+MOTION_INPUTS = ("motion_R", "motion_exp", "motion_t", "motion_scale")
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    kind: type
+    default: Any
+    help: str
+    choices: tuple = ()
+    bounds: tuple[float, float] | None = None
+
+
+# Per-sequence options, sent as request parameters with the START request (names as the official CLI's flags).
+PIPELINE_OPTIONS: dict[str, Option] = {
+    "relative_motion": Option(bool, True, "transfer motion relative to the anchor frame (else absolute pose/exp)"),
+    "stitching": Option(bool, True, "apply the stitching MLP"),
+    "eye_retargeting": Option(bool, False, "eye retargeting (needs source_eye_ratio and driving_eye_ratio)"),
+    "lip_retargeting": Option(bool, False, "lip retargeting (needs source_lip_ratio and driving_lip_ratio)"),
+    "animation_region": Option(str, "all", "which part moves", choices=REGIONS),
+    "driving_multiplier": Option(float, 1.0, "scale of the motion applied", bounds=(0.0, 10.0)),
+    "driving_option": Option(str, "expression-friendly", "official driving option (video, relative only)",
+                             choices=("expression-friendly", "pose-friendly")),
+    "driving_type": Option(str, "video", "'image' uses the official single-image rule (exp relative to lip_array)",
+                           choices=("video", "image")),
+    "anchor": Option(str, "first_frame", "relative-motion anchor: the first driving frame, or the source itself",
+                     choices=("first_frame", "source")),
+}
+
+
+class OptionError(ValueError):
+    """An unknown option or an out-of-range value."""
+
+
+def parse_options(raw: dict[str, Any]) -> dict[str, Any]:
+    """Validate request parameters against PIPELINE_OPTIONS; returns the full option dict with defaults."""
+    unknown = sorted(set(raw) - set(PIPELINE_OPTIONS))
+    if unknown:
+        raise OptionError(f"unknown option(s) {unknown}; known options: {sorted(PIPELINE_OPTIONS)}")
+    out = {}
+    for name, opt in PIPELINE_OPTIONS.items():
+        value = raw.get(name, opt.default)
+        if opt.kind is bool:
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+                value = value.lower() in ("true", "1")
+            if not isinstance(value, bool):
+                raise OptionError(f"option {name!r} must be a boolean, got {value!r}")
+        elif opt.kind is float:
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise OptionError(f"option {name!r} must be a number, got {value!r}") from None
+            if not math.isfinite(value) or (opt.bounds and not opt.bounds[0] <= value <= opt.bounds[1]):
+                raise OptionError(f"option {name!r}={value!r} is outside {list(opt.bounds)}")
+        elif opt.kind is str:
+            if not isinstance(value, str) or (opt.choices and value not in opt.choices):
+                raise OptionError(f"option {name!r}={value!r} is not one of {list(opt.choices)}")
+        out[name] = value
+    return out
