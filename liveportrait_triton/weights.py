@@ -92,14 +92,13 @@ def _torch_load(path: Path):
         raise WeightsError(f"{path}: cannot be read as a PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
 
 
-def _load_strict(module: nn.Module, state: dict, where: str) -> None:
+def _load_strict(module: nn.Module, state: dict, where: str, config: str) -> None:
     if not isinstance(state, dict):
         raise WeightsError(f"{where}: expected a state_dict (a mapping of names to tensors), got {type(state).__name__}")
     expected = module.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    problems = [f"missing key {k!r} (expected shape {list(expected[k].shape)})" for k in missing]
-    problems += [f"unexpected key {k!r} (shape {list(getattr(state[k], 'shape', []))})" for k in unexpected]
+    problems = []
     for k in expected:
         if k in state:
             if not isinstance(state[k], torch.Tensor):
@@ -107,9 +106,11 @@ def _load_strict(module: nn.Module, state: dict, where: str) -> None:
             elif tuple(state[k].shape) != tuple(expected[k].shape):
                 problems.append(f"key {k!r} has shape {list(state[k].shape)} in the file, "
                                 f"the network expects {list(expected[k].shape)}")
+    problems += [f"missing key {k!r} (expected shape {list(expected[k].shape)})" for k in missing]
+    problems += [f"unexpected key {k!r} (shape {list(getattr(state[k], 'shape', []))})" for k in unexpected]
     if problems:
         shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
-        raise WeightsError(f"{where}: {shown}")
+        raise WeightsError(f"{where}: {shown} (do the weights match the {config!r} network configuration?)")
     module.load_state_dict(state, strict=True)
 
 
@@ -125,7 +126,7 @@ def load_networks(weights_dir: str | os.PathLike, config: str = "full") -> Netwo
     params = model_params(config)
     modules = build_networks(params)
     for name, rel in BASE_FILES.items():
-        _load_strict(modules[name], _torch_load(root / rel), str(root / rel))
+        _load_strict(modules[name], _torch_load(root / rel), str(root / rel), config)
     checkpoint = _torch_load(root / STITCHING_FILE)
     where = str(root / STITCHING_FILE)
     if not isinstance(checkpoint, dict):
@@ -138,7 +139,7 @@ def load_networks(weights_dir: str | os.PathLike, config: str = "full") -> Netwo
             raise WeightsError(f"{where}[{sub!r}]: expected a state_dict, got {type(state).__name__}")
         # The official loader removes every occurrence of the DDP prefix.
         state = OrderedDict((k.replace(DDP_PREFIX, ""), v) for k, v in state.items())
-        _load_strict(modules[name], state, f"{where}[{sub!r}]")
+        _load_strict(modules[name], state, f"{where}[{sub!r}]", config)
     return _finish(modules, params)
 
 

