@@ -1,0 +1,10 @@
+"""The thin client (installed as liveportrait_triton.client): face crop, streaming to the served pipeline,
+paste-back and video I/O. `LivePortraitClient` is the library entry point; `animate` and `template_cli` are the
+`liveportrait-triton animate` / `template` commands."""
+from .client import (AsyncLivePortraitClient, DrivingInput, FrameResult, LivePortraitClient, RequestFailed,
+                     ServerMismatch, ServerUnavailable, SourceInput)
+from .templates import MotionTemplate, TemplateError, load_template, save_npz
+
+__all__ = ["AsyncLivePortraitClient", "DrivingInput", "FrameResult", "LivePortraitClient", "MotionTemplate",
+           "RequestFailed", "ServerMismatch", "ServerUnavailable", "SourceInput", "TemplateError", "load_template",
+           "save_npz"]

@@ -1,0 +1,475 @@
+"""`liveportrait-triton animate`: a portrait, a driving video / image / motion template / camera -> a video or image.
+
+The client does what needs the full-resolution pictures: face detection and landmarks, the rotation-aligned
+crop, the eye/lip ratios, paste-back and video encoding with the driving audio. The server does the networks.
+Frames stream: a background thread decodes and crops the next frames while earlier ones are on the server
+(several in flight on one gRPC stream); memory stays flat whatever the video's length.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import itertools
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import cv2
+import numpy as np
+
+from .. import crop as C
+from .. import spec
+from ..pipeline import MotionFrame
+from . import media
+from .client import (DEFAULT_URL, DrivingInput, LivePortraitClient, RequestFailed, ServerMismatch, ServerUnavailable,
+                     SourceInput)
+from .driving import DrivingCropper
+from .faces import NoFaceError, make_analyzer
+from .profiling import StageTimer, server_statistics, statistics_delta
+from .smoothing import MotionSmoother, SmoothingSettings
+from .templates import TemplateError, is_template, load_template
+
+CLI_OPTIONS = [name for name in spec.PIPELINE_OPTIONS if name != "driving_type"]    # driving_type follows the input
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    io = parser.add_argument_group("inputs and outputs")
+    io.add_argument("--source", required=True, help="source portrait image")
+    io.add_argument("--driving", required=True,
+                    help="driving video, driving image, motion template (.pkl official / .npz), or webcam:N")
+    io.add_argument("--output", required=True, help="output .mp4 (video/template/webcam driving) or image file")
+    io.add_argument("--comparison", help="also write a side-by-side video: driving | source | result")
+    io.add_argument("--server", default=DEFAULT_URL, help=f"Triton gRPC address HOST:PORT (default {DEFAULT_URL})")
+
+    motion = parser.add_argument_group("motion (sent to the server with the sequence)")
+    for name in CLI_OPTIONS:
+        opt = spec.PIPELINE_OPTIONS[name]
+        help_text = f"{opt.help} (server default: {opt.default})"
+        if opt.kind is bool:
+            motion.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text)
+        elif opt.choices:
+            motion.add_argument(_flag(name), dest=name, choices=opt.choices, default=None, help=help_text)
+        else:
+            motion.add_argument(_flag(name), dest=name, type=opt.kind, default=None, help=help_text)
+
+    crop = parser.add_argument_group("crop and paste-back")
+    for who, settings in (("source", C.SOURCE_CROP), ("driving", C.DRIVING_CROP)):
+        crop.add_argument(f"--{who}-scale", type=float, default=settings.scale,
+                          help=f"{who} crop box size / face size (default {settings.scale})")
+        crop.add_argument(f"--{who}-vx", type=float, default=settings.vx,
+                          help=f"{who} crop shift along the face's x axis, in box sides (default {settings.vx})")
+        crop.add_argument(f"--{who}-vy", type=float, default=settings.vy,
+                          help=f"{who} crop shift along the face's y axis, in box sides (default {settings.vy})")
+    crop.add_argument("--crop-driving", action=argparse.BooleanOptionalAction, default=False,
+                      help="crop the face out of driving frames (default off: the driving video is taken as an "
+                           "already cropped face and resized to 256x256, as the official default)")
+    crop.add_argument("--paste-back", action=argparse.BooleanOptionalAction, default=True,
+                      help="paste the animated face into the full source image (default on; off: the 512x512 crop)")
+    crop.add_argument("--source-max-dim", type=int, default=1280,
+                      help="shrink larger sources to this longer side first (default 1280; 0: never)")
+    crop.add_argument("--face-models", metavar="DIR",
+                      help="use the official InsightFace det_10g.onnx + 2d106det.onnx and LivePortrait "
+                           "landmark.onnx found in DIR instead of the built-in MediaPipe models")
+
+    live = parser.add_argument_group("live input and smoothing")
+    live.add_argument("--smooth", action=argparse.BooleanOptionalAction, default=None,
+                      help="causal One-Euro smoothing of head pose, expression and eye/lip ratios (default: on for "
+                           "webcam input, off otherwise); video frames then go through the served motion extractor "
+                           "first and the smoothed motion is sent")
+    live.add_argument("--smooth-min-cutoff", type=float, default=SmoothingSettings.min_cutoff,
+                      help="One-Euro minimum cutoff in Hz: lower is smoother but lags more "
+                           f"(default {SmoothingSettings.min_cutoff})")
+    live.add_argument("--smooth-beta", type=float, default=SmoothingSettings.beta,
+                      help=f"One-Euro speed coefficient: higher follows fast moves sooner "
+                           f"(default {SmoothingSettings.beta})")
+    live.add_argument("--fps", type=float, help="frame rate of webcam input and its output (default: the camera's)")
+
+    run_ = parser.add_argument_group("running")
+    run_.add_argument("--max-frames", type=int, help="stop after this many driving frames")
+    run_.add_argument("--in-flight", type=int, default=4, help="frames awaiting the server at once (default 4)")
+    run_.add_argument("--retry", type=float, default=0.0, metavar="SECONDS",
+                      help="if the server restarts mid-stream, reconnect for up to SECONDS and continue without "
+                           "losing or repeating frames (default 0: fail)")
+    run_.add_argument("--profile", action="store_true", help="print where the time went, stage by stage")
+    run_.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    try:
+        summary = animate(args)
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+    except (media.MediaError, NoFaceError, TemplateError, ServerUnavailable, ServerMismatch, RequestFailed,
+            FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        print(f"wrote {summary.output} ({summary.frames} frame{'s' if summary.frames != 1 else ''})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inputs
+
+
+@dataclasses.dataclass
+class Summary:
+    output: Path
+    frames: int
+    wall_s: float
+    profile: str | None = None
+
+
+@dataclasses.dataclass
+class Prepared:
+    """One driving frame ready to send (driving None: no face yet, the output shows the still source)."""
+    number: int
+    driving: DrivingInput | None
+    preview: np.ndarray | None = None       # 512x512 driving picture for the comparison video
+
+
+def driving_kind(driving: str) -> str:
+    if media.is_webcam(driving):
+        return "webcam"
+    if is_template(driving):
+        return "template"
+    if media.is_image(driving):
+        return "image"
+    return "video"
+
+
+def check_output(path: Path, kind: str, what: str = "--output") -> None:
+    if kind == "image":
+        if not media.is_image(path):
+            raise ValueError(f"{what} {path}: image driving writes an image; use one of {media.IMAGE_SUFFIXES}")
+    elif path.suffix.lower() != ".mp4":
+        raise ValueError(f"{what} {path}: {kind} driving writes an H.264 video; the name must end in .mp4")
+    if not path.parent.is_dir():
+        raise ValueError(f"{what} {path}: folder {path.parent} does not exist")
+
+
+def pipeline_options(args, kind: str) -> dict:
+    options = {name: getattr(args, name) for name in CLI_OPTIONS if getattr(args, name) is not None}
+    if kind == "image":
+        options["driving_type"] = "image"
+    spec.parse_options(options)
+    return options
+
+
+def prepare_source(path: str, analyzer, settings: C.CropSettings, max_dim: int, even: bool,
+                   timer: StageTimer) -> tuple[np.ndarray, C.CropBox, np.ndarray, np.ndarray, np.ndarray]:
+    image = media.read_image(path, "source image")
+    image = C.limit_size(image, max_dim)
+    if even:
+        image = np.ascontiguousarray(C.trim_to_even(image))
+    with timer("source: detect + landmarks"):
+        face = analyzer.detect(image)
+    if face is None:
+        raise NoFaceError(f"no face found in the source image {path}")
+    box = face.crop_box(settings)
+    crop512 = C.warp_crop(image, box)
+    return image, box, crop512, face.eye_ratio(), face.lip_ratio()
+
+
+class DrivingFrames:
+    """Driving video/camera frames -> Prepared (runs in the prefetch thread): crop, ratios, optional smoothing."""
+
+    def __init__(self, args, client: LivePortraitClient, timer: StageTimer, fps: float, smooth: bool,
+                 comparison: bool):
+        self.need_ratios = bool(args.eye_retargeting or args.lip_retargeting)
+        settings = C.CropSettings(args.driving_scale, args.driving_vx, args.driving_vy, rotate=False)
+        self.cropper = DrivingCropper(args.crop_driving, settings, args.face_models, track=self.need_ratios,
+                                      timer=timer, preview=comparison)
+        self.client, self.timer = client, timer
+        self.smoother = MotionSmoother(fps, SmoothingSettings(args.smooth_min_cutoff, args.smooth_beta)) \
+            if smooth else None
+
+    def __call__(self, number: int, frame: np.ndarray) -> Prepared:
+        cropped = self.cropper(frame)
+        if cropped.crop is None or (self.need_ratios and cropped.face is None):
+            return Prepared(number, None)
+        eye = lip = None
+        if self.need_ratios:
+            eye, lip = float(cropped.face.eye_ratio()[0]), float(cropped.face.lip_ratio()[0])
+        driving = DrivingInput(crop=cropped.crop, eye_ratio=eye, lip_ratio=lip)
+        if self.smoother is not None:
+            with self.timer("driving: motion extractor (smoothing)"):
+                info = self.client.extract_motion(cropped.crop[None])
+            motion = MotionFrame(R=info.R[0], exp=info.exp[0], t=info.t[0], scale=info.scale[0])
+            driving = DrivingInput(motion=self.smoother.motion(motion), eye_ratio=self.smoother.ratio("eye", eye),
+                                   lip_ratio=self.smoother.ratio("lip", lip))
+        return Prepared(number, driving, cropped.preview)
+
+    def close(self) -> None:
+        self.cropper.close()
+
+
+def timed(iterable, timer: StageTimer, stage: str) -> Iterator:
+    iterator = iter(iterable)
+    while True:
+        start = time.perf_counter()
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        finally:
+            timer.add(stage, time.perf_counter() - start)
+        yield item
+
+
+def check_template_ratios(template, args) -> None:
+    need = {"eye": bool(args.eye_retargeting), "lip": bool(args.lip_retargeting)}
+    for name, needed in need.items():
+        if needed and getattr(template, f"{name}_ratio") is None:
+            raise TemplateError(f"{name} retargeting needs driving {name} ratios, and this template has none "
+                                "(official .pkl templates often lack them; `liveportrait-triton template` records them)")
+
+
+def template_frames(template, args, smooth: bool) -> Iterator[Prepared]:
+    smoother = MotionSmoother(template.fps, SmoothingSettings(args.smooth_min_cutoff, args.smooth_beta)) \
+        if smooth else None
+    for i in range(len(template)):
+        motion = template.frame(i)
+        eye, lip = template.ratios(i)
+        if smoother is not None:
+            motion, eye, lip = smoother.motion(motion), smoother.ratio("eye", eye), smoother.ratio("lip", lip)
+        yield Prepared(i, DrivingInput(motion=motion, eye_ratio=eye, lip_ratio=lip))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def animate(args) -> Summary:
+    """Everything `animate` does; raises the errors `run` reports."""
+    started = time.perf_counter()
+    timer = StageTimer()
+    kind = driving_kind(args.driving)
+    output = Path(args.output)
+    check_output(output, kind)
+    comparison = Path(args.comparison) if args.comparison else None
+    if comparison is not None:
+        if kind == "image":
+            raise ValueError("--comparison is for video outputs")
+        check_output(comparison, kind, "--comparison")
+    if args.max_frames is not None and args.max_frames < 1:
+        raise ValueError("--max-frames must be >= 1")
+    if args.in_flight < 1:
+        raise ValueError("--in-flight must be >= 1")
+    options = pipeline_options(args, kind)
+    source_settings = C.CropSettings(args.source_scale, args.source_vx, args.source_vy, rotate=True)
+    C.CropSettings(args.driving_scale, args.driving_vx, args.driving_vy, rotate=False)     # validate early
+
+    # local inputs first: a missing file or a face-less source fails before any server is needed
+    media.require_file(args.source, "source image")
+    template = reader = driving_image = client = None
+    if kind == "template":
+        template = load_template(args.driving)
+        check_template_ratios(template, args)
+    elif kind == "image":
+        driving_image = media.read_image(args.driving, "driving image")
+    elif kind == "video":
+        reader = media.VideoReader(args.driving)
+    else:
+        reader = media.WebcamReader(args.driving, args.fps)
+    analyzer = make_analyzer(args.face_models)
+    try:
+        image, box, crop512, eye_ratio, lip_ratio = prepare_source(
+            args.source, analyzer, source_settings, args.source_max_dim, even=kind != "image", timer=timer)
+        source = SourceInput(crop=C.network_input(crop512), options=options, eye_ratio=eye_ratio,
+                             lip_ratio=lip_ratio)
+        with timer("connect + check server"):
+            client = LivePortraitClient(args.server)
+            if args.smooth or (args.smooth is None and kind == "webcam"):
+                client.check_model(spec.MOTION)
+        if kind == "image":
+            return _animate_image(args, client, analyzer, source, image, box, driving_image, output, timer, started)
+        return _animate_stream(args, client, kind, source, image, box, crop512, template, reader, output,
+                               comparison, timer, started)
+    finally:
+        analyzer.close()
+        if reader is not None:
+            reader.close()
+        if client is not None:
+            client.close()
+
+
+def _animate_image(args, client, analyzer, source, image, box, driving_image, output, timer, started) -> Summary:
+    if args.crop_driving:
+        face = analyzer.detect(driving_image)
+        if face is None:
+            raise NoFaceError(f"no face found in the driving image {args.driving}")
+        settings = C.CropSettings(args.driving_scale, args.driving_vx, args.driving_vy, rotate=False)
+        crop = C.network_input(C.warp_crop(driving_image, face.crop_box(settings)))
+    else:
+        face = analyzer.detect(driving_image) if (args.eye_retargeting or args.lip_retargeting) else None
+        crop = cv2.resize(driving_image, (spec.SOURCE_SIZE, spec.SOURCE_SIZE), interpolation=cv2.INTER_LINEAR)
+    if (args.eye_retargeting or args.lip_retargeting) and face is None:
+        raise NoFaceError(f"eye/lip retargeting needs a face in the driving image {args.driving}")
+    driving = DrivingInput(crop=crop, eye_ratio=float(face.eye_ratio()[0]) if face is not None else None,
+                           lip_ratio=float(face.lip_ratio()[0]) if face is not None else None)
+    with timer("server (one request)"):
+        animated = client.animate_image(source, driving)
+    result = C.PasteBack(image, box)(animated) if args.paste_back else animated
+    media.write_image(output, result)
+    wall = time.perf_counter() - started
+    summary = Summary(output, 1, wall)
+    if args.profile:
+        summary.profile = timer.report(1, wall)
+        print(summary.profile, file=sys.stderr)
+    return summary
+
+
+def _animate_stream(args, client, kind, source, image, box, source_crop512, template, reader, output, comparison,
+                    timer, started) -> Summary:
+    smooth = args.smooth if args.smooth is not None else kind == "webcam"
+    if template is not None:
+        fps, total, audio = template.fps, len(template), None
+        frames = template_frames(template, args, smooth)
+        prefetch = prepare = None
+    else:
+        info = reader.info
+        fps, total = info.fps, info.frame_count
+        audio = args.driving if info.audio_codec else None
+        prepare = DrivingFrames(args, client, timer, fps, smooth, comparison is not None)
+        decoded = timed(reader, timer, "driving: decode")
+        if args.max_frames:
+            decoded = itertools.islice(decoded, args.max_frames)
+        prefetch = media.Prefetcher(decoded, prepare, depth=max(8, 2 * args.in_flight), name="driving-prefetch")
+        frames = iter(prefetch)
+    if args.max_frames:
+        frames = itertools.islice(frames, args.max_frames)
+        total = min(total, args.max_frames) if total else args.max_frames
+    paste = C.PasteBack(image, box) if args.paste_back else None
+    still = image if paste is not None else source_crop512
+    out_size = (still.shape[1], still.shape[0])
+    server_models = [spec.PIPELINE, *spec.SUBMODELS]
+    stats_before = server_statistics(client._client, server_models) if args.profile else None
+    writer = media.VideoWriter(output, out_size, fps, audio_from=audio,
+                               audio_codec=reader.info.audio_codec if audio else None)
+    side = media.VideoWriter(comparison, (3 * C.CROP_SIZE, C.CROP_SIZE), fps) if comparison else None
+    progress = _progress(total, args.quiet)
+    written, stream = 0, None
+    try:
+        stream = client.stream(source, max_in_flight=args.in_flight, retry_s=args.retry)
+        waiting: collections.deque = collections.deque()     # (Prepared, send number or None), in frame order
+        results: dict = {}
+        latencies: list[float] = []
+
+        def write_ready(final: bool = False) -> None:
+            nonlocal written
+            while waiting:
+                prepared, number = waiting[0]
+                if number is not None and number not in results:
+                    if not final:
+                        return
+                    raise RequestFailed(f"driving frame {prepared.number} got no answer")
+                waiting.popleft()
+                animated = results.pop(number).image if number is not None else None
+                with timer("paste-back"):
+                    if animated is None:
+                        frame = still
+                    else:
+                        frame = paste(animated) if paste is not None else animated
+                with timer("encode (write to ffmpeg)"):
+                    writer.write(frame)
+                    if side is not None:
+                        blank = np.zeros((C.CROP_SIZE, C.CROP_SIZE, 3), np.uint8)
+                        preview = prepared.preview if prepared.preview is not None else blank
+                        shown = animated if animated is not None else source_crop512
+                        side.write(np.concatenate([preview, source_crop512, shown], axis=1))
+                written += 1
+                progress.update(1)
+
+        def collect(items) -> None:
+            for result in items:
+                results[result.number] = result
+                latencies.append(result.latency_s)
+
+        interrupted = False
+        try:
+            upcoming = next(frames, None)
+            while upcoming is not None:
+                current, upcoming = upcoming, next(frames, None)
+                number = None
+                if current.driving is not None:
+                    with timer("send (blocks while the window is full)"):
+                        number = stream.send(current.driving, last=upcoming is None)
+                waiting.append((current, number))
+                collect(stream.ready())
+                write_ready()
+        except KeyboardInterrupt:
+            if kind != "webcam":
+                raise
+            interrupted = True          # a camera runs until Ctrl+C: finish what was sent
+        with timer("wait for the last answers"):
+            collect(stream.finish())
+        write_ready(final=True)
+        if written == 0:
+            raise media.MediaError(f"the driving input {args.driving} has no frames")
+        with timer("encode (finish)"):
+            if side is not None:
+                side.close()
+            writer.close()
+    except BaseException:
+        writer.abort()
+        if side is not None:
+            side.abort()
+        if stream is not None:
+            stream.close()
+        raise
+    finally:
+        progress.close()
+        if prefetch is not None:
+            prefetch.close()
+            prepare.close()
+    wall = time.perf_counter() - started
+    summary = Summary(output, written, wall)
+    if interrupted:
+        print(f"stopped by Ctrl+C after {written} frames", file=sys.stderr)
+    if args.profile:
+        summary.profile = _profile_report(timer, written, wall, latencies, stream,
+                                          statistics_delta(stats_before, server_statistics(client._client,
+                                                                                           server_models)))
+        print(summary.profile, file=sys.stderr)
+    return summary
+
+
+def _progress(total: int | None, quiet: bool):
+    from tqdm import tqdm
+    return tqdm(total=total, unit="frame", desc="animate", disable=quiet, dynamic_ncols=True, smoothing=0.1)
+
+
+def _profile_report(timer: StageTimer, frames: int, wall: float, latencies: list[float], stream, stats: dict) -> str:
+    extra = []
+    if latencies:
+        extra.append(("request latency (send -> answer)", float(np.sum(latencies)), len(latencies)))
+    pipeline = stats.get(spec.PIPELINE)
+    if pipeline and pipeline["count"]:
+        requests = int(pipeline["count"])          # the frames, plus the START (and an END without a frame)
+        extra.append((f"server: {spec.PIPELINE} queue", pipeline["queue"], requests))
+        extra.append((f"server: {spec.PIPELINE} compute", pipeline["compute"], requests))
+        if latencies:
+            # what the client waited for beyond the server's own queue + compute: gRPC transfer, (de)serialization
+            network = max(float(np.sum(latencies)) - pipeline["queue"] - pipeline["compute"], 0.0)
+            extra.append(("network + (de)serialization (est.)", network, len(latencies)))
+    for model in spec.SUBMODELS:
+        entry = stats.get(model)
+        if entry and entry["count"]:
+            extra.append((f"server:   {model}", entry["compute"] + entry["queue"], int(entry["count"])))
+    text = timer.report(frames, wall, extra)
+    if stream.reconnects:
+        text += f"\nreconnected {stream.reconnects} time(s) after the server went away"
+    return text

@@ -1,0 +1,574 @@
+"""The client library: one class that talks to the served `liveportrait` pipeline (and its sub-networks).
+
+    client = LivePortraitClient("127.0.0.1:8001")             # checks the server and the model's tensors
+    image = client.animate_image(source_crop, driving_crop)     # sync: one unary request (START + frame + END)
+    with client.stream(source_crop, options) as stream:       # gRPC stream, several frames in flight
+        for crop in crops:
+            stream.send(DrivingInput(crop=crop))
+            for result in stream.ready():                      # results so far, in frame order
+                ...
+    async with AsyncLivePortraitClient(url) as c: ...          # asyncio: the same over grpc.aio
+
+Every tensor name and shape comes from `spec`; before sending anything the client compares the server's model
+metadata with `spec.PIPELINE_SPEC` and refuses a mismatch with a message naming the difference.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import queue
+import secrets
+import time
+from typing import AsyncIterable, AsyncIterator, Iterable
+
+import numpy as np
+
+from .. import spec
+from ..keypoints import MotionInfo
+from ..pipeline import MotionFrame
+
+DEFAULT_URL = "127.0.0.1:8001"
+START_HINT = "start one with `liveportrait-triton serve --repository DIR` (or pass --server HOST:PORT)"
+
+
+class ServerUnavailable(ConnectionError):
+    """No server answered, or the model is not loaded."""
+
+
+class ServerMismatch(RuntimeError):
+    """The served model's tensors differ from the spec this client was built with."""
+
+
+class RequestFailed(RuntimeError):
+    """The server refused or failed a request (its message is kept)."""
+
+
+@dataclasses.dataclass
+class DrivingInput:
+    """One driving frame for the pipeline: a 256x256 RGB crop or template motion, plus optional ratios."""
+    crop: np.ndarray | None = None
+    motion: MotionFrame | None = None
+    eye_ratio: float | None = None
+    lip_ratio: float | None = None
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        if (self.crop is None) == (self.motion is None):
+            raise ValueError("a driving input is either a crop or template motion")
+        out = {}
+        if self.crop is not None:
+            out["driving"] = self.crop
+        else:
+            out.update(motion_R=self.motion.R, motion_exp=self.motion.exp, motion_t=self.motion.t,
+                       motion_scale=self.motion.scale)
+        if self.eye_ratio is not None:
+            out["driving_eye_ratio"] = np.float32([self.eye_ratio])
+        if self.lip_ratio is not None:
+            out["driving_lip_ratio"] = np.float32([self.lip_ratio])
+        return out
+
+
+@dataclasses.dataclass
+class SourceInput:
+    """What a sequence starts with: the 256x256 RGB source crop, its ratios and the sequence's options."""
+    crop: np.ndarray
+    options: dict = dataclasses.field(default_factory=dict)
+    eye_ratio: np.ndarray | None = None     # (2,)
+    lip_ratio: np.ndarray | None = None     # (1,)
+
+    def __post_init__(self):
+        spec.parse_options(self.options)        # fail here, before anything is sent
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        out = {"source": self.crop}
+        if self.eye_ratio is not None:
+            out["source_eye_ratio"] = self.eye_ratio
+        if self.lip_ratio is not None:
+            out["source_lip_ratio"] = self.lip_ratio
+        return out
+
+
+@dataclasses.dataclass
+class FrameResult:
+    number: int                 # 0-based position of the driving frame in what the caller sent
+    image: np.ndarray           # (512, 512, 3) uint8 RGB
+    latency_s: float            # send -> response
+
+
+def new_sequence_id() -> int:
+    """A random correlation id (fits the INT64 request parameter; the model's CORRID is UINT64)."""
+    return secrets.randbits(62) + 1
+
+
+def _typed(name: str, value, model_spec: spec.ModelSpec) -> np.ndarray:
+    """One request's value of an input, as the spec's dtype with a batch dimension of 1."""
+    t = model_spec.input(name)
+    array = np.ascontiguousarray(value, dtype=t.numpy_dtype)
+    if array.size != int(np.prod(t.shape)):
+        raise ValueError(f"input {name!r}: expected shape {list(t.shape)}, got {list(array.shape)}")
+    return array.reshape((1,) + t.shape)
+
+
+def _compare(kind: str, served: list[dict], wanted: tuple[spec.TensorSpec, ...], batched: bool, model: str) -> None:
+    got = {t["name"]: t for t in served}
+    want = {t.name: t for t in wanted}
+    if set(got) != set(want):
+        raise ServerMismatch(f"served model {model!r} has {kind}s {sorted(got)}, this client expects "
+                             f"{sorted(want)} (client and server versions differ?)")
+    for name, t in want.items():
+        shape = [int(d) for d in got[name].get("shape", [])]
+        expected = ([-1] if batched else []) + list(t.shape)
+        if got[name].get("datatype") != t.dtype or shape != expected:
+            raise ServerMismatch(f"served model {model!r} {kind} {name!r} is {got[name].get('datatype')} {shape}, "
+                                 f"this client expects {t.dtype} {expected}")
+
+
+class LivePortraitClient:
+    """Synchronous client (gRPC or HTTP) of the `liveportrait` model; `stream()` needs gRPC."""
+
+    def __init__(self, url: str = DEFAULT_URL, protocol: str = "grpc", model: str = spec.PIPELINE,
+                 timeout_s: float = 30.0, check: bool = True):
+        if protocol not in ("grpc", "http"):
+            raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
+        self.url, self.protocol, self.model, self.timeout_s = url, protocol, model, timeout_s
+        self._client = self._connect()
+        if check:
+            self.check_server()
+
+    def _connect(self):
+        if self.protocol == "grpc":
+            import tritonclient.grpc as module
+        else:
+            import tritonclient.http as module
+        self._module = module
+        if self.protocol == "http":
+            return module.InferenceServerClient(self.url, network_timeout=self.timeout_s)
+        return module.InferenceServerClient(self.url)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    # -- checks ---------------------------------------------------------------------------------------------
+    def where(self) -> str:
+        return f"{self.protocol}://{self.url}"
+
+    def check_server(self, models: Iterable[str] | None = None) -> None:
+        """The server is live, the models are ready and their tensors match the spec (else a clear error)."""
+        try:
+            live = self._client.is_server_live(client_timeout=self.timeout_s) if self.protocol == "grpc" \
+                else self._client.is_server_live()
+        except Exception as exc:        # grpc/http raise different types for a refused connection
+            raise ServerUnavailable(f"no Triton server answered at {self.where()} ({_first_line(exc)}); "
+                                    f"{START_HINT}") from None
+        if not live:
+            raise ServerUnavailable(f"the Triton server at {self.where()} is not live yet; {START_HINT}")
+        for model in (self.model, *(models or ())):
+            self.check_model(model)
+
+    def check_model(self, model: str) -> None:
+        if not self._client.is_model_ready(model):
+            raise ServerUnavailable(f"the server at {self.where()} has no ready model {model!r} (is the repository "
+                                    f"complete? see the server log)")
+        wanted = spec.PIPELINE_SPEC if model == self.model else spec.submodel_specs()[model]
+        metadata = self._json(self._client.get_model_metadata(model, **self._as_json()))
+        config = self._json(self._client.get_model_config(model, **self._as_json()))
+        config = config.get("config", config)
+        batched = int(config.get("max_batch_size", 0)) > 0
+        _compare("input", metadata.get("inputs", []), wanted.inputs, batched, model)
+        _compare("output", metadata.get("outputs", []), wanted.outputs, batched, model)
+
+    def _as_json(self) -> dict:
+        return {"as_json": True} if self.protocol == "grpc" else {}
+
+    @staticmethod
+    def _json(value) -> dict:
+        return value if isinstance(value, dict) else {}
+
+    # -- unary requests -------------------------------------------------------------------------------------
+    def _inputs(self, tensors: dict[str, np.ndarray], model_spec: spec.ModelSpec) -> list:
+        inputs = []
+        for name, value in tensors.items():
+            array = _typed(name, value, model_spec) if model_spec is spec.PIPELINE_SPEC \
+                else np.ascontiguousarray(value, dtype=model_spec.input(name).numpy_dtype)
+            item = self._module.InferInput(name, list(array.shape), model_spec.input(name).dtype)
+            item.set_data_from_numpy(array)
+            inputs.append(item)
+        return inputs
+
+    def infer(self, tensors: dict[str, np.ndarray], sequence_id: int, start: bool = False, end: bool = False,
+              options: dict | None = None) -> tuple[np.ndarray | None, int]:
+        """One request of a sequence -> (image or None, frame_index)."""
+        outputs = [self._module.InferRequestedOutput(n) for n in spec.PIPELINE_SPEC.output_names]
+        try:
+            result = self._client.infer(self.model, self._inputs(tensors, spec.PIPELINE_SPEC), outputs=outputs,
+                                        sequence_id=sequence_id, sequence_start=start, sequence_end=end,
+                                        parameters=options or None)
+        except Exception as exc:
+            raise RequestFailed(f"{self.model} request failed: {_first_line(exc)}") from None
+        index = int(result.as_numpy("frame_index").reshape(-1)[0])
+        image = result.as_numpy("image")
+        return (None if image is None or index < 0 else image.reshape(image.shape[-3:])), index
+
+    def animate_image(self, source: SourceInput, driving: DrivingInput) -> np.ndarray:
+        """A whole sequence in one request (START + one frame + END): image-driven animation."""
+        image, _ = self.infer({**source.tensors(), **driving.tensors()}, new_sequence_id(), start=True, end=True,
+                              options=source.options)
+        if image is None:
+            raise RequestFailed("the server answered without an image")
+        return image
+
+    def extract_motion(self, crops: np.ndarray) -> MotionInfo:
+        """Run the served motion extractor on (B, 256, 256, 3) uint8 RGB crops."""
+        from ..pipeline import crop_to_input
+        model_spec = spec.submodel_specs()[spec.MOTION]
+        outputs = [self._module.InferRequestedOutput(n) for n in model_spec.output_names]
+        try:
+            result = self._client.infer(spec.MOTION, self._inputs({"image": crop_to_input(crops)}, model_spec),
+                                        outputs=outputs)
+        except Exception as exc:
+            raise RequestFailed(f"{spec.MOTION} request failed: {_first_line(exc)}") from None
+        return MotionInfo.from_raw({n: result.as_numpy(n) for n in model_spec.output_names})
+
+    # -- streaming ------------------------------------------------------------------------------------------
+    def stream(self, source: SourceInput, max_in_flight: int = 4, retry_s: float = 0.0) -> "AnimationStream":
+        if self.protocol != "grpc":
+            raise ValueError("streaming needs the gRPC protocol")
+        return AnimationStream(self, source, max_in_flight=max_in_flight, retry_s=retry_s)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def _is_connection_error(exc) -> bool:
+    status = getattr(exc, "status", lambda: None)()
+    return str(status) in ("StatusCode.UNAVAILABLE", "StatusCode.CANCELLED") \
+        or "Socket closed" in str(exc) or "failed to connect" in str(exc).lower()
+
+
+class AnimationStream:
+    """One sequence over a gRPC bi-directional stream, with up to `max_in_flight` frames awaiting answers.
+
+    `send()` blocks while the window is full; `ready()` yields the results that have arrived, in frame order;
+    `finish()` ends the sequence and yields the rest. With `retry_s` > 0 a dropped connection (server restart) is
+    survived: the stream reconnects for up to retry_s seconds, registers the source again, replays the first
+    driving frame to rebuild the relative-motion anchor (its answer is discarded), then resends every frame not
+    yet answered, so no frame is lost or duplicated. Frames are matched to answers by request id and checked
+    against the server's frame_index.
+    """
+
+    MAX_RECONNECTS_WITHOUT_PROGRESS = 5
+    ANSWER_TIMEOUT_S = 600.0        # a full-size frame takes seconds on a CPU; a queue of streams takes longer
+
+    def __init__(self, client: LivePortraitClient, source: SourceInput, max_in_flight: int = 4,
+                 retry_s: float = 0.0):
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be >= 1")
+        self.client, self.source, self.max_in_flight, self.retry_s = client, source, max_in_flight, retry_s
+        self._answers: queue.Queue = queue.Queue()
+        self._pending: dict[int, tuple[DrivingInput, float]] = {}      # frame number -> (input, send time)
+        self._done: dict[int, FrameResult] = {}
+        self._first: DrivingInput | None = None
+        self._next_number = 0           # next frame number to send
+        self._next_out = 0              # next frame number to yield
+        self._ended = False
+        self._end_number: int | None = None
+        self.reconnects = 0
+        self._failed_reconnects = 0
+        self._open()
+
+    # -- connection -----------------------------------------------------------------------------------------
+    def _open(self) -> None:
+        import tritonclient.grpc as grpcclient
+        self._grpc = grpcclient.InferenceServerClient(self.client.url)
+        self._attempt = getattr(self, "_attempt", -1) + 1
+        self._sequence_id = new_sequence_id()
+        self._expected_index = 0        # the server's frame_index of the next animated frame
+        self._closed = False
+        self._grpc.start_stream(callback=functools.partial(self._on_answer, self._attempt))
+        self._send_raw(self.source.tensors(), tag="start", start=True, options=self.source.options)
+
+    def _on_answer(self, attempt: int, result, error) -> None:
+        """Runs on the gRPC thread; `attempt` tells answers of a broken connection from current ones."""
+        self._answers.put((attempt, result, error, time.perf_counter()))
+
+    def _send_raw(self, tensors: dict, tag: str, start: bool = False, end: bool = False,
+                  options: dict | None = None) -> None:
+        inputs = self.client._inputs(tensors, spec.PIPELINE_SPEC)
+        outputs = [self.client._module.InferRequestedOutput(n) for n in spec.PIPELINE_SPEC.output_names]
+        self._grpc.async_stream_infer(self.client.model, inputs, outputs=outputs, request_id=f"{self._attempt}:{tag}",
+                                      sequence_id=self._sequence_id, sequence_start=start, sequence_end=end,
+                                      parameters=options or None)
+
+    def _server_healthy(self) -> bool:
+        """Whether the server is up with the model ready (a failed frame then is a real failure, not a restart)."""
+        try:
+            probe = self.client._module.InferenceServerClient(self.client.url)
+            try:
+                return bool(probe.is_server_ready(client_timeout=5) and probe.is_model_ready(self.client.model,
+                                                                                             client_timeout=5))
+            finally:
+                probe.close()
+        except Exception:       # unreachable
+            return False
+
+    def _connection_lost(self, cause) -> None:
+        """Reconnect and resend (retry on), or fail with a clear message."""
+        if self.retry_s <= 0:
+            self._abort()
+            raise RequestFailed(f"lost the connection to {self.client.where()} mid-stream ({_first_line(cause)}); "
+                                f"use --retry SECONDS to reconnect automatically") from None
+        self._reconnect(cause)
+
+    def _reconnect(self, cause) -> None:
+        """New connection and sequence: START, replay the anchor frame if it was answered, resend the rest."""
+        self._failed_reconnects += 1
+        if self._failed_reconnects > self.MAX_RECONNECTS_WITHOUT_PROGRESS:
+            self._abort()
+            raise RequestFailed(f"the stream to {self.client.where()} keeps breaking ({_first_line(cause)})")
+        deadline = time.monotonic() + self.retry_s
+        while True:
+            self._close_grpc(cancel=True)
+            while True:
+                try:
+                    LivePortraitClient(self.client.url, model=self.client.model, check=True).close()
+                    break
+                except (ServerUnavailable, ServerMismatch, RequestFailed):
+                    if time.monotonic() > deadline:
+                        raise ServerUnavailable(f"the stream to {self.client.where()} broke ({_first_line(cause)}) "
+                                                f"and the server did not come back within {self.retry_s:g} s") from None
+                    time.sleep(0.5)
+            try:
+                self._open()
+                if self._first is not None and 0 not in self._pending:
+                    self._send_raw(self._first.tensors(), tag="anchor")
+                for number in sorted(self._pending):
+                    driving, _ = self._pending[number]
+                    self._pending[number] = (driving, time.perf_counter())
+                    self._send_raw(driving.tensors(), tag=str(number), end=number == self._end_number)
+            except Exception as exc:        # the new server went away too: try again until the deadline
+                cause = exc
+                continue
+            self.reconnects += 1
+            return
+
+    def _close_grpc(self, cancel: bool = False) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._grpc.stop_stream(cancel_requests=cancel)
+        except Exception:           # the connection is gone already
+            pass
+        self._grpc.close()
+
+    # -- answers --------------------------------------------------------------------------------------------
+    def _handle(self, block: bool, timeout_s: float | None = None) -> bool:
+        """Process one answer; False if none came (non-blocking / timeout)."""
+        try:
+            attempt, result, error, when = self._answers.get(block=block, timeout=timeout_s)
+        except queue.Empty:
+            return False
+        if attempt != self._attempt:
+            return True                 # an answer of a broken connection: its frames are resent
+        if error is not None:
+            if _is_connection_error(error) or not self._server_healthy():
+                self._connection_lost(error)        # e.g. in-flight frames fail while the server shuts down
+                return True
+            self._abort()
+            raise RequestFailed(f"the server failed a frame of sequence {self._sequence_id}: {_first_line(error)}")
+        tag = result.get_response().id.split(":", 1)[1]
+        index = int(result.as_numpy("frame_index").reshape(-1)[0])
+        if tag in ("start", "end"):
+            return True
+        if index != self._expected_index:
+            self._abort()
+            raise RequestFailed(f"answers out of step: frame_index {index}, expected {self._expected_index}")
+        self._expected_index += 1
+        if tag == "anchor":
+            return True
+        number = int(tag)
+        driving, sent = self._pending.pop(number)
+        self._failed_reconnects = 0
+        image = result.as_numpy("image")
+        self._done[number] = FrameResult(number, image.reshape(image.shape[-3:]), when - sent)
+        return True
+
+    def _drain(self) -> list[FrameResult]:
+        out = []
+        while self._next_out in self._done:
+            out.append(self._done.pop(self._next_out))
+            self._next_out += 1
+        return out
+
+    # -- public ---------------------------------------------------------------------------------------------
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    def send(self, driving: DrivingInput, last: bool = False) -> int:
+        """Send the next driving frame (blocks while max_in_flight frames await answers); returns its number."""
+        if self._ended:
+            raise RuntimeError("the sequence has ended")
+        tensors = driving.tensors()
+        while len(self._pending) >= self.max_in_flight:
+            if not self._handle(block=True, timeout_s=self.ANSWER_TIMEOUT_S):
+                self._abort()
+                raise RequestFailed(f"no answer from {self.client.where()} within {self.ANSWER_TIMEOUT_S:g} s")
+        number = self._next_number
+        if number == 0:
+            self._first = driving
+        self._pending[number] = (driving, time.perf_counter())
+        self._next_number += 1
+        if last:
+            self._end_number = number
+        try:
+            self._send_raw(tensors, tag=str(number), end=last)
+        except Exception as exc:        # the stream is gone: the frame is pending and is resent on reconnection
+            self._connection_lost(exc)
+        self._ended = last
+        return number
+
+    def ready(self) -> list[FrameResult]:
+        """The results that have arrived and are next in order (does not block)."""
+        while self._handle(block=False):
+            pass
+        return self._drain()
+
+    def finish(self) -> list[FrameResult]:
+        """End the sequence (if the last send did not), wait for every answer, close; the remaining results."""
+        out = []
+        while self._pending:
+            if not self._handle(block=True, timeout_s=self.ANSWER_TIMEOUT_S):
+                self._abort()
+                raise RequestFailed(f"{len(self._pending)} frames got no answer from {self.client.where()} "
+                                    f"within {self.ANSWER_TIMEOUT_S:g} s")
+            out.extend(self._drain())
+        if not self._ended:
+            try:
+                self._send_raw({}, tag="end", end=True)
+            except Exception:       # the sequence is freed by the server's idle timeout instead
+                pass
+            self._ended = True
+        self._close_grpc()
+        return out + self._drain()
+
+    def _abort(self) -> None:
+        self._ended = True
+        self._close_grpc(cancel=True)
+
+    def close(self) -> None:
+        """Close the connection; a sequence that was not finished is cancelled (the server frees it when idle)."""
+        self._close_grpc(cancel=not self._ended or bool(self._pending))
+        self._ended = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close()
+        return False
+
+
+class AsyncLivePortraitClient:
+    """asyncio client over tritonclient.grpc.aio: checks, single requests and streamed animation."""
+
+    def __init__(self, url: str = DEFAULT_URL, model: str = spec.PIPELINE):
+        import tritonclient.grpc.aio as aio
+        self._aio = aio
+        self.url, self.model = url, model
+        self._client = aio.InferenceServerClient(url)
+
+    async def __aenter__(self):
+        await self.check_server()
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+        return False
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def check_server(self) -> None:
+        try:
+            live = await self._client.is_server_live()
+        except Exception as exc:
+            raise ServerUnavailable(f"no Triton server answered at grpc://{self.url} ({_first_line(exc)}); "
+                                    f"{START_HINT}") from None
+        if not live or not await self._client.is_model_ready(self.model):
+            raise ServerUnavailable(f"model {self.model!r} is not ready at grpc://{self.url}")
+        metadata = await self._client.get_model_metadata(self.model, as_json=True)
+        config = (await self._client.get_model_config(self.model, as_json=True)).get("config", {})
+        batched = int(config.get("max_batch_size", 0)) > 0
+        _compare("input", metadata.get("inputs", []), spec.PIPELINE_SPEC.inputs, batched, self.model)
+        _compare("output", metadata.get("outputs", []), spec.PIPELINE_SPEC.outputs, batched, self.model)
+
+    def _request(self, tensors: dict, sequence_id: int, request_id: str, start=False, end=False,
+                 options: dict | None = None) -> dict:
+        inputs = []
+        for name, value in tensors.items():
+            array = _typed(name, value, spec.PIPELINE_SPEC)
+            item = self._aio.InferInput(name, list(array.shape), spec.PIPELINE_SPEC.input(name).dtype)
+            item.set_data_from_numpy(array)
+            inputs.append(item)
+        return {"model_name": self.model, "inputs": inputs, "request_id": request_id, "sequence_id": sequence_id,
+                "sequence_start": start, "sequence_end": end, "parameters": options or None,
+                "outputs": [self._aio.InferRequestedOutput(n) for n in spec.PIPELINE_SPEC.output_names]}
+
+    async def animate_image(self, source: SourceInput, driving: DrivingInput) -> np.ndarray:
+        request = self._request({**source.tensors(), **driving.tensors()}, new_sequence_id(), "image", True, True,
+                                source.options)
+        try:
+            result = await self._client.infer(**request)
+        except Exception as exc:
+            raise RequestFailed(f"{self.model} request failed: {_first_line(exc)}") from None
+        image = result.as_numpy("image")
+        return image.reshape(image.shape[-3:])
+
+    async def animate(self, source: SourceInput, drivings: AsyncIterable[DrivingInput] | Iterable[DrivingInput]
+                      ) -> AsyncIterator[FrameResult]:
+        """Stream a whole sequence; yields results in frame order as they arrive."""
+        sequence_id = new_sequence_id()
+        sent: dict[int, float] = {}
+
+        async def requests():
+            yield self._request(source.tensors(), sequence_id, "start", start=True, options=source.options)
+            number = 0
+            if hasattr(drivings, "__aiter__"):
+                async for driving in drivings:
+                    sent[number] = time.perf_counter()
+                    yield self._request(driving.tensors(), sequence_id, str(number))
+                    number += 1
+            else:
+                for driving in drivings:
+                    sent[number] = time.perf_counter()
+                    yield self._request(driving.tensors(), sequence_id, str(number))
+                    number += 1
+                    await asyncio.sleep(0)
+            yield self._request({}, sequence_id, "end", end=True)
+
+        done: dict[int, FrameResult] = {}
+        next_out = 0
+        async for result, error in self._client.stream_infer(requests()):
+            if error is not None:
+                raise RequestFailed(f"the server failed a frame of sequence {sequence_id}: {_first_line(error)}")
+            tag = result.get_response().id
+            if tag == "end":
+                break
+            if tag == "start":
+                continue
+            number = int(tag)
+            image = result.as_numpy("image")
+            done[number] = FrameResult(number, image.reshape(image.shape[-3:]), time.perf_counter() - sent[number])
+            while next_out in done:
+                yield done.pop(next_out)
+                next_out += 1

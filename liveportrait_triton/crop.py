@@ -1,0 +1,205 @@
+"""Face crop geometry and paste-back, shared by the client, the demo and the benchmarks.
+
+The crop follows the rule of the official release: two points (the eye centre and the mouth centre) fix the
+face's up direction, the landmarks' extents in that rotated frame fix a square box, the box is scaled (2.3 for a
+source, 2.2 for a driving video) and shifted along the face's own axes (vx, vy times the box size), and a
+similarity transform maps the box onto a `dsize` x `dsize` crop. The inverse transform pastes the animated crop
+back into the full image through a feathered mask generated here.
+
+Coordinates are image pixels (x right, y down); transforms are 3x3 matrices acting on column vectors (x, y, 1).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import cv2
+import numpy as np
+
+CROP_SIZE = 512        # the crop the official cropper makes; the network input is its 256x256 resize
+
+
+@dataclasses.dataclass(frozen=True)
+class CropSettings:
+    """How large the box is around the landmarks and where it sits (official crop options)."""
+    scale: float = 2.3      # box side = scale * landmark extent (larger: more context, smaller face)
+    vx: float = 0.0         # shift along the face's x axis, in box sides
+    vy: float = -0.125      # shift along the face's y axis (negative: up, more forehead), in box sides
+    rotate: bool = True     # align the box with the face's roll (the official source crop does)
+
+    def __post_init__(self):
+        if not math.isfinite(self.scale) or self.scale <= 0:
+            raise ValueError(f"crop scale must be a positive number, got {self.scale!r}")
+        for name in ("vx", "vy"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or abs(value) > 1:
+                raise ValueError(f"crop offset {name} must lie in [-1, 1] (box sides), got {value!r}")
+
+
+SOURCE_CROP = CropSettings(scale=2.3, vx=0.0, vy=-0.125, rotate=True)
+# The official driving-video crop is axis-aligned: rotating it would cancel the driving head's roll.
+DRIVING_CROP = CropSettings(scale=2.2, vx=0.0, vy=-0.1, rotate=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class CropBox:
+    """A square in the image: centre, side length and the angle of its x axis (radians, image frame)."""
+    center: tuple[float, float]
+    size: float
+    angle: float = 0.0
+
+    @property
+    def axes(self) -> np.ndarray:
+        """Rows: the box's unit x axis and y axis in image coordinates."""
+        c, s = math.cos(self.angle), math.sin(self.angle)
+        return np.array([[c, s], [-s, c]], dtype=np.float64)
+
+    def image_to_crop(self, dsize: int = CROP_SIZE) -> np.ndarray:
+        """3x3 similarity taking image pixels to crop pixels (the box onto [0, dsize]^2)."""
+        k = dsize / self.size
+        rot = self.axes * k
+        m = np.eye(3)
+        m[:2, :2] = rot
+        m[:2, 2] = dsize / 2 - rot @ np.asarray(self.center, dtype=np.float64)
+        return m
+
+    def crop_to_image(self, dsize: int = CROP_SIZE) -> np.ndarray:
+        return np.linalg.inv(self.image_to_crop(dsize))
+
+    def corners(self) -> np.ndarray:
+        """(4, 2) corners in the image: top-left, top-right, bottom-right, bottom-left of the crop."""
+        unit = np.array([[-0.5, -0.5], [0.5, -0.5], [0.5, 0.5], [-0.5, 0.5]]) * self.size
+        return np.asarray(self.center) + unit @ self.axes
+
+    def contains(self, points: np.ndarray) -> np.ndarray:
+        """Which image points fall inside the box."""
+        local = (np.asarray(points, dtype=np.float64) - np.asarray(self.center)) @ self.axes.T
+        return np.all(np.abs(local) <= self.size / 2, axis=-1)
+
+
+def box_from_landmarks(points: np.ndarray, eye_center, mouth_center, settings: CropSettings) -> CropBox:
+    """The crop box around landmarks (N, 2), oriented by the eye-centre -> mouth-centre direction.
+
+    With `settings.rotate` off the box keeps the image axes (angle 0) but is still sized and centred in the
+    face's frame, as the official driving crop does.
+    """
+    points = np.asarray(points, dtype=np.float64)
+    if points.ndim != 2 or points.shape[1] != 2 or len(points) < 3:
+        raise ValueError(f"landmarks must be an (N>=3, 2) array, got shape {points.shape}")
+    down = np.asarray(mouth_center, np.float64) - np.asarray(eye_center, np.float64)
+    length = float(np.linalg.norm(down))
+    down = down / length if length > 1e-3 else np.array([0.0, 1.0])
+    right = np.array([down[1], -down[0]])               # face x axis: perpendicular, pointing to image right
+    frame = np.stack([right, down])
+    local = points @ frame.T
+    low, high = local.min(axis=0), local.max(axis=0)
+    side = float((high - low).max()) * settings.scale
+    center = ((low + high) / 2) @ frame
+    center = center + right * (settings.vx * side) + down * (settings.vy * side)
+    angle = math.atan2(right[1], right[0]) if settings.rotate else 0.0
+    return CropBox(center=(float(center[0]), float(center[1])), size=side, angle=angle)
+
+
+def warp_crop(image: np.ndarray, box: CropBox, dsize: int = CROP_SIZE) -> np.ndarray:
+    """The box's content as a dsize x dsize image (bilinear; outside the image is black)."""
+    m = box.image_to_crop(dsize)
+    return cv2.warpAffine(image, m[:2], (dsize, dsize), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+def network_input(crop: np.ndarray, size: int = 256) -> np.ndarray:
+    """The 512 crop shrunk to the network's 256x256 input (area filter, as the official cropper)."""
+    if crop.shape[:2] == (size, size):
+        return np.ascontiguousarray(crop)
+    return cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)
+
+
+def transform_points(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    pts = np.asarray(points, dtype=np.float64)
+    return pts @ matrix[:2, :2].T + matrix[:2, 2]
+
+
+def feather_mask(size: int = CROP_SIZE, margin: float = 0.01, feather: float = 0.06) -> np.ndarray:
+    """(size, size) float32 blending mask: 1 inside, a smooth ramp to 0 near the border, rounded corners.
+
+    `margin` (fraction of the side) stays exactly 0 at the edge, so the crop's resampled border never bleeds into
+    the image; the ramp is `feather` wide (fraction of the side) and follows the distance to an inset rounded
+    square, so it is C1-smooth everywhere.
+    """
+    if not 0 <= margin < 0.5 or not 0 < feather < 0.5 - margin:
+        raise ValueError(f"mask margin {margin} and feather {feather} must satisfy 0 <= margin, "
+                         f"0 < feather, margin + feather < 0.5")
+    coords = (np.arange(size, dtype=np.float64) + 0.5) / size        # pixel centres in (0, 1)
+    inset = margin + feather
+    dx = np.maximum(np.maximum(inset - coords, coords - (1 - inset)), 0.0)
+    dist = np.hypot(dx[None, :], dx[:, None])                        # distance outside the inner square
+    ramp = np.clip(1.0 - dist / feather, 0.0, 1.0)
+    mask = ramp * ramp * (3.0 - 2.0 * ramp)                          # smoothstep
+    return mask.astype(np.float32)
+
+
+class PasteBack:
+    """Pastes animated crops into one full-size image through the inverse crop transform.
+
+    The mask is warped once; each frame only touches the mask's bounding box, and every pixel where the
+    warped mask is 0 keeps the background value exactly.
+    """
+
+    def __init__(self, background: np.ndarray, box: CropBox, crop_size: int = CROP_SIZE,
+                 mask: np.ndarray | None = None):
+        self.background = np.ascontiguousarray(background)
+        h, w = self.background.shape[:2]
+        mask = feather_mask(crop_size) if mask is None else np.asarray(mask, np.float32)
+        if mask.shape != (crop_size, crop_size):
+            raise ValueError(f"paste-back mask must be {crop_size}x{crop_size}, got {mask.shape}")
+        self.crop_size = crop_size
+        to_image = box.crop_to_image(crop_size)
+        full = cv2.warpAffine(mask, to_image[:2], (w, h), flags=cv2.INTER_LINEAR,
+                              borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        ys, xs = np.nonzero(full > 0)
+        if len(ys) == 0:
+            raise ValueError("the crop box does not overlap the image: nothing to paste back")
+        self.region = (int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1)
+        y0, y1, x0, x1 = self.region
+        self.mask = full[y0:y1, x0:x1, None]
+        self.inside = self.mask[..., 0] > 0
+        shift = np.array([[1, 0, -x0], [0, 1, -y0], [0, 0, 1]], dtype=np.float64)
+        self._to_region = (shift @ to_image)[:2]
+
+    @property
+    def full_mask(self) -> np.ndarray:
+        """The warped mask over the whole image (float32, 0 where the background is kept)."""
+        h, w = self.background.shape[:2]
+        out = np.zeros((h, w), np.float32)
+        y0, y1, x0, x1 = self.region
+        out[y0:y1, x0:x1] = self.mask[..., 0]
+        return out
+
+    def __call__(self, crop: np.ndarray) -> np.ndarray:
+        crop = np.asarray(crop)
+        if crop.shape[:2] != (self.crop_size, self.crop_size):
+            raise ValueError(f"animated crop must be {self.crop_size}x{self.crop_size}, got {crop.shape[:2]}")
+        y0, y1, x0, x1 = self.region
+        warped = cv2.warpAffine(crop, self._to_region, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR,
+                                borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        out = self.background.copy()
+        under = out[y0:y1, x0:x1].astype(np.float32)
+        blended = np.rint(under + self.mask * (warped.astype(np.float32) - under))
+        region = out[y0:y1, x0:x1]
+        region[self.inside] = np.clip(blended, 0, 255).astype(np.uint8)[self.inside]
+        return out
+
+
+def trim_to_even(image: np.ndarray) -> np.ndarray:
+    """Drop a last row/column so both sides are even (H.264 4:2:0 needs it; the official loader does this)."""
+    h, w = image.shape[:2]
+    return image[: h - h % 2, : w - w % 2]
+
+
+def limit_size(image: np.ndarray, max_dim: int) -> np.ndarray:
+    """Shrink an image so its longer side is at most max_dim (0: no limit), keeping the aspect ratio."""
+    h, w = image.shape[:2]
+    if max_dim <= 0 or max(h, w) <= max_dim:
+        return image
+    k = max_dim / max(h, w)
+    return cv2.resize(image, (max(1, round(w * k)), max(1, round(h * k))), interpolation=cv2.INTER_AREA)

@@ -1,0 +1,203 @@
+"""End to end against the real bundled Triton server (tiny networks): files in, finished videos and images out."""
+from __future__ import annotations
+
+import asyncio
+import subprocess
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import ASSETS
+from liveportrait_triton import crop as C
+from liveportrait_triton import spec
+from liveportrait_triton.cli import main
+from liveportrait_triton.client import media
+from liveportrait_triton.client.client import (AsyncLivePortraitClient, DrivingInput, LivePortraitClient, SourceInput,
+                                               new_sequence_id)
+from liveportrait_triton.client.faces import MediapipeFaceAnalyzer
+from liveportrait_triton.client.templates import load_template
+
+pytestmark = pytest.mark.server
+
+SOURCE = ASSETS / "source"
+DRIVING = ASSETS / "driving"
+
+
+def read_rgb(path) -> np.ndarray:
+    return np.ascontiguousarray(cv2.imread(str(path))[:, :, ::-1])
+
+
+def decoded_frames(path) -> list[np.ndarray]:
+    reader = media.VideoReader(path)
+    frames = [frame.copy() for frame in reader]
+    reader.close()
+    return frames
+
+
+def animate(capsys, server, *argv) -> str:
+    code = main(["animate", *map(str, argv), "--server", server.grpc_url, "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    return err
+
+
+def source_paste(path, even: bool) -> C.PasteBack:
+    """The paste-back the command builds for a source image (same detector, same crop settings)."""
+    image = read_rgb(path)
+    if even:
+        image = np.ascontiguousarray(C.trim_to_even(image))
+    analyzer = MediapipeFaceAnalyzer()
+    try:
+        face = analyzer.detect(image)
+    finally:
+        analyzer.close()
+    return C.PasteBack(image, face.crop_box(C.SOURCE_CROP))
+
+
+@pytest.fixture(scope="module")
+def client(tiny_server):
+    with LivePortraitClient(tiny_server.grpc_url) as c:
+        yield c
+
+
+def test_server_metadata_matches_the_spec(client):
+    client.check_server(models=[spec.MOTION])           # raises ServerMismatch on any difference
+
+
+def test_driving_video_to_finished_video(tmp_path, capsys, tiny_server):
+    """s0 driven by all of d0.mp4: same frame count and fps as the driving video, the source's size, no audio."""
+    out, side = tmp_path / "s0_d0.mp4", tmp_path / "s0_d0_side.mp4"
+    err = animate(capsys, tiny_server, "--source", SOURCE / "s0.jpg", "--driving", DRIVING / "d0.mp4",
+                  "--output", out, "--comparison", side, "--profile")
+    info = media.probe_video(out)
+    assert info == {"frames": 78, "fps": 25.0, "size": (600, 704), "audio_codec": None}
+    assert media.probe_video(side)["frames"] == 78 and media.probe_video(side)["size"] == (3 * 512, 512)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s0_d0.mp4", "s0_d0_side.mp4"]
+    for stage in ("driving: decode", "paste-back", "encode", "server: liveportrait compute",
+                  "server:   warping_module", "wall clock"):
+        assert stage in err
+    # outside the mask the video shows the source (H.264 is lossy: compare within a few levels)
+    paste = source_paste(SOURCE / "s0.jpg", even=True)
+    outside = paste.full_mask == 0
+    frames = decoded_frames(out)
+    for frame in (frames[0], frames[40], frames[-1]):
+        diff = np.abs(frame.astype(int) - paste.background)[outside]
+        assert diff.mean() < 1.5 and np.percentile(diff, 99) <= 8
+    # inside, the animated face differs from the source and moves with the driving video
+    inside = paste.full_mask == 1
+    assert np.abs(frames[0].astype(int) - paste.background)[inside].mean() > 5
+    assert np.abs(frames[0].astype(int) - frames[40])[inside].mean() > 0.5
+
+
+def test_audio_is_carried_over(tmp_path, capsys, tiny_server):
+    """A one-second clip of d3.mp4 (30 frames, 30 fps, AAC): the output keeps frame count, fps and the audio."""
+    import imageio_ffmpeg
+    clip = tmp_path / "d3_clip.mp4"
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(DRIVING / "d3.mp4"), "-t", "1",
+                    "-c:v", "libx264", "-c:a", "copy", str(clip)], check=True)
+    assert media.probe_video(clip)["frames"] == 30
+    out = tmp_path / "s5_d3.mp4"
+    animate(capsys, tiny_server, "--source", SOURCE / "s5.jpg", "--driving", clip, "--output", out)
+    assert media.probe_video(out) == {"frames": 30, "fps": 30.0, "size": (720, 720), "audio_codec": "aac"}
+
+
+def test_image_driving_writes_an_image_and_keeps_outside_pixels(tmp_path, capsys, tiny_server):
+    out = tmp_path / "s12_d30.png"
+    animate(capsys, tiny_server, "--source", SOURCE / "s12.jpg", "--driving", DRIVING / "d30.jpg", "--output", out,
+            "--crop-driving")
+    result, source = read_rgb(out), read_rgb(SOURCE / "s12.jpg")
+    assert result.shape == source.shape == (500, 375, 3)
+    paste = source_paste(SOURCE / "s12.jpg", even=False)
+    outside = paste.full_mask == 0
+    assert outside.sum() > 0.3 * outside.size
+    assert np.array_equal(result[outside], source[outside])          # exactly the source outside the mask
+    assert not np.array_equal(result[~outside], source[~outside])
+    no_paste = tmp_path / "crop.png"
+    animate(capsys, tiny_server, "--source", SOURCE / "s12.jpg", "--driving", DRIVING / "d30.jpg", "--output",
+            no_paste, "--no-paste-back")
+    assert read_rgb(no_paste).shape == (512, 512, 3)
+
+
+def test_pkl_and_npz_templates_give_identical_frames(tmp_path, capsys, tiny_server, client):
+    pkl = ASSETS / "templates" / "wink.pkl"
+    npz = tmp_path / "wink.npz"
+    assert main(["template", "--driving", str(pkl), "--output", str(npz), "--quiet"]) == 0
+    # through the library: the served images are equal, array for array
+    crop = cv2.resize(read_rgb(SOURCE / "s0.jpg"), (256, 256))
+    results = []
+    for path in (pkl, npz):
+        template = load_template(path)
+        with client.stream(SourceInput(crop)) as stream:
+            for i in range(4):
+                stream.send(DrivingInput(motion=template.frame(i)))
+            results.append([r.image for r in stream.finish()])
+    assert len(results[0]) == 4 and all(np.array_equal(a, b) for a, b in zip(*results))
+    assert not np.array_equal(results[0][0], results[0][3])          # the wink moves the face
+    # through the command: the same decoded video
+    outs = [tmp_path / "from_pkl.mp4", tmp_path / "from_npz.mp4"]
+    for template, out in zip((pkl, npz), outs):
+        animate(capsys, tiny_server, "--source", SOURCE / "s0.jpg", "--driving", template, "--output", out,
+                "--max-frames", 5)
+    a, b = decoded_frames(outs[0]), decoded_frames(outs[1])
+    assert len(a) == len(b) == 5 and all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert media.probe_video(outs[0])["fps"] == 25.0
+
+
+def test_template_extraction_from_a_video(tmp_path, capsys, tiny_server, client):
+    out = tmp_path / "d0.npz"
+    code = main(["template", "--driving", str(DRIVING / "d0.mp4"), "--output", str(out), "--server",
+                 tiny_server.grpc_url, "--max-frames", "10", "--batch", "4", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    template = load_template(out)
+    assert len(template) == 10 and template.fps == 25.0
+    assert template.eye_ratio.shape == (10, 2) and template.lip_ratio.shape == (10, 1)
+    # the stored motion is the served motion extractor's on the same crops, converted by MotionInfo.from_raw
+    reader = media.VideoReader(DRIVING / "d0.mp4")
+    crops = np.stack([cv2.resize(f, (256, 256), interpolation=cv2.INTER_LINEAR) for f, _ in zip(reader, range(3))])
+    reader.close()
+    info = client.extract_motion(crops)
+    assert np.allclose(template.R[:3], info.R, atol=1e-6) and np.allclose(template.exp[:3], info.exp, atol=1e-6)
+    # it drives the pipeline, eye and lip retargeting included (the template carries the ratios)
+    video = tmp_path / "from_template.mp4"
+    animate(capsys, tiny_server, "--source", SOURCE / "s1.jpg", "--driving", out, "--output", video,
+            "--eye-retargeting", "--lip-retargeting")
+    assert media.probe_video(video)["frames"] == 10
+
+
+def test_live_options_crop_retargeting_smoothing(tmp_path, capsys, tiny_server):
+    """Driving crop on, landmarks tracked for eye/lip ratios, One-Euro smoothing through the motion extractor."""
+    out, side = tmp_path / "live.mp4", tmp_path / "live_side.mp4"
+    animate(capsys, tiny_server, "--source", SOURCE / "s1.jpg", "--driving", DRIVING / "d0.mp4", "--output", out,
+            "--comparison", side, "--crop-driving", "--eye-retargeting", "--lip-retargeting", "--smooth",
+            "--relative-motion", "--animation-region", "exp", "--driving-multiplier", "1.5", "--max-frames", 4)
+    assert media.probe_video(out)["frames"] == 4 and media.probe_video(out)["size"] == (1144, 1144)
+    assert media.probe_video(side)["frames"] == 4
+
+
+def test_stream_unary_and_asyncio_agree(tiny_server, client):
+    crop = cv2.resize(read_rgb(SOURCE / "s5.jpg"), (256, 256))
+    reader = media.VideoReader(DRIVING / "d0.mp4")
+    drivings = [DrivingInput(crop=cv2.resize(f, (256, 256))) for f, _ in zip(reader, range(3))]
+    reader.close()
+    with client.stream(SourceInput(crop), max_in_flight=3) as stream:
+        for d in drivings:
+            stream.send(d)
+        streamed = stream.finish()
+    assert [r.number for r in streamed] == [0, 1, 2]
+    sequence = new_sequence_id()
+    assert client.infer({"source": crop}, sequence, start=True) == (None, -1)
+    unary = [client.infer(d.tensors(), sequence) for d in drivings]
+    client.infer({}, sequence, end=True)
+    assert [index for _, index in unary] == [0, 1, 2]
+    assert all(np.array_equal(a.image, b) for a, (b, _) in zip(streamed, unary))
+
+    async def run_async():
+        async with AsyncLivePortraitClient(tiny_server.grpc_url) as aclient:
+            return [r async for r in aclient.animate(SourceInput(crop), drivings)]
+
+    asynced = asyncio.run(run_async())
+    assert all(np.array_equal(a.image, b.image) for a, b in zip(streamed, asynced))
+    # a single request is a whole image-driven sequence
+    image = client.animate_image(SourceInput(crop, {"driving_type": "image"}), drivings[0])
+    assert image.shape == (512, 512, 3) and image.dtype == np.uint8

@@ -1,0 +1,243 @@
+"""Client parts that need no server: command-line errors, smoothing, video I/O, metadata checks."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import ASSETS
+from liveportrait_triton import spec
+from liveportrait_triton.cli import main
+from liveportrait_triton.client import media
+from liveportrait_triton.client.client import ServerMismatch, _compare
+from liveportrait_triton.client.smoothing import MotionSmoother, OneEuroFilter
+from liveportrait_triton.keypoints import rotation_matrix
+from liveportrait_triton.pipeline import MotionFrame
+
+S0 = str(ASSETS / "source" / "s0.jpg")
+D0 = str(ASSETS / "driving" / "d0.mp4")
+D3 = ASSETS / "driving" / "d3.mp4"
+UNREACHABLE = "127.0.0.1:9"      # discard port: nothing listens there
+
+
+def animate(capsys, *argv) -> tuple[int, str]:
+    code = main(["animate", *argv, "--quiet"])
+    return code, capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command-line errors: clear message, non-zero exit, nothing written
+
+
+def test_source_without_a_face(tmp_path, capsys):
+    blank = tmp_path / "blank.png"
+    cv2.imwrite(str(blank), np.full((320, 240, 3), 200, np.uint8))
+    out = tmp_path / "out" / "result.mp4"
+    out.parent.mkdir()
+    code, err = animate(capsys, "--source", str(blank), "--driving", D0, "--output", str(out),
+                        "--server", UNREACHABLE)
+    assert code == 1 and f"no face found in the source image {blank}" in err
+    assert list(out.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("what", ["missing source", "unreadable source", "missing driving", "broken driving",
+                                  "missing template", "output folder", "output kind", "bad camera",
+                                  "no camera"])
+def test_unreadable_or_missing_files(tmp_path, capsys, what):
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image")
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00" * 1000)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    args = {"--source": S0, "--driving": D0, "--output": str(out_dir / "r.mp4")}
+    expected = {
+        "missing source": ("--source", str(tmp_path / "absent.jpg"), "source image .*absent.jpg not found"),
+        "unreadable source": ("--source", str(text), "is not an image OpenCV can decode"),
+        "missing driving": ("--driving", str(tmp_path / "absent.mp4"), "driving video .*absent.mp4 not found"),
+        "broken driving": ("--driving", str(broken), "is not a video ffmpeg can decode"),
+        "missing template": ("--driving", str(tmp_path / "absent.pkl"), "template .*absent.pkl not found"),
+        "output folder": ("--output", str(tmp_path / "nowhere" / "r.mp4"), "does not exist"),
+        "output kind": ("--output", str(out_dir / "r.avi"), "must end in .mp4"),
+        "bad camera": ("--driving", "webcam:first", "bad camera 'webcam:first': use webcam:N"),
+        "no camera": ("--driving", "webcam:97", "camera 97 cannot be opened"),
+    }[what]
+    args[expected[0]] = expected[1]
+    code, err = animate(capsys, *[x for kv in args.items() for x in kv], "--server", UNREACHABLE)
+    assert code == 1
+    assert __import__("re").search(expected[2], err), err
+    assert list(out_dir.iterdir()) == []
+
+
+def test_missing_official_face_models(tmp_path, capsys):
+    (tmp_path / "models").mkdir()
+    code, err = animate(capsys, "--source", S0, "--driving", D0, "--output", str(tmp_path / "r.mp4"),
+                        "--face-models", str(tmp_path / "models"), "--server", UNREACHABLE)
+    assert code == 1 and "missing det_10g.onnx, 2d106det.onnx, landmark.onnx" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
+
+
+def test_unknown_option_exits_non_zero(tmp_path):
+    out = tmp_path / "r.mp4"
+    done = subprocess.run([sys.executable, "-m", "liveportrait_triton", "animate", "--source", S0, "--driving", D0,
+                           "--output", str(out), "--no-such-option"], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "unrecognized arguments: --no-such-option" in done.stderr
+    bad_choice = subprocess.run([sys.executable, "-m", "liveportrait_triton", "animate", "--source", S0,
+                                 "--driving", D0, "--output", str(out), "--animation-region", "nose"],
+                                capture_output=True, text=True)
+    assert bad_choice.returncode == 2 and "invalid choice: 'nose'" in bad_choice.stderr
+    assert not out.exists()
+
+
+def test_server_unreachable(tmp_path, capsys):
+    out = tmp_path / "r.mp4"
+    code, err = animate(capsys, "--source", S0, "--driving", D0, "--output", str(out), "--server", UNREACHABLE)
+    assert code == 1
+    assert f"no Triton server answered at grpc://{UNREACHABLE}" in err
+    assert "liveportrait-triton serve --repository" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_option_values_are_checked_before_sending(tmp_path, capsys):
+    code, err = animate(capsys, "--source", S0, "--driving", D0, "--output", str(tmp_path / "r.mp4"),
+                        "--driving-multiplier", "50", "--server", UNREACHABLE)
+    assert code == 1 and "driving_multiplier" in err and "outside" in err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Smoothing
+
+
+def test_one_euro_is_causal_and_reduces_jitter():
+    rng = np.random.default_rng(0)
+    t = np.arange(300) / 30.0
+    clean = np.sin(2 * np.pi * 0.3 * t)
+    noisy = clean + rng.normal(scale=0.05, size=t.shape)
+    smooth = OneEuroFilter(min_cutoff=1.0, beta=0.5)
+    out = np.array([float(smooth(x, 1 / 30)) for x in noisy])
+    jitter = lambda x: np.sqrt(np.mean((np.diff(x) - np.diff(clean)) ** 2))    # noqa: E731 (frame-to-frame noise)
+    assert jitter(out) < 0.35 * jitter(noisy)
+    assert np.abs(out - clean)[30:].max() < 0.2               # and it still follows the motion
+    # causal: the output up to frame k depends only on the input up to frame k
+    changed = noisy.copy()
+    changed[200:] += 5.0
+    again = OneEuroFilter(min_cutoff=1.0, beta=0.5)
+    out2 = np.array([float(again(x, 1 / 30)) for x in changed])
+    assert np.array_equal(out[:200], out2[:200]) and not np.allclose(out[200:], out2[200:])
+    # a constant stays exactly constant; a step is followed (no lag at the end)
+    const = OneEuroFilter()
+    assert all(float(const(2.5, 0.04)) == 2.5 for _ in range(10))
+    step = OneEuroFilter(min_cutoff=1.0, beta=0.0)
+    values = [float(step(0.0 if i < 5 else 1.0, 0.04)) for i in range(200)]
+    assert 0 < values[5] < 1 and values[-1] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_motion_smoother_keeps_rotations_valid():
+    rng = np.random.default_rng(1)
+    smoother = MotionSmoother(fps=25)
+    for i in range(20):
+        angles = rng.normal(scale=10, size=(3, 1)).astype(np.float32)
+        frame = MotionFrame(R=rotation_matrix(*angles)[0], exp=rng.normal(size=(21, 3)).astype(np.float32),
+                            t=rng.normal(size=3).astype(np.float32), scale=np.float32([1.0]))
+        out = smoother.motion(frame)
+        assert out.R.dtype == np.float32 and out.exp.shape == (21, 3)
+        assert np.allclose(out.R @ out.R.T, np.eye(3), atol=1e-5) and np.linalg.det(out.R) == pytest.approx(1, abs=1e-5)
+    assert smoother.ratio("eye", None) is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Video I/O
+
+
+def test_video_reader_streams_frames():
+    reader = media.VideoReader(D0)
+    assert reader.info.fps == 25.0 and reader.info.size == (512, 512) and reader.info.frame_count == 78
+    assert reader.info.audio_codec is None
+    count = sum(1 for frame in reader if frame.shape == (512, 512, 3))
+    reader.close()
+    assert count == 78
+    assert media.VideoReader(D3).info.audio_codec == "aac"
+
+
+def test_video_writer_is_atomic_and_muxes_audio(tmp_path):
+    out = tmp_path / "clip.mp4"
+    frames = [np.full((64, 96, 3), 10 * i, np.uint8) for i in range(15)]
+    with media.VideoWriter(out, (96, 64), 30.0, audio_from=D3, audio_codec="aac") as writer:
+        for f in frames:
+            writer.write(f)
+        assert not out.exists()                      # only a temporary file exists while writing
+    info = media.probe_video(out)
+    assert info["frames"] == 15 and info["fps"] == 30.0 and info["size"] == (96, 64)
+    assert info["audio_codec"] == "aac"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4"]
+    broken = tmp_path / "broken.mp4"
+    with pytest.raises(RuntimeError, match="boom"):
+        with media.VideoWriter(broken, (96, 64), 30.0) as writer:
+            writer.write(frames[0])
+            raise RuntimeError("boom")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4"]
+    with pytest.raises(media.MediaError, match="even"):
+        media.VideoWriter(tmp_path / "odd.mp4", (95, 64), 30.0)
+
+
+def test_prefetcher_runs_ahead_and_reports_errors():
+    seen = []
+
+    def prepare(i, item):
+        seen.append(threading.current_thread().name)
+        if item == 3:
+            raise ValueError("bad frame 3")
+        return item * 10
+
+    prefetch = media.Prefetcher(range(10), prepare, depth=2, name="test-prefetch")
+    got = []
+    with pytest.raises(ValueError, match="bad frame 3"):
+        for value in prefetch:
+            got.append(value)
+    prefetch.close()
+    assert got == [0, 10, 20] and set(seen) == {"test-prefetch"}
+    # memory stays bounded: the thread runs at most `depth` (+1 in hand) items ahead of a slow consumer
+    produced = []
+    endless = media.Prefetcher(iter(int, 1), lambda i, x: produced.append(i) or i, depth=2)
+    items = iter(endless)
+    assert next(items) == 0
+    time.sleep(0.5)
+    assert len(produced) <= 1 + 2 + 1
+    endless.close()                         # stopping early does not hang on the full queue
+
+
+def test_image_write_is_atomic(tmp_path):
+    path = media.write_image(tmp_path / "a.png", np.zeros((8, 8, 3), np.uint8))
+    assert path.exists() and [p.name for p in tmp_path.iterdir()] == ["a.png"]
+    with pytest.raises(media.MediaError, match="cannot encode"):
+        media.write_image(tmp_path / "a.nosuchformat", np.zeros((8, 8, 3), np.uint8))
+    assert [p.name for p in tmp_path.iterdir()] == ["a.png"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metadata check against the spec
+
+
+def served_metadata(model_spec, batched=True):
+    tensor = lambda t: {"name": t.name, "datatype": t.dtype, "shape": [str(d) for d in ((-1,) if batched else ()) + t.shape]}  # noqa: E731,E501
+    return [tensor(t) for t in model_spec.inputs], [tensor(t) for t in model_spec.outputs]
+
+
+def test_metadata_comparison():
+    inputs, outputs = served_metadata(spec.PIPELINE_SPEC)
+    _compare("input", inputs, spec.PIPELINE_SPEC.inputs, True, "liveportrait")
+    _compare("output", outputs, spec.PIPELINE_SPEC.outputs, True, "liveportrait")
+    wrong_shape = [dict(t, shape=["-1", "512", "512", "3"]) if t["name"] == "source" else t for t in inputs]
+    with pytest.raises(ServerMismatch, match="input 'source' is UINT8 \\[-1, 512, 512, 3\\]"):
+        _compare("input", wrong_shape, spec.PIPELINE_SPEC.inputs, True, "liveportrait")
+    with pytest.raises(ServerMismatch, match="has outputs \\['image'\\]"):
+        _compare("output", outputs[:1], spec.PIPELINE_SPEC.outputs, True, "liveportrait")
+    wrong_type = [dict(t, datatype="FP16") if t["name"] == "image" else t for t in outputs]
+    with pytest.raises(ServerMismatch, match="FP16"):
+        _compare("output", wrong_type, spec.PIPELINE_SPEC.outputs, True, "liveportrait")
