@@ -147,9 +147,19 @@ def compose_keypoints(kp_canonical, R_new, delta_new, scale_new, t_new) -> np.nd
 
 
 def convex_hull_multiplier(x_s: np.ndarray, x_d0: np.ndarray) -> float:
-    """'expression-friendly' motion scale: sqrt(hull volume of x_s) / sqrt(hull volume of the frame-0 result)."""
-    from scipy.spatial import ConvexHull
-    return float(np.sqrt(ConvexHull(np.asarray(x_s)[0]).volume) / np.sqrt(ConvexHull(np.asarray(x_d0)[0]).volume))
+    """'expression-friendly' motion scale: sqrt(hull volume of x_s) / sqrt(hull volume of the frame-0 result).
+
+    Degenerate keypoint sets (coplanar, e.g. from untrained weights) have no 3-D hull; the official code would
+    raise there. The motion is then left unscaled (1.0) instead of failing the stream.
+    """
+    from scipy.spatial import ConvexHull, QhullError
+    try:
+        source, driving = ConvexHull(np.asarray(x_s)[0]).volume, ConvexHull(np.asarray(x_d0)[0]).volume
+    except QhullError:
+        return 1.0
+    if not (source > 0 and driving > 0):
+        return 1.0
+    return float(np.sqrt(source) / np.sqrt(driving))
 
 
 def stitching_input(x_s: np.ndarray, x_d: np.ndarray) -> np.ndarray:

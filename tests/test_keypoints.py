@@ -104,6 +104,9 @@ def test_convex_hull_multiplier_is_scale_invariant_ratio():
     x = rng.normal(size=(1, 21, 3))
     assert K.convex_hull_multiplier(x, x) == pytest.approx(1.0)
     assert K.convex_hull_multiplier(x, 2 * x) == pytest.approx(2 ** -1.5)
+    flat = x.copy()
+    flat[..., 2] = 0                      # coplanar: no 3-D hull, motion left unscaled
+    assert K.convex_hull_multiplier(flat, x) == 1.0
 
 
 def test_eye_and_lip_ratios_on_hand_made_landmarks():
