@@ -21,8 +21,19 @@ from .lip_array import LIP_ARRAY
 
 
 class Runner(Protocol):
+    """Runs one sub-network on a batch. A runner may also offer `run_many([(model, inputs), ...])` to send
+    independent calls together (the BLS runner does); `run_concurrently` uses it where present."""
+
     def run(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ...
+
+
+def run_concurrently(runner: Runner, calls: list[tuple[str, dict[str, np.ndarray]]]) -> list[dict[str, np.ndarray]]:
+    """Independent sub-network calls, sent together where the runner can (`run_many`, e.g. BLS), else in turn."""
+    run_many = getattr(runner, "run_many", None)
+    if run_many is not None:
+        return run_many(calls)
+    return [runner.run(model, inputs) for model, inputs in calls]
 
 
 class InputError(ValueError):
@@ -118,8 +129,10 @@ class Animator:
                          eye_ratios: list | None = None, lip_ratios: list | None = None) -> list[StreamState]:
         """F and M on a batch of source crops; one StreamState each."""
         batch = crop_to_input(np.stack([check_crop("source", c) for c in crops]))
-        volume = self.runner.run(spec.APPEARANCE, {"image": batch})["feature_volume"]
-        motion = K.MotionInfo.from_raw(self.runner.run(spec.MOTION, {"image": batch}))
+        appearance, raw_motion = run_concurrently(self.runner, [(spec.APPEARANCE, {"image": batch}),
+                                                                (spec.MOTION, {"image": batch})])
+        volume = appearance["feature_volume"]
+        motion = K.MotionInfo.from_raw(raw_motion)
         x_s = motion.transformed()
         states = []
         for i, opts in enumerate(options):
@@ -171,23 +184,23 @@ class Animator:
         if o["eye_retargeting"] or o["lip_retargeting"]:
             base = x_s if o["relative_motion"] else x
             x = base.copy()
+            calls = []      # eye and lip deltas are independent: computed together, added eye first
             if o["eye_retargeting"]:
                 if frame.eye_ratio is None:
                     raise InputError("eye_retargeting is on but the frame has no driving_eye_ratio")
                 ratio = np.concatenate([state.source_eye_ratio, np.float32([[frame.eye_ratio]])], axis=1)
-                x = x + self._delta(spec.RETARGET_EYE, {"kp_source": x_s, "eye_ratio": ratio})
+                calls.append((spec.RETARGET_EYE, {"kp_source": x_s, "eye_ratio": ratio}))
             if o["lip_retargeting"]:
                 if frame.lip_ratio is None:
                     raise InputError("lip_retargeting is on but the frame has no driving_lip_ratio")
                 ratio = np.concatenate([state.source_lip_ratio, np.float32([[frame.lip_ratio]])], axis=1)
-                x = x + self._delta(spec.RETARGET_LIP, {"kp_source": x_s, "lip_ratio": ratio})
+                calls.append((spec.RETARGET_LIP, {"kp_source": x_s, "lip_ratio": ratio}))
+            for out in run_concurrently(self.runner, calls):
+                x = x + out["delta"].reshape(1, NUM_KP, 3)
         if o["stitching"]:
             delta = self.runner.run(spec.STITCHING, {"kp_source": x_s, "kp_driving": x})["delta"]
             x = K.apply_stitching(x, delta)
         return K.apply_driving_multiplier(x_s, x, o["driving_multiplier"])
-
-    def _delta(self, model: str, inputs: dict) -> np.ndarray:
-        return self.runner.run(model, inputs)["delta"].reshape(1, NUM_KP, 3)
 
     def render(self, volumes: np.ndarray, x_s: np.ndarray, x_d: np.ndarray) -> np.ndarray:
         """W then G on a batch -> (B, 512, 512, 3) uint8."""

@@ -47,3 +47,94 @@ def full_networks(full_weights_dir):
 def tiny_networks(tiny_weights_dir):
     from liveportrait_triton.weights import load_networks
     return load_networks(tiny_weights_dir, "tiny")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton server fixtures: a tiny-network repository exported from the session's synthetic weights, real media
+# crops, and a server on loopback with free ports (module-scoped: one per test module that asks for it).
+
+SERVER_FRAMES = 4   # driving frames of d0.mp4 used by the server tests
+
+
+def to_crop(bgr: np.ndarray) -> np.ndarray:
+    """A BGR image resized whole to a 256x256 RGB uint8 crop (the server tests need real pixels, not face crops)."""
+    import cv2
+    return cv2.cvtColor(cv2.resize(bgr, (256, 256), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB)
+
+
+@pytest.fixture(scope="session")
+def driving_crops() -> list[np.ndarray]:
+    """The first SERVER_FRAMES frames of driving/d0.mp4, resized to 256x256 RGB uint8."""
+    import cv2
+    capture = cv2.VideoCapture(str(ASSETS / "driving" / "d0.mp4"))
+    frames = []
+    while len(frames) < SERVER_FRAMES:
+        ok, frame = capture.read()
+        if not ok:
+            pytest.fail(f"{ASSETS / 'driving' / 'd0.mp4'} has fewer than {SERVER_FRAMES} frames")
+        frames.append(to_crop(frame))
+    capture.release()
+    return frames
+
+
+@pytest.fixture(scope="session")
+def source_crops() -> dict[str, np.ndarray]:
+    import cv2
+    crops = {}
+    for name in ("s0", "s1"):
+        image = cv2.imread(str(ASSETS / "source" / f"{name}.jpg"))
+        if image is None:
+            pytest.fail(f"cannot read {ASSETS / 'source' / name}.jpg")
+        crops[name] = to_crop(image)
+    return crops
+
+
+@pytest.fixture(scope="session")
+def tiny_repository(tmp_path_factory, tiny_weights_dir) -> Path:
+    """`liveportrait-triton export` of the tiny networks (session weights) into a local-target repository."""
+    from liveportrait_triton.cli import main
+    out = tmp_path_factory.mktemp("repository_tiny")
+    code = main(["export", "--weights", str(tiny_weights_dir), "--config", "tiny", "--repository", str(out),
+                 "--validate-batches", "1"])
+    if code != 0:
+        pytest.fail(f"export of the tiny repository failed with status {code}")
+    return out
+
+
+def rendered_copy(repository: Path, destination: Path, **serving) -> Path:
+    """A copy of a tiny repository's ONNX files with configs re-rendered using other ServingOptions."""
+    from liveportrait_triton import repository as repo
+    repo.copy_artefacts(repository, destination)
+    repo.write_repository_configs(destination, "local", "tiny", options=repo.ServingOptions(**serving))
+    return destination
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_repository, tmp_path_factory):
+    """The bundled Triton server on the tiny repository, 127.0.0.1, free ports; its log stays in tmp."""
+    from liveportrait_triton.serve import TritonServer
+    log = tmp_path_factory.mktemp("triton_log") / "tritonserver.log"
+    with TritonServer(tiny_repository, log_file=log) as server:
+        yield server
+
+
+IMAGE_MAX_DIFF = 1        # uint8 levels: batching and ONNX Runtime vs PyTorch move a few pixels by one level
+IMAGE_MEAN_DIFF = 0.01    # mean |diff| over all pixels and channels
+
+
+def assert_images_close(actual: np.ndarray, expected: np.ndarray, what: str = "image") -> None:
+    """uint8 images equal within IMAGE_MAX_DIFF per pixel and IMAGE_MEAN_DIFF on average."""
+    assert actual.dtype == np.uint8 and actual.shape == expected.shape, f"{what}: {actual.dtype} {actual.shape}"
+    diff = np.abs(actual.astype(np.int16) - expected.astype(np.int16))
+    assert diff.max() <= IMAGE_MAX_DIFF and diff.mean() <= IMAGE_MEAN_DIFF, (
+        f"{what}: max |diff| {diff.max()} (bound {IMAGE_MAX_DIFF}), mean {diff.mean():.5f} (bound {IMAGE_MEAN_DIFF})")
+
+
+def server_metric(server, name: str, **labels) -> float:
+    """One sample of a running server's Prometheus metrics (the pipeline's custom metrics included)."""
+    import urllib.request
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"metric {name} {labels} not found on {server.metrics_url}")

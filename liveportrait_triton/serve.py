@@ -1,0 +1,427 @@
+"""Run the real Triton server bundled in the `nvidia-pytriton` wheel on a model repository.
+
+`TritonServer` (a context manager used by the CLI, tests, client, benchmarks and demo) finds the `tritonserver`
+binary and its libraries inside the installed wheel, prepares a backend directory holding the Python backend and the
+stub built for the running Python (cached), starts the server in its own process group with this interpreter's
+environment first on PATH (so the stub's embedded Python imports this venv and this package), waits until every
+model of the repository is ready, and stops the whole process group on exit. Defaults are conservative: loopback
+only, no model control, the model-repository / shared-memory / logging / trace APIs restricted to a key.
+
+`liveportrait-triton serve --repository DIR` is the command-line front end.
+
+Triton 2.51 has no flag for the gRPC message size: its server accepts messages up to 2 GiB and tritonclient's
+channel does too. Our largest messages are far below any limit (a START with source and driving crop: 0.4 MB; a
+response: one 512x512 RGB crop, 0.8 MB), so nothing needs raising; a deployment behind a proxy should allow 2 MB.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import dataclasses
+import importlib.metadata
+import importlib.util
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+RESTRICTED_APIS = ("model-repository", "shared-memory", "logging", "trace")
+ADMIN_HEADER = "lp-admin-key"                                  # HTTP header carrying the admin key
+GRPC_ADMIN_HEADER = f"triton-grpc-protocol-{ADMIN_HEADER}"     # the same over gRPC (Triton prefixes the name)
+PYTHON_BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
+STUB_NAME = "triton_python_backend_stub"
+DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
+PYTHON_SHM_BYTES = 64 * 1024 * 1024     # per Python-backend model: a batch of full-size feature volumes fits
+
+
+class ServerError(RuntimeError):
+    """The server could not be started or stopped as asked (the message says why)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonInstallation:
+    """Where the wheel keeps the server: binary, bundled shared libraries, Python backend, per-Python stubs."""
+    root: Path            # .../site-packages/pytriton/tritonserver
+    libs: Path            # .../site-packages/nvidia_pytriton.libs
+    version: str          # nvidia-pytriton version
+
+    @property
+    def binary(self) -> Path:
+        return self.root / "bin" / "tritonserver"
+
+    @property
+    def python_backend(self) -> Path:
+        return self.root / "backends" / "python"
+
+    def stub(self, python_version: str | None = None) -> Path:
+        version = python_version or f"{sys.version_info.major}.{sys.version_info.minor}"
+        return self.root / "python_backend_stubs" / version / "triton_python_backend_stub"
+
+
+def find_triton() -> TritonInstallation:
+    """Locate the server inside the installed `nvidia-pytriton` wheel (without importing pytriton)."""
+    found = importlib.util.find_spec("pytriton")
+    if found is None or not found.submodule_search_locations:
+        raise ServerError("the Triton server comes with the nvidia-pytriton wheel, which is not installed: "
+                          "pip install --no-deps nvidia-pytriton==0.7.0")
+    package = Path(list(found.submodule_search_locations)[0])
+    install = TritonInstallation(root=package / "tritonserver", libs=package.parent / "nvidia_pytriton.libs",
+                                 version=importlib.metadata.version("nvidia-pytriton"))
+    for path in (install.binary, install.libs, install.python_backend, install.stub()):
+        if not path.exists():
+            raise ServerError(f"{path} is missing from the nvidia-pytriton installation"
+                              + (" (no Python-backend stub for this Python version)" if path == install.stub() else ""))
+    return install
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "liveportrait-triton"
+
+
+def prepare_backend_dir(install: TritonInstallation, cache_dir: str | Path | None = None) -> Path:
+    """A Triton backend directory (`<dir>/python/...`) with the Python backend and the stub of this Python.
+
+    Built once per wheel version and Python version under the cache directory; built in a temporary directory
+    and renamed into place, so concurrent servers never see a half-copied backend.
+    """
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    target = Path(cache_dir or default_cache_dir()) / f"backends-pytriton{install.version}-py{python}"
+    if (target / "python" / "triton_python_backend_stub").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+    try:
+        (staging / "python").mkdir()
+        for name in PYTHON_BACKEND_FILES:
+            shutil.copy2(install.python_backend / name, staging / "python" / name)
+        shutil.copy2(install.stub(python), staging / "python" / "triton_python_backend_stub")
+        try:
+            staging.rename(target)
+        except OSError:          # another process finished first
+            if not (target / "python" / "triton_python_backend_stub").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that is free on host now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def repository_models(repository: Path) -> list[str]:
+    """Model names of a repository: the sub-directories that hold a config.pbtxt."""
+    return sorted(p.parent.name for p in repository.glob("*/config.pbtxt"))
+
+
+_LOAD_FAILURE = re.compile(r"failed to load '([^']+)' version \d+: (.*)")
+_TABLE_ROW = re.compile(r"^\|\s*(\S+)\s*\|\s*\d+\s*\|\s*UNAVAILABLE: (.*?)\s*\|?\s*$")
+_PORT_IN_USE = re.compile(r"failed to start (\w+) service: .*?Socket '([^']+)' already in use", re.IGNORECASE)
+
+
+def explain_log(log: str) -> str:
+    """The reasons a server failed, from its log: models that failed to load (and why), ports already in use."""
+    reasons: dict[str, str] = {}
+    for line in log.splitlines():
+        if (m := _LOAD_FAILURE.search(line)) or (m := _TABLE_ROW.search(line.strip())):
+            reason = m.group(2).split("\\n")[0].strip().rstrip('"').strip()    # drop the backend's traceback
+            reasons.setdefault(f"model {m.group(1)!r} failed to load", reason)
+        elif m := _PORT_IN_USE.search(line):
+            reasons[f"{m.group(1)} port"] = f"{m.group(2)} is already in use"
+    if not reasons:
+        tail = [line for line in log.splitlines() if line.strip()][-15:]
+        return "no reason found in the server log; its last lines:\n  " + "\n  ".join(tail)
+    return "\n".join(f"{what}: {why}" for what, why in reasons.items())
+
+
+class TritonServer:
+    """The bundled Triton server on a model repository, as a context manager.
+
+    Ports left as None are chosen free on `host`. The server receives SIGTERM if the thread that started it dies
+    (Linux parent-death signal), so start it from a thread that outlives it (the main thread, typically). `admin_key` grants the restricted APIs (model-repository,
+    shared-memory, logging, trace) to requests carrying the header `lp-admin-key: <key>` (HTTP) or
+    `triton-grpc-protocol-lp-admin-key: <key>` (gRPC metadata); by default a random key is generated and not shown,
+    which leaves them disabled.
+    """
+
+    def __init__(self, repository: str | Path, *, host: str = "127.0.0.1", http_port: int | None = None,
+                 grpc_port: int | None = None, metrics_port: int | None = None, admin_key: str | None = None,
+                 log_file: str | Path | None = None, log_verbose: int = 0, startup_timeout_s: float = 300.0,
+                 cache_dir: str | Path | None = None, extra_args: tuple[str, ...] = ()):
+        self.repository = Path(repository).resolve()
+        self.host = host
+        self.ports = {"http": http_port or free_port(host), "grpc": grpc_port or free_port(host),
+                      "metrics": metrics_port or free_port(host)}
+        self.admin_key = admin_key or secrets.token_urlsafe(24)
+        self.log_verbose = log_verbose
+        self.startup_timeout_s = startup_timeout_s
+        self.cache_dir = cache_dir
+        self.extra_args = tuple(extra_args)
+        self._own_log_dir = None if log_file else tempfile.mkdtemp(prefix="liveportrait-triton-log-")
+        self.log_file = Path(log_file) if log_file else Path(self._own_log_dir) / "tritonserver.log"
+        self.shm_prefix = f"lp{os.getpid()}x{self.ports['grpc']}_"
+        self.process: subprocess.Popen | None = None
+        self._became_ready = False
+        self._stubs: dict[str, int] = {}        # model instance -> pid of its Python-backend stub, once ready
+
+    # -- endpoints -------------------------------------------------------------------------------------------
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.ports['http']}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.ports['grpc']}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.ports['metrics']}/metrics"
+
+    def log_text(self) -> str:
+        return self.log_file.read_text(errors="replace") if self.log_file.is_file() else ""
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    def command(self, install: TritonInstallation, backend_dir: Path) -> list[str]:
+        restricted = ",".join(RESTRICTED_APIS)
+        return [
+            str(install.binary),
+            f"--model-repository={self.repository}",
+            f"--backend-directory={backend_dir}",
+            "--model-control-mode=none",
+            "--strict-readiness=true",
+            "--exit-on-error=true",
+            "--disable-auto-complete-config",
+            f"--http-address={self.host}", f"--http-port={self.ports['http']}",
+            f"--grpc-address={self.host}", f"--grpc-port={self.ports['grpc']}",
+            f"--metrics-address={self.host}", f"--metrics-port={self.ports['metrics']}",
+            "--allow-gpu-metrics=false",
+            f"--http-restricted-api={restricted}:{ADMIN_HEADER}={self.admin_key}",
+            f"--grpc-restricted-protocol={restricted}:{ADMIN_HEADER}={self.admin_key}",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+            f"--backend-config=python,shm-default-byte-size={PYTHON_SHM_BYTES}",
+            f"--backend-config=python,shm-growth-byte-size={PYTHON_SHM_BYTES}",
+            "--exit-timeout-secs=20",
+            f"--log-verbose={self.log_verbose}",
+            *self.extra_args,
+        ]
+
+    def environment(self, install: TritonInstallation) -> dict[str, str]:
+        """This interpreter's bin directory first on PATH (the stub's Python finds this venv through it), and
+        the wheel's libraries plus libpython's directory on LD_LIBRARY_PATH."""
+        env = dict(os.environ)
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        libs = [str(install.libs), sysconfig.get_config_var("LIBDIR") or "", env.get("LD_LIBRARY_PATH", "")]
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in libs if p)
+        return env
+
+    def start(self) -> "TritonServer":
+        if self.process is not None:
+            raise ServerError("server already started")
+        if not self.repository.is_dir():
+            raise ServerError(f"model repository {self.repository} does not exist")
+        models = repository_models(self.repository)
+        if not models:
+            raise ServerError(f"model repository {self.repository} holds no model (no */config.pbtxt)")
+        taken = [f"{kind} port {port}" for kind, port in self.ports.items() if not port_is_free(self.host, port)]
+        if taken:
+            raise ServerError(f"{', '.join(taken)} already in use on {self.host}: choose other ports")
+        install = find_triton()
+        backend_dir = prepare_backend_dir(install, self.cache_dir)
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_file, "wb") as log:
+            self.process = subprocess.Popen(self.command(install, backend_dir), stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, env=self.environment(install),
+                                            start_new_session=True, preexec_fn=_terminate_with_parent)
+        try:
+            self._wait_ready(models)
+            self._became_ready = True
+            self._stubs = self.stub_processes()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self, models: list[str]) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(f"Triton exited with status {self.process.returncode} while starting:\n"
+                                  f"{explain_log(self.log_text())}\n(full log: {self.log_file})")
+            if self._ready("/v2/health/ready") and all(self._ready(f"/v2/models/{m}/ready") for m in models):
+                return
+            time.sleep(0.25)
+        raise ServerError(f"Triton did not become ready within {self.startup_timeout_s:g} s:\n"
+                          f"{explain_log(self.log_text())}\n(full log: {self.log_file})")
+
+    def _ready(self, path: str) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}{path}", timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return False
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stub_processes(self) -> dict[str, int]:
+        """The running Python-backend stubs of this server: model instance name (e.g. 'warping_module_0_0') -> pid."""
+        if not self.alive():
+            return {}
+        stubs = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                argv = (entry / "cmdline").read_bytes().decode(errors="replace").rstrip("\0").split("\0")
+                state, parent = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+            except OSError:         # the process ended meanwhile
+                continue
+            if int(parent) == self.process.pid and state != "Z" and argv[0].endswith(STUB_NAME) and len(argv) > 2:
+                stubs[argv[-2]] = int(entry.name)     # argv: stub, model.py, shm, ..., instance name, runtime
+        return stubs
+
+    def dead_stubs(self) -> list[str]:
+        """Model instances whose stub process has died since the server became ready. Triton 2.51 does not
+        restart a dead stub and keeps reporting the model ready, while every request to it fails (\"Stub process
+        '<instance>' is not healthy.\"): only a restart of the server recovers."""
+        running = set(self.stub_processes().items())
+        return sorted(name for name, pid in self._stubs.items() if (name, pid) not in running)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """SIGTERM to the server's process group (server and stubs), SIGKILL after timeout_s; no orphans left."""
+        if self.process is None:
+            return
+        group = self.process.pid      # the server leads its own session and process group
+        _signal_group(group, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            _signal_group(group, signal.SIGKILL)
+            self.process.wait()
+        deadline = time.monotonic() + 10
+        while _group_alive(group) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _group_alive(group):
+            _signal_group(group, signal.SIGKILL)
+        self.process = None
+        for leftover in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
+            leftover.unlink(missing_ok=True)
+        if self._own_log_dir is not None and self._became_ready:    # a failed start keeps its log for reading
+            shutil.rmtree(self._own_log_dir, ignore_errors=True)
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def endpoints(self) -> str:
+        return (f"HTTP    http://{self.http_url}\nGRPC    {self.grpc_url}\nmetrics {self.metrics_url}")
+
+
+def _terminate_with_parent() -> None:
+    """In the child before exec: SIGTERM when the starting thread dies, so that a killed client (OOM, SIGKILL)
+    leaves no server behind; the server then stops its stubs itself."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _signal_group(group: int, sig: int) -> None:
+    try:
+        os.killpg(group, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line.
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repository", required=True, metavar="DIR", help="Triton model repository to serve")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind HTTP, gRPC and metrics to (default loopback only; 0.0.0.0 for all)")
+    parser.add_argument("--http-port", type=int, default=DEFAULT_PORTS["http"])
+    parser.add_argument("--grpc-port", type=int, default=DEFAULT_PORTS["grpc"])
+    parser.add_argument("--metrics-port", type=int, default=DEFAULT_PORTS["metrics"])
+    parser.add_argument("--admin-key", default=os.environ.get("LIVEPORTRAIT_ADMIN_KEY"),
+                        help="key for the restricted APIs: model-repository, shared-memory, logging, trace (HTTP "
+                             "header lp-admin-key, gRPC metadata triton-grpc-protocol-lp-admin-key; default: $LIVEPORTRAIT_ADMIN_KEY, else a random key nobody is told, "
+                             "i.e. those APIs are disabled). Local users can read it in the server's command line")
+    parser.add_argument("--log-file", metavar="PATH", help="server log (default: a temporary file, printed)")
+    parser.add_argument("--log-verbose", type=int, default=0, help="Triton verbose log level")
+    parser.add_argument("--startup-timeout", type=float, default=600.0, metavar="S",
+                        help="seconds to wait for every model to be ready")
+
+
+def run(args) -> int:
+    log_file = args.log_file or Path(tempfile.mkdtemp(prefix="liveportrait-triton-")) / "tritonserver.log"
+    server = TritonServer(args.repository, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
+                          metrics_port=args.metrics_port, admin_key=args.admin_key, log_file=log_file,
+                          log_verbose=args.log_verbose, startup_timeout_s=args.startup_timeout)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: binding to {args.host}: the endpoints have no TLS and no authentication for inference",
+              file=sys.stderr)
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        print(f"starting Triton on {server.repository} (log: {server.log_file}) ...", flush=True)
+        try:
+            server.start()
+        except ServerError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        models = ", ".join(repository_models(server.repository))
+        print(f"ready: {models}\n{server.endpoints()}\nCtrl-C to stop", flush=True)
+        while not stop.wait(1.0):
+            if not server.alive():
+                print(f"error: Triton exited unexpectedly:\n{explain_log(server.log_text())}", file=sys.stderr)
+                return 1
+            dead = server.dead_stubs()
+            if dead:
+                print(f"error: the Python-backend process of {', '.join(dead)} died; Triton does not restart it and "
+                      "would fail every request to that model: stopping the server (restart it)", file=sys.stderr)
+                return 1
+        print("stopping ...", flush=True)
+        return 0
+    finally:
+        server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

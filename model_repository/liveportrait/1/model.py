@@ -1,0 +1,96 @@
+"""Triton Python-backend adapter of the `liveportrait` sequence model (BLS orchestration of the sub-networks).
+
+Generated into the repository by liveportrait_triton.repository; the logic (request checks, batching across
+sequences, per-sequence state and its eviction) is liveportrait_triton.triton_backend.PipelineBackend.
+"""
+import asyncio
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from liveportrait_triton import spec
+from liveportrait_triton.triton_backend import (FREED_END, FREED_IDLE, BlsRunner, Failure, PipelineBackend,
+                                                RawRequest, backend_array, backend_tensor, config_parameter,
+                                                parse_parameters)
+
+INPUT_NAMES = spec.PIPELINE_SPEC.input_names     # all optional: a request carries those it needs
+
+
+class SequenceMetrics:
+    """Custom metrics on Triton's metrics port: live sequences, their state's bytes, sequences freed by reason."""
+
+    def __init__(self, model_name, version):
+        labels = {"model": model_name, "version": version}
+        self.families = [      # kept referenced: a family's metrics live as long as the family
+            pb_utils.MetricFamily("liveportrait_live_sequences", "Sequences whose source state is held",
+                                  pb_utils.MetricFamily.GAUGE),
+            pb_utils.MetricFamily("liveportrait_sequence_state_bytes", "Bytes of per-sequence source state held",
+                                  pb_utils.MetricFamily.GAUGE),
+            pb_utils.MetricFamily("liveportrait_sequences_freed_total", "Sequences freed, by END or idle eviction",
+                                  pb_utils.MetricFamily.COUNTER),
+        ]
+        live, nbytes, freed = self.families
+        self.live = live.Metric(labels=labels)
+        self.bytes = nbytes.Metric(labels=labels)
+        self.freed = {reason: freed.Metric(labels={**labels, "reason": reason}) for reason in (FREED_END, FREED_IDLE)}
+
+    def sequences_changed(self, live, state_bytes):
+        self.live.set(live)
+        self.bytes.set(state_bytes)
+
+    def sequence_freed(self, reason):
+        self.freed[reason].increment(1)
+
+
+def read_request(request):
+    """Controls, the optional inputs present (by name) and the parameters of one request."""
+    def control(name):
+        return int(backend_array(pb_utils.get_input_tensor_by_name(request, name)).reshape(-1)[0])
+
+    tensors = {}
+    for name in INPUT_NAMES:
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        if tensor is not None:
+            tensors[name] = backend_array(tensor).copy()    # a sequence may keep it (e.g. a template anchor)
+    return RawRequest(corrid=control("CORRID"), start=bool(control("START")), end=bool(control("END")),
+                      tensors=tensors, parameters=parse_parameters(request.parameters()))
+
+
+def to_response(outcome):
+    if isinstance(outcome, Failure):
+        if outcome.detail:
+            pb_utils.Logger.log_error(f"{outcome.message}\n{outcome.detail}")
+        code = pb_utils.TritonError.INVALID_ARG if outcome.caller_fault else pb_utils.TritonError.INTERNAL
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(outcome.message, code))
+    tensors = [backend_tensor(pb_utils, "frame_index", np.array([[outcome.frame_index]], dtype=np.int64))]
+    if outcome.image is not None:
+        tensors.append(backend_tensor(pb_utils, "image", outcome.image[None]))
+    return pb_utils.InferenceResponse(output_tensors=tensors)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        self.runner = BlsRunner(pb_utils, config_parameter(config, "network_config"))
+        self.metrics = SequenceMetrics(args["model_name"], args["model_version"])
+        self.backend = PipelineBackend.from_config(config, self.runner, self.metrics)
+        self.metrics.sequences_changed(0, 0)
+
+    async def execute(self, requests):
+        self.runner.loop = asyncio.get_running_loop()
+        raws, outcomes = [], {}
+        for i, request in enumerate(requests):
+            try:
+                raws.append((i, read_request(request)))
+            except ValueError as exc:    # parameters that are not a JSON object
+                outcomes[i] = Failure(f"bad request parameters: {exc}")
+        for (i, _), outcome in zip(raws, await self.backend.execute([raw for _, raw in raws])):
+            outcomes[i] = outcome
+        return [to_response(outcomes[i]) for i in range(len(requests))]
+
+    def finalize(self):
+        self.backend.close()
+        # metric objects must go while the stub can still talk to the server: freed later, at interpreter exit,
+        # they crash the stub
+        self.backend = self.metrics = None

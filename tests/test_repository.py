@@ -1,0 +1,119 @@
+"""Rendering of the Triton model repository: committed files, protobuf validity, both targets, config checks."""
+from __future__ import annotations
+
+import pytest
+from google.protobuf import json_format, text_format
+from tritonclient.grpc import model_config_pb2
+
+from conftest import REPO
+from liveportrait_triton import repository, spec
+from liveportrait_triton.triton_backend import ConfigError, PipelineBackend, check_model_config
+
+COMMITTED = REPO / "model_repository"
+
+
+def parse(text: str) -> model_config_pb2.ModelConfig:
+    """Parse config.pbtxt text with Triton's own ModelConfig message (unknown fields or bad syntax fail)."""
+    return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+
+def as_triton_json(config: model_config_pb2.ModelConfig) -> dict:
+    """The JSON form Triton hands to a Python-backend model's initialize (args['model_config'])."""
+    return json_format.MessageToDict(config, preserving_proto_field_name=True,
+                                     always_print_fields_with_no_presence=True)
+
+
+def test_committed_repository_is_rendered_byte_for_byte():
+    rendered = repository.render_repository("local", "full")
+    for rel, text in rendered.items():
+        path = COMMITTED / rel
+        assert path.is_file(), f"{path} is missing: re-render with repository.write_repository_configs"
+        assert path.read_text() == text, f"{path} differs from its rendering: re-render, don't edit"
+    committed = {p.relative_to(COMMITTED).as_posix() for p in COMMITTED.rglob("*")
+                 if p.is_file() and p.suffix != ".onnx" and "__pycache__" not in p.parts}
+    assert committed == set(rendered), f"unexpected files: {sorted(committed - set(rendered))}"
+
+
+@pytest.mark.parametrize("config", ["full", "tiny"])
+def test_local_configs_match_the_spec(config):
+    rendered = repository.render_repository("local", config)
+    for name, model in spec.submodel_specs(config).items():
+        pb = parse(rendered[f"{name}/config.pbtxt"])
+        assert pb.backend == "python" and not pb.platform
+        assert pb.max_batch_size >= 8 and pb.dynamic_batching.max_queue_delay_microseconds <= 1000
+        assert [i.name for i in pb.input] == model.input_names
+        assert [o.name for o in pb.output] == model.output_names
+        for t, entry in zip(model.inputs + model.outputs, list(pb.input) + list(pb.output)):
+            assert tuple(entry.dims) == t.shape
+            assert model_config_pb2.DataType.Name(entry.data_type) == t.triton_type
+        check_model_config(as_triton_json(pb), model)
+        assert rendered[f"{name}/1/model.py"] == repository.SUBNETWORK_ADAPTER.read_text()
+
+
+def test_pipeline_config_is_a_batched_sequence_model():
+    pb = parse(repository.render_pipeline_config("local", "full"))
+    check_model_config(as_triton_json(pb), spec.PIPELINE_SPEC)
+    assert pb.max_batch_size == 8
+    seq = pb.sequence_batching
+    assert seq.WhichOneof("strategy_choice") == "oldest"
+    assert seq.oldest.max_candidate_sequences >= 16
+    controls = {c.name: model_config_pb2.ModelSequenceBatching.Control.Kind.Name(c.control[0].kind)
+                for c in seq.control_input}
+    assert controls == spec.SEQUENCE_CONTROLS
+    assert all(i.optional for i in pb.input)
+    timeout = float(pb.parameters["sequence_idle_timeout_s"].string_value)
+    assert seq.max_sequence_idle_microseconds == timeout * 1_000_000
+
+
+@pytest.mark.parametrize("platform,artefact", [("onnxruntime_onnx", "model.onnx"), ("tensorrt_plan", "model.plan")])
+def test_ngc_configs_use_native_platforms(platform, artefact):
+    rendered = repository.render_repository("ngc", "full", platform=platform)
+    for name, model in spec.submodel_specs("full").items():
+        pb = parse(rendered[f"{name}/config.pbtxt"])
+        assert pb.platform == platform and not pb.backend
+        assert pb.default_model_filename == artefact
+        assert pb.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.Kind.KIND_GPU
+        assert pb.max_batch_size == spec.MAX_BATCH_SIZE and pb.HasField("dynamic_batching")
+        check_model_config(as_triton_json(pb), model)
+        assert f"{name}/1/model.py" not in rendered
+    # the pipeline is the same Python-backend sequence model as locally
+    assert rendered["liveportrait/1/model.py"] == repository.PIPELINE_ADAPTER.read_text()
+    assert parse(rendered["liveportrait/config.pbtxt"]).backend == "python"
+
+
+def test_ngc_platform_follows_the_artefacts(tmp_path):
+    (tmp_path / spec.WARPING / "1").mkdir(parents=True)
+    (tmp_path / spec.WARPING / "1" / "model.plan").write_bytes(b"engine")
+    (tmp_path / spec.APPEARANCE / "1").mkdir(parents=True)
+    stale = tmp_path / spec.APPEARANCE / "1" / "model.py"
+    stale.write_text(repository.SUBNETWORK_ADAPTER.read_text())
+    repository.write_repository_configs(tmp_path, "ngc", "tiny")
+    assert parse((tmp_path / spec.WARPING / "config.pbtxt").read_text()).platform == "tensorrt_plan"
+    assert parse((tmp_path / spec.GENERATOR / "config.pbtxt").read_text()).platform == "onnxruntime_onnx"
+    assert not stale.exists(), "the local adapter is removed from an ngc repository"
+
+
+def test_unknown_target_or_platform_is_refused():
+    with pytest.raises(ValueError, match="unknown target 'cloud'"):
+        repository.render_repository("cloud", "full")
+    with pytest.raises(ValueError, match="unknown platform 'tensorflow'"):
+        repository.render_repository("ngc", "full", platform="tensorflow")
+
+
+def test_config_checks_name_the_mismatch():
+    model = spec.submodel_specs("tiny")[spec.WARPING]
+    config = as_triton_json(parse(repository.render_submodel_config(model, "local", "tiny")))
+    config["input"][0]["dims"] = ["8", "4", "64", "64"]
+    with pytest.raises(ConfigError, match=r"input 'feature_volume'.*\[8, 4, 64, 64\].*\[4, 4, 64, 64\]"):
+        check_model_config(config, model)
+    config = as_triton_json(parse(repository.render_submodel_config(model, "local", "tiny")))
+    config["output"].pop()
+    with pytest.raises(ConfigError, match="outputs"):
+        check_model_config(config, model)
+
+
+def test_pipeline_refuses_misaligned_idle_timeouts():
+    pb = parse(repository.render_pipeline_config("local", "tiny", repository.ServingOptions(sequence_idle_timeout_s=9)))
+    pb.sequence_batching.max_sequence_idle_microseconds = 1_000_000
+    with pytest.raises(ConfigError, match="max_sequence_idle_microseconds"):
+        PipelineBackend.from_config(as_triton_json(pb), runner=None)
