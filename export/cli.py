@@ -1,0 +1,96 @@
+"""`liveportrait-triton export`: export every served sub-network to ONNX, validate it, render the Triton configs.
+
+Writes `<repository>/<model>/1/model.onnx` (+ `export.json`, what was exported and how it validated) for every
+model in spec.SUBMODELS, then the repository's config.pbtxt files for the chosen target.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .. import spec
+from ..config import CONFIGS
+from ..networks.grid_sample import MODES as GRID_SAMPLE_MODES
+
+TARGETS = ("local", "ngc")
+PRECISIONS = ("fp32", "fp16")
+MANIFEST_FILENAME = "export.json"
+
+
+def batch_sizes(text: str) -> tuple[int, ...]:
+    """argparse type: '1,3' -> (1, 3), each in 1..spec.MAX_BATCH_SIZE."""
+    try:
+        batches = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated batch sizes like 1,3, got {text!r}") from None
+    if not batches or min(batches) < 1 or max(batches) > spec.MAX_BATCH_SIZE:
+        raise argparse.ArgumentTypeError(f"batch sizes must lie in 1..{spec.MAX_BATCH_SIZE}, got {text!r}")
+    return batches
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--weights", metavar="DIR",
+                        help="checkpoint directory in the official layout (base_models/, retargeting_models/)")
+    source.add_argument("--synthetic", type=int, metavar="SEED",
+                        help="use deterministic synthetic weights from this seed (not a trained model)")
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="full", help="network configuration")
+    parser.add_argument("--repository", required=True, metavar="DIR", help="Triton model repository to write")
+    parser.add_argument("--target", choices=TARGETS, default="local",
+                        help="local: bundled CPU Triton, Python-backend models running ONNX Runtime; "
+                             "ngc: NGC tritonserver image, onnxruntime/tensorrt backends")
+    parser.add_argument("--grid-sample", choices=GRID_SAMPLE_MODES, default="decomposed",
+                        help="5-D grid sample in the warping module: decomposed (gathers, opset 17, builds in "
+                             "TensorRT 10) or native (ONNX GridSample, opset 20, ONNX Runtime only)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp16",
+                        help="precision of the TensorRT engines that `liveportrait-triton tensorrt` later builds from "
+                             "this export (recorded in export.json; default fp16, where motion_extractor and the S "
+                             "MLPs stay fp32). The ONNX files always stay FP32: inputs, outputs and weights")
+    parser.add_argument("--validate-batches", type=batch_sizes, default=(1, 3), metavar="B[,B...]",
+                        help="batch sizes at which ONNX Runtime is compared with PyTorch (default 1,3)")
+
+
+def load(args):
+    """The networks the arguments name (synthetic ones are written to a temporary directory and loaded)."""
+    from ..weights import load_networks, write_synthetic_weights
+    if args.weights is not None:
+        return load_networks(args.weights, args.config)
+    with tempfile.TemporaryDirectory(prefix="liveportrait-synthetic-") as tmp:
+        write_synthetic_weights(tmp, args.synthetic, args.config)
+        return load_networks(tmp, args.config)
+
+
+def run(args) -> int:
+    from ..weights import WeightsError
+    from .onnx_export import OPSET, export_repository
+    from .validate import ValidationError
+    try:
+        networks = load(args)
+    except WeightsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    try:
+        exported = export_repository(networks, args.repository, args.grid_sample, args.validate_batches)
+    except ValidationError as exc:
+        print(f"error: export failed validation: {exc}", file=sys.stderr)
+        return 1
+    for item in exported:
+        manifest = {
+            "model": item.model, "config": args.config, "grid_sample": args.grid_sample,
+            "opset": OPSET[args.grid_sample],
+            "weights": str(Path(args.weights).resolve()) if args.weights else f"synthetic seed {args.synthetic}",
+            "tensorrt_precision": args.precision,
+            "validation": [{"batch": c.batch, "max_abs_diff": c.max_abs_diff, "bound": c.bound}
+                           for c in item.comparisons],
+        }
+        (item.path.parent / MANIFEST_FILENAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    print(f"exported and validated {len(exported)} models in {time.perf_counter() - started:.0f} s")
+    from .. import repository   # rendered by the server side of the package
+    repository.write_repository_configs(args.repository, target=args.target, config=args.config)
+    print(f"wrote Triton configs for target {args.target!r} into {args.repository}")
+    return 0

@@ -1,0 +1,65 @@
+"""Served sub-networks as nn.Modules whose positional inputs and tuple outputs follow the tensor spec.
+
+Exporters bind graph inputs and outputs by position, so each served model gets a wrapper whose `forward` takes the
+spec's inputs in the spec's order and returns the spec's outputs in the spec's order. The mapping from a served
+model to the network call is the same one `pipeline.TorchRunner` uses, so an exported graph computes exactly what
+the in-process pipeline computes.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import spec
+from ..pipeline import mlp_forward
+from ..weights import Networks
+
+# served model -> the Networks field that holds its network
+NETWORK_FIELD = {
+    spec.APPEARANCE: "appearance_feature_extractor",
+    spec.MOTION: "motion_extractor",
+    spec.WARPING: "warping_module",
+    spec.GENERATOR: "spade_generator",
+    spec.STITCHING: "stitching",
+    spec.RETARGET_EYE: "eye",
+    spec.RETARGET_LIP: "lip",
+}
+
+
+class ServedModel(nn.Module):
+    """forward(*inputs in spec order) -> tuple of outputs in spec order, for one served model."""
+
+    def __init__(self, networks: Networks, model_spec: spec.ModelSpec):
+        super().__init__()
+        if model_spec.name not in NETWORK_FIELD:
+            raise KeyError(f"no network serves model {model_spec.name!r}; served models: {sorted(NETWORK_FIELD)}")
+        self.model_spec = model_spec
+        self.field = NETWORK_FIELD[model_spec.name]
+        # Registered under the Networks field name, so pipeline.mlp_forward can take this module as `networks`.
+        self.add_module(self.field, getattr(networks, self.field))
+
+    def named_outputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        name = self.model_spec.name
+        net = getattr(self, self.field)
+        if name == spec.APPEARANCE:
+            return {"feature_volume": net(inputs["image"])}
+        if name == spec.MOTION:
+            return net(inputs["image"])
+        if name == spec.WARPING:
+            out = net(inputs["feature_volume"], inputs["kp_source"], inputs["kp_driving"])
+            return {"warped_feature": out["out"], "occlusion_map": out["occlusion_map"]}
+        if name == spec.GENERATOR:
+            return {"image": net(inputs["warped_feature"])}
+        return {"delta": mlp_forward(self, name, inputs)}
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if len(inputs) != len(self.model_spec.inputs):
+            raise TypeError(f"{self.model_spec.name} takes {self.model_spec.input_names}, got {len(inputs)} tensors")
+        out = self.named_outputs(dict(zip(self.model_spec.input_names, inputs)))
+        return tuple(out[n] for n in self.model_spec.output_names)
+
+
+def served_models(networks: Networks) -> dict[str, ServedModel]:
+    """A ServedModel for every served sub-network, in spec.SUBMODELS order."""
+    specs = spec.submodel_specs(networks.params)
+    return {name: ServedModel(networks, specs[name]) for name in spec.SUBMODELS}

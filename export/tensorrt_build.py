@@ -1,0 +1,266 @@
+"""Build TensorRT engines (`model.plan`) from the exported ONNX files, check them against ONNX Runtime, time them.
+
+TensorRT (PyPI `tensorrt==10.16.1.11`) and a CUDA GPU are needed only here; `tensorrt` is imported lazily. Engine
+inputs and outputs are bound by name, never by position. Device buffers are PyTorch CUDA tensors, so checking and
+timing engines needs a CUDA build of PyTorch; building alone does not.
+
+Precision: FP16 engines keep the layers where half precision is unsafe in FP32 (see FP32_LAYER_TYPES); the motion
+extractor (pose-bin logits feed a softmax expectation, ConvNeXt LayerNorm/GRN statistics) and the tiny S MLPs
+(keypoint deltas, nothing to gain) are always FP32. FP32 engines disable TF32 so that they compute in true FP32.
+FP16 uses the builder flag of TensorRT 10 ("weakly typed" networks, deprecated since 10.12, removed in 11).
+
+An engine runs only on the TensorRT version (and GPU architecture) that built it: build inside the serving image
+or with the same TensorRT version as the server.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .. import spec
+from .validate import TOLERANCES
+
+PRECISIONS = ("fp32", "fp16")
+DEFAULT_OPT_BATCH = 4
+DEFAULT_WORKSPACE_GIB = 8
+ALWAYS_FP32 = {spec.MOTION: "pose-bin softmax and ConvNeXt LayerNorm/GRN statistics",
+               spec.STITCHING: "keypoint deltas; a tiny MLP gains nothing from FP16",
+               spec.RETARGET_EYE: "keypoint deltas; a tiny MLP gains nothing from FP16",
+               spec.RETARGET_LIP: "keypoint deltas; a tiny MLP gains nothing from FP16"}
+# In FP16 engines, layers of these types (trt.LayerType names) stay FP32: normalisation statistics everywhere, and
+# in W the keypoint Gaussians, softmax mask and the grid-sample coordinate and gather arithmetic (a 64-wide grid
+# index in FP16 is off by up to 0.03 voxel).
+FP32_LAYER_TYPES = {
+    spec.APPEARANCE: ("NORMALIZATION", "REDUCE"),
+    spec.WARPING: ("NORMALIZATION", "REDUCE", "SOFTMAX", "UNARY", "GATHER", "SELECT", "ELEMENTWISE"),
+    spec.GENERATOR: ("NORMALIZATION", "REDUCE"),
+}
+# Engine vs ONNX Runtime (CPU, FP32) bound per output, as a multiple of max(1, max |reference|) like TOLERANCES.
+# FP32 engines: GPU kernels sum in other orders, so 10x the ONNX Runtime vs PyTorch bound. FP16 engines: these
+# bounds are provisional (not yet measured on a GPU); 1e-2 of an image in [0, 1] is 2.5 grey levels.
+FP32_ENGINE_FACTOR = 10.0
+FP16_ENGINE_TOLERANCES = {
+    (spec.APPEARANCE, "feature_volume"): 2e-2,
+    (spec.WARPING, "warped_feature"): 3e-2, (spec.WARPING, "occlusion_map"): 1e-2,
+    (spec.GENERATOR, "image"): 1e-2,
+}
+
+
+class TensorRTError(RuntimeError):
+    """TensorRT unavailable, no GPU, a parse or build failure, or an engine that fails its check."""
+
+
+def import_tensorrt():
+    """The tensorrt module, or TensorRTError saying how to get it."""
+    try:
+        import tensorrt
+    except ImportError as exc:
+        raise TensorRTError("tensorrt is not installed: on a machine with an NVIDIA GPU and driver, "
+                            "`pip install tensorrt==10.16.1.11` (or `pip install liveportrait-triton[tensorrt]`)"
+                            ) from exc
+    return tensorrt
+
+
+def require_cuda_torch() -> None:
+    """Engines are run on PyTorch CUDA buffers: fail early, with the remedy, where PyTorch has no CUDA."""
+    import torch
+    if not torch.cuda.is_available():
+        raise TensorRTError("checking and timing engines needs a CUDA build of PyTorch and a GPU "
+                            "(torch.cuda.is_available() is False); pass --no-check to only build engines")
+
+
+def engine_precision(model: str, requested: str) -> str:
+    """The precision an engine of `model` is built in when `requested` is asked for."""
+    if requested not in PRECISIONS:
+        raise ValueError(f"unknown precision {requested!r}; choose one of {PRECISIONS}")
+    return "fp32" if model in ALWAYS_FP32 else requested
+
+
+def profile_shapes(model_spec: spec.ModelSpec, opt_batch: int = DEFAULT_OPT_BATCH,
+                   max_batch: int = spec.MAX_BATCH_SIZE, min_batch: int = 1) -> dict[str, tuple[tuple, tuple, tuple]]:
+    """(min, opt, max) shape of every input of one model for a TensorRT optimisation profile."""
+    if not 1 <= min_batch <= opt_batch <= max_batch <= spec.MAX_BATCH_SIZE:
+        raise ValueError(f"need 1 <= min_batch <= opt_batch <= max_batch <= {spec.MAX_BATCH_SIZE}, "
+                         f"got {min_batch}, {opt_batch}, {max_batch}")
+    return {t.name: ((min_batch, *t.shape), (opt_batch, *t.shape), (max_batch, *t.shape)) for t in model_spec.inputs}
+
+
+def engine_bound(model: str, output: str, precision: str) -> float:
+    """Allowed max |engine - ONNX Runtime| of one output, relative to max(1, max |reference|)."""
+    if precision == "fp16" and (model, output) in FP16_ENGINE_TOLERANCES:
+        return FP16_ENGINE_TOLERANCES[(model, output)]
+    return FP32_ENGINE_FACTOR * TOLERANCES[(model, output)]
+
+
+def preflight(onnx_path: str | os.PathLike, model: str) -> None:
+    """Problems that need no GPU to find: a missing file, or a native GridSample TensorRT 10 cannot build."""
+    path = Path(onnx_path)
+    if not path.is_file():
+        raise TensorRTError(f"{path} not found: run `liveportrait-triton export` first")
+    ops = {node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node}
+    if "GridSample" in ops:
+        raise TensorRTError(f"{model}: {path} uses the ONNX GridSample op on 5-D inputs, which TensorRT 10 cannot "
+                            "build; export with `--grid-sample decomposed` (the default)")
+
+
+def _keep_fp32(trt, network, model: str) -> int:
+    """Constrain the model's FP32_LAYER_TYPES layers with floating-point outputs to FP32; returns how many."""
+    types = {getattr(trt.LayerType, name) for name in FP32_LAYER_TYPES.get(model, ())}
+    count = 0
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        outputs = [layer.get_output(j) for j in range(layer.num_outputs)]
+        if layer.type not in types or not all(o.dtype in (trt.float32, trt.float16) for o in outputs):
+            continue
+        layer.precision = trt.float32
+        for j in range(layer.num_outputs):
+            layer.set_output_type(j, trt.float32)
+        count += 1
+    return count
+
+
+def build_engine(onnx_path: str | os.PathLike, model_spec: spec.ModelSpec, precision: str,
+                 opt_batch: int = DEFAULT_OPT_BATCH, max_batch: int = spec.MAX_BATCH_SIZE,
+                 workspace_gib: float = DEFAULT_WORKSPACE_GIB, log=print) -> bytes:
+    """Parse one ONNX file, check its I/O names against the spec, and build a serialized engine."""
+    trt = import_tensorrt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    if builder is None:
+        raise TensorRTError("TensorRT cannot create a builder: no usable CUDA GPU or driver")
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise TensorRTError(f"{model_spec.name}: TensorRT cannot parse {onnx_path}: {errors}")
+    inputs = [network.get_input(i).name for i in range(network.num_inputs)]
+    outputs = [network.get_output(i).name for i in range(network.num_outputs)]
+    if sorted(inputs) != sorted(model_spec.input_names) or sorted(outputs) != sorted(model_spec.output_names):
+        raise TensorRTError(f"{model_spec.name}: network I/O {inputs} -> {outputs} differs from the spec "
+                            f"{model_spec.input_names} -> {model_spec.output_names}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2 ** 30))
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in profile_shapes(model_spec, opt_batch, max_batch).items():
+        profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    if precision == "fp16":
+        config.set_flag(trt.BuilderFlag.FP16)
+        config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
+        kept = _keep_fp32(trt, network, model_spec.name)
+        log(f"{model_spec.name}: FP16 engine, {kept} of {network.num_layers} layers kept in FP32")
+    else:
+        config.clear_flag(trt.BuilderFlag.TF32)
+        log(f"{model_spec.name}: FP32 engine (TF32 off)")
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise TensorRTError(f"{model_spec.name}: TensorRT failed to build an engine from {onnx_path} "
+                            "(see the TensorRT messages above)")
+    return bytes(serialized)
+
+
+class EngineRunner:
+    """Runs one engine on PyTorch CUDA buffers, tensors bound by name."""
+
+    def __init__(self, plan: bytes, model_spec: spec.ModelSpec):
+        import torch
+        require_cuda_torch()
+        trt = import_tensorrt()
+        self._torch = torch
+        self._trt = trt
+        self.model_spec = model_spec
+        self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(plan)
+        if self.engine is None:
+            raise TensorRTError(f"{model_spec.name}: the engine cannot be deserialized")
+        self.context = self.engine.create_execution_context()
+        self._stream = torch.cuda.Stream()   # not the default stream, which makes TensorRT synchronise extra
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        modes = {n: self.engine.get_tensor_mode(n) for n in names}
+        got_in = sorted(n for n in names if modes[n] == trt.TensorIOMode.INPUT)
+        got_out = sorted(n for n in names if modes[n] == trt.TensorIOMode.OUTPUT)
+        if got_in != sorted(model_spec.input_names) or got_out != sorted(model_spec.output_names):
+            raise TensorRTError(f"{model_spec.name}: engine I/O {got_in} -> {got_out} differs from the spec")
+        for t in (*model_spec.inputs, *model_spec.outputs):
+            if self.engine.get_tensor_dtype(t.name) != trt.float32:
+                raise TensorRTError(f"{model_spec.name}: engine tensor {t.name!r} is "
+                                    f"{self.engine.get_tensor_dtype(t.name)}, the spec says {t.dtype}")
+
+    def _bind(self, inputs: dict[str, np.ndarray]) -> dict:
+        """Device buffers for inputs (copied) and outputs, their addresses set; keep the dict alive while running."""
+        torch = self._torch
+        buffers = {}
+        for t in self.model_spec.inputs:
+            arr = np.ascontiguousarray(inputs[t.name], dtype=np.float32)
+            buffers[t.name] = torch.from_numpy(arr).cuda()
+            self.context.set_input_shape(t.name, arr.shape)
+        for t in self.model_spec.outputs:
+            shape = tuple(self.context.get_tensor_shape(t.name))
+            buffers[t.name] = torch.empty(shape, dtype=torch.float32, device="cuda")
+        for name, buffer in buffers.items():
+            self.context.set_tensor_address(name, buffer.data_ptr())
+        torch.cuda.synchronize()   # copies done before the engine's own stream reads the inputs
+        return buffers
+
+    def _execute(self) -> None:
+        if not self.context.execute_async_v3(self._stream.cuda_stream):
+            raise TensorRTError(f"{self.model_spec.name}: engine execution failed")
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        buffers = self._bind(inputs)
+        self._execute()
+        self._stream.synchronize()
+        return {t.name: buffers[t.name].cpu().numpy() for t in self.model_spec.outputs}
+
+    def latency_ms(self, inputs: dict[str, np.ndarray], repeats: int = 20, warmup: int = 3) -> float:
+        """Median GPU time of one execution (inputs already on the device), measured with CUDA events."""
+        torch = self._torch
+        buffers = self._bind(inputs)
+        for _ in range(warmup):
+            self._execute()
+        times = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(self._stream)
+            self._execute()
+            end.record(self._stream)
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        del buffers
+        return statistics.median(times)
+
+
+@dataclasses.dataclass
+class EngineCheck:
+    """Max |engine - ONNX Runtime| per output at one batch, the bounds, and the engine's latency there."""
+    model: str
+    batch: int
+    max_abs_diff: dict[str, float]
+    bound: dict[str, float]
+    latency_ms: float
+
+    @property
+    def failures(self) -> list[str]:
+        return [f"{self.model}.{n} at batch {self.batch}: engine vs ONNX Runtime max abs diff {d:.3g} exceeds "
+                f"{self.bound[n]:.3g}" for n, d in self.max_abs_diff.items() if not d <= self.bound[n]]
+
+
+def check_engine(runner: EngineRunner, precision: str, inputs: dict[str, np.ndarray],
+                 reference: dict[str, np.ndarray], repeats: int) -> EngineCheck:
+    """Compare an engine's outputs with ONNX Runtime's on the same inputs, and time it."""
+    got = runner.run(inputs)
+    model = runner.model_spec.name
+    diffs, bounds = {}, {}
+    for t in runner.model_spec.outputs:
+        want = np.asarray(reference[t.name])
+        if got[t.name].shape != want.shape:
+            raise TensorRTError(f"{model}.{t.name}: engine returned shape {list(got[t.name].shape)}, "
+                                f"ONNX Runtime {list(want.shape)}")
+        diffs[t.name] = float(np.max(np.abs(got[t.name].astype(np.float64) - want)))
+        bounds[t.name] = engine_bound(model, t.name, precision) * max(1.0, float(np.max(np.abs(want))))
+    batch = next(iter(inputs.values())).shape[0]
+    return EngineCheck(model, batch, diffs, bounds, runner.latency_ms(inputs, repeats))
