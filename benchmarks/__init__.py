@@ -1,0 +1,1 @@
+"""benchmarks package (installed as liveportrait_triton.benchmarks)."""

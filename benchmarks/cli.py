@@ -1,0 +1,399 @@
+"""`liveportrait-triton bench`: time the per-frame pipeline in-process and through Triton, run perf_analyzer on every
+sub-network (batch sweep) and on the `liveportrait` sequence model (concurrency sweep), and write CSV, markdown and
+PNG plots with the machine and versions. `--runtime-choice` instead times every local CPU runtime candidate per
+sub-network (benchmarks/results/runtime_choice.md).
+
+Everything runs on real inputs: a source portrait and frames of a driving video, cropped to 256x256.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .. import spec
+from ..config import CONFIGS
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+INPROCESS_RUNNERS = ("torch", "onnx")     # plus any local_runtimes kind
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _name_list(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .inputs import DEFAULT_DRIVING, DEFAULT_SOURCE
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument("--weights", metavar="DIR", help="checkpoints in the official layout (default: synthetic)")
+    weights.add_argument("--synthetic", type=int, default=0, metavar="SEED",
+                         help="synthetic weights from this seed (default 0; speed does not depend on the values)")
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="full", help="network configuration")
+    parser.add_argument("--repository", metavar="DIR",
+                        help="model repository written by `liveportrait-triton export` from the same weights "
+                             "(default: export into a temporary directory)")
+    parser.add_argument("--source", default=str(DEFAULT_SOURCE) if DEFAULT_SOURCE.is_file() else None,
+                        help=f"source portrait (default {DEFAULT_SOURCE} when present)")
+    parser.add_argument("--driving", default=str(DEFAULT_DRIVING) if DEFAULT_DRIVING.is_file() else None,
+                        help=f"driving video or image (default {DEFAULT_DRIVING} when present)")
+    parser.add_argument("--out", default=str(DEFAULT_OUT), metavar="DIR", help=f"results folder (default {DEFAULT_OUT})")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="intra-op threads in-process")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed frames before timing each one-stream run")
+    parser.add_argument("--frames", type=int, default=5, help="timed frames of each one-stream run")
+    parser.add_argument("--inprocess", type=_name_list, default=list(INPROCESS_RUNNERS), metavar="R[,R...]",
+                        help="in-process runners: torch (our PyTorch modules), onnx (ONNX Runtime as the server's "
+                             "sub-network models run it) and/or a local_runtimes kind for every sub-network "
+                             "(e.g. openvino)")
+    parser.add_argument("--served-runtime", default="onnx", metavar="R",
+                        help="the in-process runner that uses the served models' runtime (for the 10%% comparison)")
+    parser.add_argument("--no-server", action="store_true", help="skip the Triton and perf_analyzer parts")
+    parser.add_argument("--server-url", metavar="HOST:PORT",
+                        help="gRPC address of a running server on the same repository (default: start the bundled "
+                             "Triton on --repository, on loopback)")
+    parser.add_argument("--perf-analyzer", metavar="PATH",
+                        help="perf_analyzer install dir or binary (default: $LP_PERF_ANALYZER_DIR or the "
+                             "installer's default, see scripts/install_perf_analyzer.sh)")
+    parser.add_argument("--batch-sizes", type=_int_list, default=[1, 2, 4, 8], metavar="B[,B...]",
+                        help="perf_analyzer batch sweep of every sub-network")
+    parser.add_argument("--submodels", type=_name_list, default=list(spec.SUBMODELS), metavar="M[,M...]",
+                        help="sub-networks to sweep")
+    parser.add_argument("--submodel-requests", type=int, default=3, help="perf_analyzer requests per batch size")
+    parser.add_argument("--concurrency", type=_int_list, default=[1, 2, 4, 8], metavar="C[,C...]",
+                        help="perf_analyzer concurrency sweep of the pipeline (sequences in flight)")
+    parser.add_argument("--pipeline-requests-per-stream", type=int, default=3,
+                        help="perf_analyzer frames per sequence in flight at each concurrency level")
+    parser.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=True,
+                        help="perf_analyzer on the pipeline over gRPC streaming (default on)")
+    parser.add_argument("--sequence-length", type=int, default=16,
+                        help="requests per perf_analyzer sequence (START with source + driving, then driving)")
+    parser.add_argument("--sequence-id-start", type=int, default=1_000_000,
+                        help="first sequence id; each run uses its own range of 10000 ids from here")
+    parser.add_argument("--timeout-s", type=float, default=3600, help="limit for each perf_analyzer run")
+    choice = parser.add_argument_group("runtime choice (--runtime-choice)")
+    choice.add_argument("--runtime-choice", action="store_true",
+                        help="instead of the pipeline benchmark: time every local CPU runtime per sub-network "
+                             "with parity against PyTorch, write runtime_choice.md/.csv")
+    choice.add_argument("--runtimes", type=_name_list, default=None, metavar="K[,K...]",
+                        help="runtimes to compare (default: every local_runtimes kind that is installed)")
+    choice.add_argument("--runtime-batches", type=_int_list, default=[1], metavar="B[,B...]",
+                        help="batch sizes of the runtime comparison")
+    choice.add_argument("--runtime-budget-s", type=float, default=10.0,
+                        help="time spent timing each (sub-network, runtime, batch); at least 3 calls")
+    parser.set_defaults(command_options=[(a.option_strings[-1], a.dest, a) for a in parser._actions
+                                         if a.option_strings and a.dest != "help"])
+
+
+def command_line(args) -> str:
+    """The command that reproduces this run (options left at their defaults are not spelt out)."""
+    parts = ["liveportrait-triton", "bench"]
+    for option, dest, action in args.command_options:
+        value = getattr(args, dest)
+        if value == action.default or dest == "command_options":
+            continue
+        if isinstance(action, argparse.BooleanOptionalAction):
+            parts.append(option if value else f"--no-{option[2:]}")
+        elif action.nargs == 0:
+            if value:
+                parts.append(option)
+        elif value is not None and not (dest == "synthetic" and args.weights):
+            parts += [option, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    return shlex.join(parts)
+
+
+def run(args) -> int:
+    from ..serve import ServerError
+    from .inputs import MediaError
+    from .perf_analyzer import PerfAnalyzerError
+    from .server_stream import StreamError
+    try:
+        return _run(args)
+    except (MediaError, PerfAnalyzerError, ServerError, StreamError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    from .inputs import read_driving, read_source
+    for name in ("source", "driving"):
+        if not getattr(args, name):
+            raise ValueError(f"--{name} is required (the default under ../shared/assets is not there)")
+    unknown = [m for m in args.submodels if m not in spec.SUBMODELS]
+    if unknown:
+        raise ValueError(f"unknown sub-network(s) {unknown}; choose from {list(spec.SUBMODELS)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pa = None
+    if not args.no_server and not args.runtime_choice:
+        from .perf_analyzer import PerfAnalyzer
+        pa = PerfAnalyzer.locate(args.perf_analyzer)       # fail before any long work when it is missing
+    source = read_source(args.source)
+    driving = read_driving(args.driving, max(args.warmup + args.frames, 2))
+    with tempfile.TemporaryDirectory(prefix="liveportrait-bench-") as tmp:
+        weights = _weights_dir(args, Path(tmp) / "weights")
+        networks = _load_networks(weights, args.config)
+        repository = Path(args.repository) if args.repository else _export(args, Path(tmp) / "repository")
+        if args.runtime_choice:
+            return _runtime_choice(args, networks, weights, repository, source, driving, out)
+        return _pipeline_benchmark(args, networks, repository, source, driving, out, pa, Path(tmp))
+
+
+def _weights_dir(args, scratch: Path) -> Path:
+    """--weights, or synthetic weights of --synthetic written into `scratch`."""
+    from ..weights import write_synthetic_weights
+    if args.weights:
+        return Path(args.weights)
+    write_synthetic_weights(scratch, args.synthetic, args.config)
+    return scratch
+
+
+def _load_networks(weights: Path, config: str):
+    from ..weights import load_networks
+    return load_networks(weights, config)      # WeightsError is a ValueError: reported by run()
+
+
+def _export(args, repository: Path) -> Path:
+    """`liveportrait-triton export` of the same weights into `repository` (ONNX files and configs)."""
+    weights = ["--weights", args.weights] if args.weights else ["--synthetic", str(args.synthetic)]
+    command = [sys.executable, "-m", "liveportrait_triton", "export", *weights, "--config", args.config,
+               "--repository", str(repository), "--validate-batches", "1"]
+    print(f"exporting: {shlex.join(command)}", flush=True)
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ValueError(f"export failed (exit {done.returncode}):\n{(done.stdout + done.stderr)[-2000:]}")
+    return repository
+
+
+def _log(text: str) -> None:
+    print(text, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def _runtime_choice(args, networks, weights: Path, repository, source, driving, out: Path) -> int:
+    from .. import local_runtimes as LR
+    from ..pipeline import TorchRunner
+    from . import report, runtime_choice
+    from .inputs import record_submodel_inputs
+    kinds = args.runtimes or [k for k in LR.KINDS if k != "openvino" or _installed("openvino")]
+    unknown = [k for k in kinds if k not in LR.KINDS]
+    if unknown:
+        raise ValueError(f"unknown runtime(s) {unknown}; choose from {list(LR.KINDS)}")
+    samples = record_submodel_inputs(TorchRunner(networks), source, driving[:2])
+    results = runtime_choice.compare_runtimes(weights, args.config, repository, samples, args.submodels, kinds,
+                                              args.runtime_batches, args.threads, args.runtime_budget_s)
+    machine = report.machine_info()
+    machine["threads"] = str(args.threads)
+    machine["network config"] = args.config
+    machine["weights"] = args.weights or f"synthetic seed {args.synthetic}"
+    machine["onnx files"] = _repository_note(args)
+    (out / "runtime_choice.md").write_text(runtime_choice.markdown(results, command_line(args), machine))
+    _write_dicts(out / "runtime_choice.csv", runtime_choice.csv_rows(results))
+    print(f"winners (batch 1): {runtime_choice.winners(results)}")
+    print(f"wrote {out / 'runtime_choice.md'} and {out / 'runtime_choice.csv'}")
+    return 0
+
+
+def _repository_note(args) -> str:
+    weights = f"--weights {args.weights}" if args.weights else f"--synthetic {args.synthetic}"
+    how = f"`liveportrait-triton export {weights} --config {args.config} --repository DIR --validate-batches 1`"
+    return f"{args.repository}, written by {how}" if args.repository else f"exported by the bench: {how}"
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(module) is not None
+
+
+def _write_dicts(path: Path, rows: list[dict]) -> None:
+    import csv
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def _pipeline_benchmark(args, networks, repository, source, driving, out: Path, pa, tmp: Path) -> int:
+    from . import report
+    rows: list[report.Row] = []
+    notes = [f"network config {args.config}; weights "
+             + (args.weights if args.weights else f"synthetic seed {args.synthetic}")
+             + f"; source {Path(args.source).name}, driving {Path(args.driving).name} (256x256 centre crops)",
+             f"model repository: {_repository_note(args)}",
+             f"one-stream runs: {args.warmup} warm-up frame(s), then {args.frames} timed frames; in-process "
+             f"threads {args.threads}",
+             "load average (1, 5, 15 min) at the start: " + " ".join(f"{v:.2f}" for v in os.getloadavg())
+             + " (the machine table has it at the end; other work on the machine slows every figure)"]
+    for runner_name in args.inprocess:
+        rows.append(_time_inprocess(runner_name, networks, repository, source, driving, args))
+        _log(_describe(rows[-1]))
+        gc.collect()
+    versions = {"triton": None, "perf_analyzer": None}
+    failed = 0
+    try:
+        if not args.no_server:
+            failed = _served(args, networks, repository, source, driving, pa, tmp, rows, notes, versions)
+    finally:     # what was measured is written even when a later step fails
+        _write_results(args, rows, notes, versions, out)
+    return 1 if failed else 0
+
+
+def _write_results(args, rows, notes, versions, out: Path) -> None:
+    from . import report
+    machine = report.machine_info(versions["triton"], versions["perf_analyzer"])
+    plots = report.plot(rows, out, args.served_runtime)
+    report.write_csv(out / "benchmark.csv", rows, machine)
+    (out / "benchmark.md").write_text(report.markdown(rows, machine, command_line(args), args.served_runtime,
+                                                      plots, notes))
+    print("\n".join(report.targets(rows, args.served_runtime)))
+    print(f"wrote {out / 'benchmark.md'}, {out / 'benchmark.csv'} and {len(plots)} plot(s) in {out}")
+
+
+def _describe(row) -> str:
+    return (f"{row.section:14s} {row.runner:12s} {row.model:30s} b{row.batch} c{row.concurrency}: "
+            f"{row.items_per_s:8.3f}/s p50 {row.p50_ms:10.2f} ms p95 {row.p95_ms:10.2f} ms")
+
+
+def _make_runner(name: str, networks, repository: Path, threads: int):
+    from .. import local_runtimes as LR
+    from ..pipeline import OnnxRunner, TorchRunner
+    if name == "torch":
+        import torch
+        torch.set_num_threads(threads)
+        return TorchRunner(networks)
+    if name == "onnx":
+        return OnnxRunner(repository)
+    if name in LR.KINDS:
+        return LR.create_runner(name, networks=networks, repository=repository, threads=threads)
+    raise ValueError(f"unknown in-process runner {name!r}; choose torch, onnx or one of {list(LR.KINDS)}")
+
+
+def _time_inprocess(name: str, networks, repository: Path, source, driving, args):
+    """One stream in-process: register the source, warm up, then time each frame's `Animator.animate`."""
+    from ..pipeline import Animator, DrivingFrame
+    from . import report
+    from .inputs import pipeline_options
+    from .timing import Stats
+    animator = Animator(_make_runner(name, networks, repository, args.threads))
+    [state] = animator.register_sources([source], [pipeline_options()])
+    seconds = []
+    for i, crop in enumerate(driving[:args.warmup + args.frames]):
+        start = time.perf_counter()
+        animator.animate([state], [DrivingFrame(crop=crop)])
+        if i >= args.warmup:
+            seconds.append(time.perf_counter() - start)
+    return _row("inprocess", name, spec.PIPELINE, Stats.of(seconds), report)
+
+
+def _row(section: str, runner: str, model: str, stats, report):
+    return report.Row(section, runner, model, count=stats.count, items_per_s=1e3 / stats.mean_ms,
+                      mean_ms=stats.mean_ms, p50_ms=stats.p50_ms, p95_ms=stats.p95_ms, p99_ms=stats.p99_ms)
+
+
+def _served(args, networks, repository, source, driving, pa, tmp: Path, rows: list, notes: list,
+            versions: dict) -> int:
+    """Start the server on the repository; one timed stream, then the perf_analyzer sweeps. A perf_analyzer run
+    that fails is noted (in the markdown) and the sweep goes on; returns how many failed."""
+    from ..pipeline import TorchRunner
+    from ..serve import TritonServer
+    from . import perf_analyzer as P
+    from . import report, server_stats
+    from .inputs import record_submodel_inputs
+    from .server_stream import stream_frames
+    from .timing import Stats
+    samples = record_submodel_inputs(TorchRunner(networks), source, driving[:2])
+    data_dir = tmp / "perf_analyzer"
+    data_dir.mkdir()
+    specs = spec.submodel_specs(networks.params)
+    next_ids = iter(range(args.sequence_id_start, 2 ** 62, 10_000))
+    failures: list[str] = []
+    with contextlib.ExitStack() as stack:
+        url = args.server_url or stack.enter_context(TritonServer(repository)).grpc_url
+        versions["triton"] = triton_version = _server_version(url)
+        versions["perf_analyzer"] = _pa_version(pa)
+        _log(f"Triton {triton_version} serving {repository} at {url}")
+        seconds, _ = stream_frames(url, source, driving[:args.warmup + args.frames], next(next_ids))
+        rows.append(_row("server_stream", "triton", spec.PIPELINE, Stats.of(seconds[args.warmup:]), report))
+        _log(_describe(rows[-1]))
+
+        for model in args.submodels:
+            data = P.write_submodel_data(data_dir / f"{model}.json", specs[model], samples[model])
+            for batch in args.batch_sizes:
+                try:
+                    result = P.run_submodel(pa, url, model, batch, data, args.submodel_requests,
+                                            data_dir / f"{model}_b{batch}.csv", args.timeout_s)
+                except P.PerfAnalyzerError as exc:
+                    failures.append(f"{model} batch {batch}: {exc}")
+                    _log(f"FAILED: {failures[-1]}")
+                    continue
+                rows.append(_pa_row("pa_submodel", result, report))
+                _log(_describe(rows[-1]))
+
+        sequences = P.write_sequence_data(data_dir / "liveportrait.json", source, driving,
+                                          streams=max(args.concurrency), length=args.sequence_length)
+        for concurrency in args.concurrency:
+            first = next(next_ids)
+            before = server_stats.snapshot(url, list(spec.SUBMODELS))
+            try:
+                result = P.run_pipeline(pa, url, concurrency, sequences,
+                                        args.pipeline_requests_per_stream * concurrency, (first, first + 10_000),
+                                        data_dir / f"liveportrait_c{concurrency}.csv", args.timeout_s,
+                                        streaming=args.streaming)
+            except P.PerfAnalyzerError as exc:
+                failures.append(f"{spec.PIPELINE} concurrency {concurrency}: {exc}")
+                _log(f"FAILED: {failures[-1]}")
+                continue
+            split = server_stats.split(before, server_stats.snapshot(url, list(spec.SUBMODELS)))
+            rows.append(_pa_row("pa_pipeline", result, report))
+            _log(_describe(rows[-1]))
+            for part in split:
+                rows.append(report.Row("pa_composing", "triton", part.model, concurrency=concurrency,
+                                       count=part.requests, mean_ms=part.latency_ms, queue_ms=part.queue_ms,
+                                       compute_ms=part.compute_ms, mean_batch=part.mean_batch))
+    notes.append(f"perf_analyzer: {args.submodel_requests} request(s) per sub-network batch size; "
+                 f"{args.pipeline_requests_per_stream} frame(s) per sequence in flight per concurrency level, "
+                 f"sequences of {args.sequence_length} requests (START carries source + driving), "
+                 + ("gRPC streaming" if args.streaming else "gRPC unary") + "; --request-count mode (one "
+                 "measurement of that many requests, no stability windows). Time by sub-model: the server's "
+                 "statistics before/after each pipeline run (perf_analyzer 2.51's --bls-composing-models drops the "
+                 "sequence correlation IDs, see benchmarks/server_stats.py)")
+    notes += [f"FAILED perf_analyzer run: {' '.join(f.split())[:600]}" for f in failures]
+    return len(failures)
+
+
+def _pa_row(section: str, result, report):
+    return report.Row(section, "triton", result.model, batch=result.batch, concurrency=result.concurrency,
+                      count=result.requests, items_per_s=result.throughput, mean_ms=result.avg_ms,
+                      p50_ms=result.p50_ms, p95_ms=result.p95_ms, p99_ms=result.p99_ms,
+                      queue_ms=result.server_queue_ms, compute_ms=result.server_compute_ms,
+                      pa_reported_per_s=result.reported_throughput)
+
+
+def _server_version(url: str) -> str:
+    import tritonclient.grpc as grpcclient
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        return client.get_server_metadata().version
+    finally:
+        client.close()
+
+
+def _pa_version(pa) -> str:
+    stamp = pa.binary.parent.parent / "VERSION"
+    return stamp.read_text().strip() if stamp.is_file() else str(pa.binary)

@@ -1,0 +1,264 @@
+"""Benchmark results: one row type for every measurement, the machine and versions, and the CSV, markdown and PNG
+files written from them."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import importlib.metadata
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+# Per-frame time of the official LivePortrait PyTorch modules on the 2-core reference machine
+# (../shared/reference/cpu_baseline.md: M + stitching + W + G, median of three runs 6.6-6.8 s).
+OFFICIAL_TORCH_FRAME_S = 6.7
+
+
+@dataclasses.dataclass
+class Row:
+    """One measurement. `section`: inprocess | server_stream | pa_submodel | pa_pipeline | pa_composing."""
+    section: str
+    runner: str               # torch / onnx / a local runtime / triton
+    model: str
+    batch: int = 1
+    concurrency: int = 1
+    count: int = 0            # timed frames or requests
+    items_per_s: float = float("nan")
+    mean_ms: float = float("nan")
+    p50_ms: float = float("nan")
+    p95_ms: float = float("nan")
+    p99_ms: float = float("nan")
+    queue_ms: float = float("nan")
+    compute_ms: float = float("nan")
+    mean_batch: float = float("nan")   # composing models: inferences per execution
+    pa_reported_per_s: float = float("nan")   # perf_analyzer's own throughput (window rounded up; see perf_analyzer)
+
+
+def machine_info(triton_version: str | None = None, perf_analyzer_version: str | None = None) -> dict[str, str]:
+    """Machine, CPU, GPU, memory, load and the versions of every runtime in the measurements."""
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = "unknown"
+    try:
+        kib = int(Path("/proc/meminfo").read_text().split("MemTotal:", 1)[1].split()[0])
+        memory = f"{kib / 2 ** 20:.0f} GiB"
+    except (OSError, IndexError, ValueError):
+        pass
+    info = {"machine": f"{platform.node()} ({platform.system()} {platform.machine()})",
+            "cpu": f"{cpu}, {os.cpu_count()} logical cores", "gpu": gpu_model(), "memory": memory,
+            "load_average_1_5_15": " ".join(f"{v:.2f}" for v in os.getloadavg()),
+            "python": platform.python_version()}
+    for package in ("torch", "onnxruntime", "openvino", "numpy", "tritonclient", "nvidia-pytriton"):
+        info[package] = _version(package)
+    info["triton_server"] = triton_version or "not run"
+    info["perf_analyzer"] = perf_analyzer_version or "not run"
+    return info
+
+
+def gpu_model() -> str:
+    if shutil.which("nvidia-smi") is None:
+        return "none"
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "none"
+    names = [n.strip() for n in out.stdout.splitlines() if n.strip()]
+    return ", ".join(names) if out.returncode == 0 and names else "none"
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def write_csv(path: Path, rows: list[Row], machine: dict[str, str]) -> Path:
+    """Every row with the machine and version columns repeated, so each line stands on its own."""
+    fields = [f.name for f in dataclasses.fields(Row)] + list(machine)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for row in rows:
+            values = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in dataclasses.asdict(row).items()}
+            writer.writerow({**values, **machine})
+    return path
+
+
+def _fmt(value: float, digits: int = 1) -> str:
+    return "" if value != value else f"{value:.{digits}f}"     # NaN -> empty cell
+
+
+def frame_p50(rows: list[Row], section: str, runner: str | None = None) -> float | None:
+    for r in rows:
+        if r.section == section and (runner is None or r.runner == runner):
+            return r.p50_ms
+    return None
+
+
+def targets(rows: list[Row], served_runner: str) -> list[str]:
+    """The issue's CPU targets, each stated as met or not met with the numbers behind it."""
+    lines = []
+    served = frame_p50(rows, "server_stream")
+    same = frame_p50(rows, "inprocess", served_runner)
+    if served is not None:
+        goal = OFFICIAL_TORCH_FRAME_S * 1e3 / 1.5
+        lines.append(f"- Served pipeline per frame {served / 1e3:.2f} s (one stream, p50) vs the official PyTorch "
+                     f"code's {OFFICIAL_TORCH_FRAME_S} s: {OFFICIAL_TORCH_FRAME_S * 1e3 / served:.2f}x faster; "
+                     f"target >= 1.5x (<= {goal / 1e3:.2f} s): **{'met' if served <= goal else 'not met'}**.")
+        if same is not None:
+            ratio = served / same
+            lines.append(f"- Served vs the same runtime ({served_runner}) called in-process, one stream: "
+                         f"{ratio:.3f}x the in-process time; target within 10%: "
+                         f"**{'met' if ratio <= 1.10 else 'not met'}**.")
+    pipeline = {r.concurrency: r.items_per_s for r in rows if r.section == "pa_pipeline"}
+    if 1 in pipeline and 4 in pipeline:
+        lines.append(f"- perf_analyzer throughput at concurrency 4: {pipeline[4]:.3f} frames/s vs "
+                     f"{pipeline[1]:.3f} at concurrency 1 ({pipeline[4] / pipeline[1]:.2f}x); target higher: "
+                     f"**{'met' if pipeline[4] > pipeline[1] else 'not met'}**.")
+    return lines
+
+
+def markdown(rows: list[Row], machine: dict[str, str], command: str, served_runner: str,
+             plots: list[Path], notes: list[str]) -> str:
+    torch_ms = frame_p50(rows, "inprocess", "torch")
+    same_ms = frame_p50(rows, "inprocess", served_runner)
+    out = ["# LivePortrait-Triton benchmark", "", "Command:", "", "```", command, "```", "",
+           "| machine | |", "| --- | --- |"]
+    out += [f"| {k} | {v} |" for k, v in machine.items()]
+    if notes:
+        out += [""] + [f"- {n}" for n in notes]
+    out += ["", "## Targets", ""] + (targets(rows, served_runner) or ["- (no server measurements)"])
+
+    out += ["", "## Per frame, one stream (warm)", "",
+            f"Ratios: p50 / in-process torch p50, and p50 / in-process {served_runner} p50 (the runtime the "
+            "server's sub-network models use).", "",
+            f"| how | runner | frames | frames/s | mean ms | p50 ms | p95 ms | p99 ms | vs torch | vs {served_runner} |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        if r.section in ("inprocess", "server_stream"):
+            how = "in-process" if r.section == "inprocess" else "Triton, gRPC stream"
+            vs_torch = _fmt(r.p50_ms / torch_ms, 3) if torch_ms else ""
+            vs_same = _fmt(r.p50_ms / same_ms, 3) if same_ms else ""
+            out.append(f"| {how} | {r.runner} | {r.count} | {_fmt(r.items_per_s, 3)} | {_fmt(r.mean_ms)} | "
+                       f"{_fmt(r.p50_ms)} | {_fmt(r.p95_ms)} | {_fmt(r.p99_ms)} | {vs_torch} | {vs_same} |")
+
+    pipeline = [r for r in rows if r.section == "pa_pipeline"]
+    if pipeline:
+        same_fps = 1e3 / same_ms if same_ms else None
+        out += ["", "## perf_analyzer: `liveportrait` pipeline, gRPC streaming, sequences in flight = concurrency", "",
+                f"frames/s = concurrency / mean latency (Little's law; perf_analyzer 2.51's own figure in "
+                "--request-count mode uses a window rounded up to whole seconds, and is in the CSV as "
+                f"pa_reported_per_s). Throughput ratio: frames/s / in-process {served_runner} frames/s (one stream).",
+                "",
+                "| concurrency | requests | frames/s | p50 ms | p95 ms | p99 ms | server queue ms | "
+                "server compute ms | throughput vs in-process |",
+                "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in pipeline:
+            ratio = _fmt(r.items_per_s / same_fps, 3) if same_fps else ""
+            out.append(f"| {r.concurrency} | {r.count} | {_fmt(r.items_per_s, 3)} | {_fmt(r.p50_ms)} | "
+                       f"{_fmt(r.p95_ms)} | {_fmt(r.p99_ms)} | {_fmt(r.queue_ms)} | {_fmt(r.compute_ms)} | {ratio} |")
+        composing = [r for r in rows if r.section == "pa_composing"]
+        if composing:
+            out += ["", "Time by sub-model (server statistics over the run): per request to the sub-model, and the mean "
+                    "batch it ran (inferences / executions).", "",
+                    "| concurrency | sub-model | requests | queue ms | compute ms | mean batch |",
+                    "| ---: | --- | ---: | ---: | ---: | ---: |"]
+            for r in composing:
+                out.append(f"| {r.concurrency} | {r.model} | {r.count} | {_fmt(r.queue_ms)} | {_fmt(r.compute_ms)} | "
+                           f"{_fmt(r.mean_batch, 2)} |")
+
+    subs = [r for r in rows if r.section == "pa_submodel"]
+    if subs:
+        out += ["", "## perf_analyzer: sub-networks, batch sweep (concurrency 1)", "",
+                "items/s = batch / mean latency (Little's law, as above).", "",
+                "| sub-network | batch | requests | items/s | p50 ms | p95 ms | p99 ms | server compute ms |",
+                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in subs:
+            out.append(f"| {r.model} | {r.batch} | {r.count} | {_fmt(r.items_per_s, 2)} | {_fmt(r.p50_ms, 2)} | "
+                       f"{_fmt(r.p95_ms, 2)} | {_fmt(r.p99_ms, 2)} | {_fmt(r.compute_ms, 2)} |")
+    if plots:
+        out += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    return "\n".join(out) + "\n"
+
+
+def plot(rows: list[Row], out_dir: Path, served_runner: str) -> list[Path]:
+    """throughput_vs_concurrency.png, latency_by_submodel.png and submodel_batch_sweep.png (those with data)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    written = []
+    pipeline = sorted((r for r in rows if r.section == "pa_pipeline"), key=lambda r: r.concurrency)
+    if pipeline:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([r.concurrency for r in pipeline], [r.items_per_s for r in pipeline], "o-",
+                label="Triton pipeline (perf_analyzer)")
+        for r in rows:
+            if r.section == "inprocess":
+                ax.axhline(r.items_per_s, linestyle="--", linewidth=1, color="C1" if r.runner == "torch" else "C2"
+                           if r.runner == served_runner else "C3", label=f"in-process {r.runner}, one stream")
+        ax.set_xlabel("concurrency (sequences in flight)")
+        ax.set_ylabel("frames / s")
+        ax.set_xticks([r.concurrency for r in pipeline])
+        ax.set_ylim(bottom=0)
+        ax.set_title("Throughput vs concurrency")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(_save(fig, out_dir / "throughput_vs_concurrency.png"))
+    composing = [r for r in rows if r.section == "pa_composing"]
+    if composing:
+        levels = sorted({r.concurrency for r in composing})
+        models = sorted({r.model for r in composing}, key=lambda m: -max(r.compute_ms for r in composing
+                                                                          if r.model == m))
+        fig, ax = plt.subplots(figsize=(8, 4))
+        labels = [str(level) for level in levels]
+        bottom = [0.0] * len(levels)
+        for i, model in enumerate(models):
+            for part in ("compute", "queue"):
+                heights = []
+                for level in levels:
+                    match = [r for r in composing if r.model == model and r.concurrency == level]
+                    value = (match[0].compute_ms if part == "compute" else match[0].queue_ms) if match else 0.0
+                    heights.append(0.0 if value != value else value)
+                ax.bar(labels, heights, bottom=bottom, color=f"C{i}", hatch="//" if part == "queue" else None,
+                       edgecolor="white" if part == "queue" else None, label=model if part == "compute" else None)
+                bottom = [b + h for b, h in zip(bottom, heights)]
+        pipe = {r.concurrency: r.mean_ms for r in pipeline}
+        ax.scatter(labels, [pipe.get(level, float("nan")) for level in levels], marker="_", s=2000, color="k",
+                   label="pipeline request (mean, client)")
+        ax.set_xlabel("concurrency (sequences in flight)")
+        ax.set_ylabel("ms per request")
+        ax.set_title("Pipeline latency by sub-model (server statistics; hatched: queue)")
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), markerscale=0.2)
+        fig.tight_layout()
+        written.append(_save(fig, out_dir / "latency_by_submodel.png"))
+    subs = [r for r in rows if r.section == "pa_submodel"]
+    if subs:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for model in dict.fromkeys(r.model for r in subs):
+            points = sorted((r.batch, r.items_per_s) for r in subs if r.model == model)
+            ax.plot(*zip(*points), "o-", label=model)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("items / s")
+        ax.set_yscale("log")
+        ax.set_title("Sub-networks: throughput vs batch (perf_analyzer)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        written.append(_save(fig, out_dir / "submodel_batch_sweep.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,182 @@
+"""Which CPU runtime serves each sub-network of the local target: every candidate of `local_runtimes`, timed side by
+side on the same real inputs, with parity against PyTorch eager.
+
+A candidate wins a sub-network when it has the lowest median latency at batch 1 among the candidates whose outputs
+stay within the export's tolerances of PyTorch eager (`local_runtimes.parity`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import time
+
+from .. import local_runtimes as LR
+from .inputs import batch_of
+from .timing import Stats, time_calls
+
+
+@dataclasses.dataclass
+class RuntimeResult:
+    model: str
+    kind: str
+    batch: int
+    stats: Stats | None = None
+    cpu_ms: float = float("nan")                           # median CPU time per call, all threads of the process
+    setup_s: float = 0.0                                  # session creation: load, trace/freeze or compile
+    parity: dict = dataclasses.field(default_factory=dict)   # output -> (max abs diff, bound, ok)
+    error: str | None = None
+
+    @property
+    def parity_ok(self) -> bool:
+        return self.error is None and bool(self.parity) and all(ok for *_, ok in self.parity.values())
+
+    @property
+    def worst_diff(self) -> str:
+        """The output closest to its bound, as 'diff / bound'."""
+        if not self.parity:
+            return ""
+        name, (diff, bound, _) = max(self.parity.items(), key=lambda kv: kv[1][0] / kv[1][1])
+        return f"{name} {diff:.1e} / {bound:.0e}"
+
+
+def repeats_for(first_call_s: float, budget_s: float, minimum: int = 3, maximum: int = 50) -> int:
+    """Timed calls that fit a time budget (at least `minimum`), given one call's duration."""
+    return int(min(maximum, max(minimum, budget_s // max(first_call_s, 1e-6))))
+
+
+def compare_runtimes(weights_dir, config: str, repository, samples: dict[str, list[dict]], models, kinds, batches,
+                     threads: int, budget_s: float = 10.0) -> list[RuntimeResult]:
+    """Time every (model, kind, batch) on recorded real inputs, with parity against PyTorch eager.
+
+    Each kind runs in a fresh process (like each served sub-network in its own Python-backend stub), so no other
+    runtime's thread pool (TBB, ONNX Runtime, OpenMP) is alive to compete for the cores or skew its timing.
+    """
+    import concurrent.futures
+    import multiprocessing
+    ordered = ["torch"] + [k for k in kinds if k != "torch"]     # torch eager first: the parity reference
+    results, reference = [], {}
+    for kind in ordered:
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            measured, outputs = pool.submit(measure_kind, kind, str(weights_dir), config, str(repository), samples,
+                                            list(models), list(batches), threads, budget_s).result()
+        if kind == "torch":
+            reference = outputs
+        for r in measured:
+            if (r.model, r.batch) in outputs and (r.model, r.batch) in reference:
+                r.parity = LR.parity(outputs[(r.model, r.batch)], reference[(r.model, r.batch)], r.model)
+            print(format_row(r), flush=True)
+        if kind in kinds:
+            results += measured
+    return results
+
+
+def measure_kind(kind: str, weights_dir: str, config: str, repository: str, samples: dict[str, list[dict]],
+                 models: list[str], batches: list[int], threads: int, budget_s: float):
+    """In this process: every model on runtime `kind`, one session at a time; (results, {(model, batch): outputs})."""
+    import torch
+
+    from ..weights import load_networks
+    torch.set_num_threads(threads)
+    networks = load_networks(weights_dir, config) if kind in LR.TORCH_KINDS else None
+    results, outputs = [], {}
+    for model in models:
+        feeds = {b: batch_of(samples[model], b) for b in batches}
+        start = time.perf_counter()
+        try:
+            session = LR.create_session(kind, model, networks=networks, threads=threads,
+                                        onnx_path=LR.onnx_file(repository, model))
+        except Exception as exc:    # a runtime that cannot load this graph is a result, not a crash
+            results += [RuntimeResult(model, kind, b, error=f"{type(exc).__name__}: {exc}") for b in batches]
+            continue
+        setup = time.perf_counter() - start
+        for b in batches:
+            result = RuntimeResult(model, kind, b, setup_s=setup)
+            try:
+                first = time.perf_counter()
+                outputs[(model, b)] = session.run(feeds[b])      # also the warm-up call
+                first = time.perf_counter() - first
+                wall, cpu = time_calls(lambda: session.run(feeds[b]), warmup=0, repeats=repeats_for(first, budget_s))
+                result.stats = Stats.of(wall)
+                result.cpu_ms = Stats.of(cpu).p50_ms
+            except Exception as exc:
+                result.error = f"{type(exc).__name__}: {exc}"
+            results.append(result)
+        del session
+        gc.collect()
+    return results, outputs
+
+
+def format_row(r: RuntimeResult) -> str:
+    if r.stats is None:
+        return f"{r.model:30s} {r.kind:20s} b{r.batch}: {r.error}"
+    return (f"{r.model:30s} {r.kind:20s} b{r.batch}: p50 {r.stats.p50_ms:9.2f} ms, cpu {r.cpu_ms:9.2f} ms "
+            f"(n={r.stats.count}, "
+            f"setup {r.setup_s:.1f} s) parity {'ok' if r.parity_ok else 'FAIL'} {r.worst_diff}")
+
+
+def winners(results: list[RuntimeResult], batch: int = 1) -> dict[str, str]:
+    """{model: fastest kind at `batch` among those within tolerance of PyTorch}."""
+    best: dict[str, RuntimeResult] = {}
+    for r in results:
+        if r.batch == batch and r.parity_ok and r.stats is not None:
+            if r.model not in best or r.stats.p50_ms < best[r.model].stats.p50_ms:
+                best[r.model] = r
+    return {m: r.kind for m, r in best.items()}
+
+
+def speedups(results: list[RuntimeResult]) -> dict[tuple[str, str, int], float]:
+    """{(model, kind, batch): torch eager p50 / this p50}."""
+    torch_p50 = {(r.model, r.batch): r.stats.p50_ms for r in results if r.kind == "torch" and r.stats}
+    return {(r.model, r.kind, r.batch): torch_p50[(r.model, r.batch)] / r.stats.p50_ms
+            for r in results if r.stats and (r.model, r.batch) in torch_p50}
+
+
+def markdown(results: list[RuntimeResult], command: str, machine: dict) -> str:
+    """runtime_choice.md: the command, machine, the full table and the winner per sub-network."""
+    ratio = speedups(results)
+    win = winners(results)
+    lines = ["# CPU runtime per sub-network (local target)", "",
+             "Every candidate of `liveportrait_triton/local_runtimes.py` timed on the same real inputs (recorded "
+             "while the pipeline animated real driving crops); each runtime in a fresh process of its own, one "
+             "session at a time (as each served sub-network runs in its own Python-backend process). Parity: max abs difference "
+             "from PyTorch eager against the export's per-output bound (worst output shown). "
+             "Speed-up: PyTorch eager p50 / this p50. CPU ms: median CPU time of the process per call (all "
+             "threads); it leaves out time spent waiting for a core, so other processes on the machine disturb it "
+             "less than wall time (shared caches and memory bandwidth still do).", "",
+             "Command:", "", "```", command, "```", ""]
+    lines += [f"- {k}: {v}" for k, v in machine.items()]
+    lines += ["", "Candidates (`local_runtimes.KINDS`):", ""]
+    lines += [f"- `{k}`: {v}" for k, v in LR.KINDS.items() if any(r.kind == k for r in results)]
+    lines += ["", "| sub-network | runtime | batch | p50 ms | p95 ms | CPU ms | calls | speed-up vs torch | setup s | "
+              "parity |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in results:
+        if r.stats is None:
+            lines.append(f"| {r.model} | {r.kind} | {r.batch} | | | | | | | error: {r.error} |")
+            continue
+        verdict = ("ok " if r.parity_ok else "FAIL ") + r.worst_diff
+        lines.append(f"| {r.model} | {r.kind} | {r.batch} | {r.stats.p50_ms:.2f} | {r.stats.p95_ms:.2f} | "
+                     f"{r.cpu_ms:.2f} | {r.stats.count} | {ratio.get((r.model, r.kind, r.batch), float('nan')):.2f} | "
+                     f"{r.setup_s:.1f} | {verdict} |")
+    lines += ["", "## Winner per sub-network (batch 1, within tolerance)", "",
+              "| sub-network | runtime | p50 ms | speed-up vs torch |", "| --- | --- | ---: | ---: |"]
+    p50 = {(r.model, r.kind): r.stats.p50_ms for r in results if r.batch == 1 and r.stats}
+    for model, kind in win.items():
+        lines.append(f"| {model} | {kind} | {p50[(model, kind)]:.2f} | {ratio[(model, kind, 1)]:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def csv_rows(results: list[RuntimeResult]) -> list[dict]:
+    ratio = speedups(results)
+    rows = []
+    for r in results:
+        s = r.stats
+        rows.append({"model": r.model, "runtime": r.kind, "batch": r.batch,
+                     "p50_ms": s and round(s.p50_ms, 3), "p95_ms": s and round(s.p95_ms, 3),
+                     "mean_ms": s and round(s.mean_ms, 3), "cpu_ms": round(r.cpu_ms, 3), "calls": s and s.count,
+                     "speedup_vs_torch": round(ratio[(r.model, r.kind, r.batch)], 3)
+                     if (r.model, r.kind, r.batch) in ratio else None,
+                     "setup_s": round(r.setup_s, 2), "parity_ok": r.parity_ok,
+                     "max_abs_diff": max((d for d, *_ in r.parity.values()), default=None)
+                     if r.parity else None, "error": r.error})
+    return rows
+

@@ -1,0 +1,105 @@
+"""`liveportrait-triton bench` end to end on the tiny networks: in-process runs, a real Triton server, perf_analyzer
+on every sub-network and on the sequence pipeline, and the written CSV / markdown / plots; plus the runtime choice.
+
+perf_analyzer is part of the project's setup (scripts/install_perf_analyzer.sh): when it is missing these tests fail.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ASSETS
+from liveportrait_triton import spec
+from liveportrait_triton.benchmarks import perf_analyzer as P
+
+pytestmark = [pytest.mark.server, pytest.mark.timeout(300)]
+
+SOURCE = ASSETS / "source" / "s0.jpg"
+DRIVING = ASSETS / "driving" / "d0.mp4"
+
+
+def bench(*arguments: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "liveportrait_triton", "bench", *arguments], capture_output=True,
+                          text=True, timeout=timeout)
+    assert done.returncode == 0, f"bench failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+def read_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_perf_analyzer_is_installed():
+    P.PerfAnalyzer.locate()     # raises, naming the installer, when setup did not install it
+
+
+def test_missing_perf_analyzer_names_the_installer(tmp_path):
+    with pytest.raises(P.PerfAnalyzerError, match="install_perf_analyzer.sh"):
+        P.PerfAnalyzer.locate(tmp_path)
+
+
+def test_sequence_data_starts_each_stream_with_the_source(tmp_path):
+    import base64
+    import json
+    source = np.full((256, 256, 3), 7, np.uint8)
+    driving = [np.full((256, 256, 3), i, np.uint8) for i in range(3)]
+    data = json.loads(P.write_sequence_data(tmp_path / "seq.json", source, driving, streams=2, length=4).read_text())
+    streams = data["data"]
+    assert [len(s) for s in streams] == [4, 4]
+    for k, steps in enumerate(streams):
+        assert set(steps[0]) == {"source", "driving"} and all(set(s) == {"driving"} for s in steps[1:])
+        assert base64.b64decode(steps[0]["source"]["b64"]) == source.tobytes()
+        firsts = [base64.b64decode(s["driving"]["b64"])[0] for s in steps]
+        assert firsts == [(k + i) % 3 for i in range(4)]
+
+
+def test_bench_end_to_end(tmp_path, tiny_weights_dir, tiny_repository, tiny_server):
+    out = tmp_path / "results"
+    done = bench("--config", "tiny", "--weights", str(tiny_weights_dir), "--repository", str(tiny_repository),
+                 "--server-url", tiny_server.grpc_url, "--source", str(SOURCE), "--driving", str(DRIVING),
+                 "--out", str(out), "--warmup", "1", "--frames", "2", "--batch-sizes", "1,2",
+                 "--submodel-requests", "2", "--concurrency", "1,2", "--pipeline-requests-per-stream", "2",
+                 "--sequence-length", "3")
+    rows = read_rows(out / "benchmark.csv")
+    sections = {}
+    for row in rows:
+        sections.setdefault(row["section"], []).append(row)
+    assert {r["runner"] for r in sections["inprocess"]} == {"torch", "onnx"}
+    assert len(sections["server_stream"]) == 1
+    assert {(r["model"], r["batch"]) for r in sections["pa_submodel"]} == {
+        (m, b) for m in spec.SUBMODELS for b in ("1", "2")}
+    assert [r["concurrency"] for r in sections["pa_pipeline"]] == ["1", "2"]
+    # the pipeline's time split by sub-model (server statistics): W and G ran for every frame
+    composing = {(r["concurrency"], r["model"]) for r in sections["pa_composing"]}
+    assert {("1", spec.WARPING), ("1", spec.GENERATOR), ("2", spec.WARPING)} <= composing
+    for row in sections["inprocess"] + sections["server_stream"] + sections["pa_submodel"] + sections["pa_pipeline"]:
+        for key in ("items_per_s", "p50_ms", "p95_ms", "p99_ms"):
+            assert math.isfinite(float(row[key])) and float(row[key]) > 0, (row["section"], row["model"], key)
+    assert rows[0]["cpu"] and rows[0]["torch"] and rows[0]["triton_server"].startswith("2.")
+    text = (out / "benchmark.md").read_text()
+    assert "liveportrait-triton bench " in text and "--config tiny" in text and "## Targets" in text
+    assert "Served pipeline per frame" in text
+    for name in ("throughput_vs_concurrency.png", "latency_by_submodel.png", "submodel_batch_sweep.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "wrote" in done.stdout
+
+
+def test_runtime_choice(tmp_path, tiny_weights_dir, tiny_repository):
+    out = tmp_path / "choice"
+    bench("--runtime-choice", "--config", "tiny", "--weights", str(tiny_weights_dir), "--repository",
+          str(tiny_repository), "--source", str(SOURCE), "--driving", str(DRIVING), "--out", str(out),
+          "--runtime-budget-s", "0.2", "--submodels", f"{spec.WARPING},{spec.STITCHING}")
+    rows = read_rows(out / "runtime_choice.csv")
+    from liveportrait_triton import local_runtimes as LR
+    kinds = {r["runtime"] for r in rows}
+    assert {"torch", "torchscript", "onnxruntime"} <= kinds <= set(LR.KINDS)
+    for row in rows:
+        assert row["error"] == "" and row["parity_ok"] == "True", row
+    text = (out / "runtime_choice.md").read_text()
+    assert "## Winner per sub-network" in text and f"| {spec.WARPING} |" in text

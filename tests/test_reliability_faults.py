@@ -1,0 +1,221 @@
+"""Faults on the real server (tiny networks, loopback): clients that vanish, abandoned sequences, a killed stub.
+
+A server restarted mid-stream is covered by tests/test_client_retry.py (`test_stream_survives_a_server_restart`:
+with retry_s the stream re-registers the source and continues with no frame lost or duplicated, images equal to an
+uninterrupted run; `test_command_fails_cleanly_when_the_server_goes_away`: without --retry the command says so).
+"""
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from conftest import rendered_copy, server_metric
+from liveportrait_triton import spec
+from liveportrait_triton.client.client import DrivingInput, LivePortraitClient, RequestFailed, SourceInput
+from liveportrait_triton.serve import TritonServer, free_port
+
+pytestmark = pytest.mark.server
+
+MODEL = spec.PIPELINE
+IDLE_TIMEOUT_S = 10         # long enough for all ABANDONED starts to be live at once on a loaded 2-core machine
+ABANDONED = 200
+MiB = 2 ** 20
+TOTAL_MARGIN = 24 * MiB     # the ABANDONED tiny states hold 50 MiB
+PIPELINE_MARGIN = 8 * MiB
+
+
+# -- helpers ---------------------------------------------------------------------------------------------------
+
+def server_memory(server: TritonServer) -> dict[str, int]:
+    """Memory of the tritonserver process plus all its Python-backend stubs, in bytes, from /proc and /dev/shm:
+
+    - `rss`: the sum of their resident set sizes (VmRSS; pages of the shared-memory pool mapped by both the server
+      and a stub count twice, library code counts in every process);
+    - `footprint`: what the server group really holds, private anonymous memory (RssAnon) plus the pages of its
+      Python-backend shared-memory pool (/dev/shm files with the server's prefix), each counted once;
+    - `pipeline`: the anonymous resident memory of the pipeline model's stub, where sequence state lives."""
+    memory = {"rss": 0, "footprint": 0, "pipeline": 0}
+    for name, pid in {"tritonserver": server.process.pid, **server.stub_processes()}.items():
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                      if ":" in line)
+        memory["rss"] += int(fields["VmRSS"].split()[0]) * 1024
+        memory["footprint"] += int(fields["RssAnon"].split()[0]) * 1024
+        if name == f"{MODEL}_0_0":
+            memory["pipeline"] = int(fields["RssAnon"].split()[0]) * 1024
+    for region in Path("/dev/shm").glob(f"{server.shm_prefix}*"):
+        memory["footprint"] += region.stat().st_blocks * 512
+    return memory
+
+
+def wait_for_metric(server, name: str, value: float, timeout_s: float, **labels) -> float:
+    deadline = time.monotonic() + timeout_s
+    while (current := server_metric(server, name, **labels)) != value and time.monotonic() < deadline:
+        time.sleep(0.25)
+    return current
+
+
+def start_sequences(url: str, ids: list[int], source: np.ndarray, end: bool = False) -> None:
+    """A START with the source for each sequence id, sent together on one gRPC stream; every answer must be OK."""
+    answers: queue.Queue = queue.Queue()
+    tensor = grpcclient.InferInput("source", [1, 256, 256, 3], "UINT8")
+    tensor.set_data_from_numpy(source[None])
+    with grpcclient.InferenceServerClient(url) as client:
+        client.start_stream(callback=lambda result, error: answers.put(error))
+        for corrid in ids:
+            client.async_stream_infer(MODEL, [tensor], sequence_id=corrid, sequence_start=True, sequence_end=end)
+        errors = [answers.get(timeout=300) for _ in ids]
+        client.stop_stream()
+    assert not any(errors), [e for e in errors if e][:3]
+
+
+@pytest.fixture(scope="module")
+def short_idle_server(tiny_repository, tmp_path_factory):
+    """A server whose sequences are freed after IDLE_TIMEOUT_S idle seconds, with room for 256 live sequences."""
+    root = tmp_path_factory.mktemp("short_idle")
+    repository = rendered_copy(tiny_repository, root / "repository", sequence_idle_timeout_s=IDLE_TIMEOUT_S,
+                               max_candidate_sequences=256)
+    with TritonServer(repository, log_file=root / "tritonserver.log") as server:
+        yield server
+
+
+# -- clients that go away --------------------------------------------------------------------------------------
+
+def test_client_that_disconnects_mid_stream_is_freed_on_idle(short_idle_server, source_crops, driving_crops):
+    server = short_idle_server
+    idle_before = server_metric(server, "liveportrait_sequences_freed_total", reason="idle")
+    client = LivePortraitClient(server.grpc_url)
+    stream = client.stream(SourceInput(source_crops["s0"]), max_in_flight=1)
+    for crop in driving_crops[:2]:
+        stream.send(DrivingInput(crop=crop))
+    got = []
+    while len(got) < 2:
+        got += stream.ready()
+        time.sleep(0.05)
+    assert server_metric(server, "liveportrait_live_sequences") == 1
+    stream.close()          # the stream is cancelled: no END reaches the server
+    assert wait_for_metric(server, "liveportrait_live_sequences", 0, IDLE_TIMEOUT_S + 15) == 0
+    assert server_metric(server, "liveportrait_sequence_state_bytes") == 0
+    assert server_metric(server, "liveportrait_sequences_freed_total", reason="idle") == idle_before + 1
+    with client.stream(SourceInput(source_crops["s1"])) as again:      # the server keeps serving
+        for crop in driving_crops[:2]:
+            again.send(DrivingInput(crop=crop))
+        assert [r.number for r in again.finish()] == [0, 1]
+    client.close()
+
+
+def test_abandoned_sequences_are_evicted_and_their_memory_returned(short_idle_server, source_crops):
+    """ABANDONED sequences start (source registered, state held) and never END: idle eviction frees every one, the
+    live-sequence metric returns to 0 and the server's memory returns to its baseline.
+
+    The baseline is taken after a warm-up burst of as many sequences (each ended at once), which brings ONNX
+    Runtime's arenas and Triton's request buffers to their high-water marks (bounded by the batch sizes, not by the
+    number of sequences). Margins: the whole server (tritonserver + stubs; RSS and footprint, see server_memory)
+    within TOTAL_MARGIN of the baseline, the pipeline stub, which holds the per-sequence state, within
+    PIPELINE_MARGIN."""
+    server = short_idle_server
+    start_sequences(server.grpc_url, list(range(1, ABANDONED + 1)), source_crops["s0"], end=True)
+    idle_before = server_metric(server, "liveportrait_sequences_freed_total", reason="idle")
+    time.sleep(2)               # the pipeline hands the warm-up's freed memory back on its next eviction pass
+    baseline = server_memory(server)
+    start_sequences(server.grpc_url, list(range(10_000, 10_000 + ABANDONED)), source_crops["s1"])
+    live = server_metric(server, "liveportrait_live_sequences")
+    state_bytes = server_metric(server, "liveportrait_sequence_state_bytes")
+    peak = server_memory(server)
+    assert wait_for_metric(server, "liveportrait_live_sequences", 0, IDLE_TIMEOUT_S + 30) == 0
+    time.sleep(2)
+    end = server_memory(server)
+    print(f"\n{ABANDONED} abandoned sequences: live {live:g}, state {state_bytes / MiB:.1f} MiB; baseline / peak / "
+          f"after eviction, MiB: RSS (server + stubs) {describe(baseline, peak, end, 'rss')}; footprint "
+          f"{describe(baseline, peak, end, 'footprint')}; pipeline stub {describe(baseline, peak, end, 'pipeline')}")
+    assert live == ABANDONED and state_bytes >= ABANDONED * 100_000
+    assert server_metric(server, "liveportrait_sequence_state_bytes") == 0
+    assert server_metric(server, "liveportrait_sequences_freed_total", reason="idle") == idle_before + ABANDONED
+    assert peak["pipeline"] - baseline["pipeline"] >= 0.5 * state_bytes, "the held state shows in the measurement"
+    assert end["pipeline"] - baseline["pipeline"] <= PIPELINE_MARGIN
+    assert end["footprint"] - baseline["footprint"] <= TOTAL_MARGIN
+    assert end["rss"] - baseline["rss"] <= TOTAL_MARGIN
+
+
+def describe(baseline: dict, peak: dict, end: dict, key: str) -> str:
+    return " / ".join(f"{m[key] / MiB:.1f}" for m in (baseline, peak, end))
+
+
+# -- a killed Python-backend stub ------------------------------------------------------------------------------
+
+def test_killed_stub_fails_loudly(tiny_repository, tmp_path, source_crops, driving_crops):
+    """Fails loudly. Triton 2.51 does not restart a Python-backend stub killed with SIGKILL: every later request
+    to that model fails at once with INTERNAL "Stub process '<instance>' is not healthy." (the pipeline passes it
+    on as "animation failed: warping_module: ..."), the server and the model keep reporting ready, and
+    `TritonServer.dead_stubs()` names the instance (the `serve` command then stops; see the next test). The client
+    gets that error within seconds, not a hang, and other models keep serving."""
+    # the request that was in the killed stub never completes: shutdown waits only 2 s for it, not the default 20
+    with TritonServer(tiny_repository, log_file=tmp_path / "tritonserver.log",
+                      extra_args=("--exit-timeout-secs=2",)) as server:
+        client = LivePortraitClient(server.grpc_url)
+        stream = client.stream(SourceInput(source_crops["s0"]), max_in_flight=2, retry_s=30)
+        stream.send(DrivingInput(crop=driving_crops[0]))
+        os.kill(server.stub_processes()[f"{spec.WARPING}_0_0"], signal.SIGKILL)
+        began = time.monotonic()
+        with pytest.raises(RequestFailed) as failed:
+            for i in range(20):
+                stream.send(DrivingInput(crop=driving_crops[i % len(driving_crops)]))
+            stream.finish()
+        waited = time.monotonic() - began
+        message = str(failed.value)
+        assert f"Stub process '{spec.WARPING}_0_0' is not healthy" in message and "Traceback" not in message
+        assert waited < 60, f"the client waited {waited:.0f} s for the error"
+        with grpcclient.InferenceServerClient(server.grpc_url) as probe:
+            time.sleep(3)       # no restart comes: the model still fails, while readiness does not tell
+            with pytest.raises(RequestFailed, match="is not healthy"):
+                client.animate_image(SourceInput(source_crops["s1"]), DrivingInput(crop=driving_crops[1]))
+            assert probe.is_server_ready() and probe.is_model_ready(spec.WARPING)
+            motion = client.extract_motion(np.stack(driving_crops[:1]))        # other models serve
+            assert motion.exp.shape == (1, 21, 3)
+        assert server.dead_stubs() == [f"{spec.WARPING}_0_0"]
+        client.close()
+
+
+def test_serve_command_stops_when_a_stub_dies(tiny_repository):
+    ports = [free_port() for _ in range(3)]
+    command = [sys.executable, "-m", "liveportrait_triton", "serve", "--repository", str(tiny_repository),
+               "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])]
+    cli = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in cli.stdout:
+            if line.startswith("Ctrl-C"):
+                break
+        assert cli.poll() is None, cli.stderr.read()
+        server_pid = next(pid for pid in children(cli.pid) if "tritonserver" in cmdline(pid)[0])
+        stub = next(pid for pid in children(server_pid) if f"{MODEL}_0_0" in cmdline(pid))
+        os.kill(stub, signal.SIGKILL)
+        assert cli.wait(timeout=60) == 1
+        assert f"the Python-backend process of {MODEL}_0_0 died" in cli.stderr.read()
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait()
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(entry.name))
+            except OSError:
+                continue
+    return out
+
+
+def cmdline(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").rstrip("\0").split("\0")
