@@ -256,7 +256,8 @@ class TritonServer:
         with open(self.log_file, "wb") as log:
             self.process = subprocess.Popen(self.command(install, backend_dir), stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, env=self.environment(install),
-                                            start_new_session=True, preexec_fn=_terminate_with_parent)
+                                            start_new_session=True,
+                                            preexec_fn=_terminate_with_parent if _on_main_thread() else None)
         try:
             self._wait_ready(models)
             self._became_ready = True
@@ -342,6 +343,12 @@ class TritonServer:
 
     def endpoints(self) -> str:
         return (f"HTTP    http://{self.http_url}\nGRPC    {self.grpc_url}\nmetrics {self.metrics_url}")
+
+
+def _on_main_thread() -> bool:
+    """PR_SET_PDEATHSIG fires when the *thread* that forked exits: tie the server's life to the starter only when
+    that is the main thread (a server started from a worker thread would die with the thread)."""
+    return threading.current_thread() is threading.main_thread()
 
 
 def _terminate_with_parent() -> None:
