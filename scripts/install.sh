@@ -22,4 +22,6 @@ if [ -f scripts/install_perf_analyzer.sh ]; then
   echo "[install] perf_analyzer"
   bash scripts/install_perf_analyzer.sh --python "$VENV/bin/python"
 fi
-"$VENV/bin/python" -c "import liveportrait_triton, torch, onnxruntime, tritonclient.grpc, pytriton; print('[install] ok: torch', torch.__version__, '| onnxruntime', onnxruntime.__version__)"
+"$VENV/bin/python" -c "import importlib.util, liveportrait_triton, torch, onnxruntime, tritonclient.grpc, mediapipe
+assert importlib.util.find_spec('pytriton'), 'nvidia-pytriton missing'
+print('[install] ok: torch', torch.__version__, '| onnxruntime', onnxruntime.__version__)"
