@@ -163,10 +163,10 @@ class TritonServer:
     """The bundled Triton server on a model repository, as a context manager.
 
     Ports left as None are chosen free on `host`. The server receives SIGTERM if the thread that started it dies
-    (Linux parent-death signal), so start it from a thread that outlives it (the main thread, typically). `admin_key` grants the restricted APIs (model-repository,
-    shared-memory, logging, trace) to requests carrying the header `lp-admin-key: <key>` (HTTP) or
-    `triton-grpc-protocol-lp-admin-key: <key>` (gRPC metadata); by default a random key is generated and not shown,
-    which leaves them disabled.
+    (Linux parent-death signal), so start it from a thread that outlives it (the main thread, typically).
+    `admin_key` grants the restricted APIs (model-repository, shared-memory, logging, trace) to requests carrying
+    the header `lp-admin-key: <key>` (HTTP) or `triton-grpc-protocol-lp-admin-key: <key>` (gRPC metadata); by
+    default a random key is generated and not shown, which leaves them disabled.
     """
 
     def __init__(self, repository: str | Path, *, host: str = "127.0.0.1", http_port: int | None = None,
@@ -390,8 +390,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, default=DEFAULT_PORTS["metrics"])
     parser.add_argument("--admin-key", default=os.environ.get("LIVEPORTRAIT_ADMIN_KEY"),
                         help="key for the restricted APIs: model-repository, shared-memory, logging, trace (HTTP "
-                             "header lp-admin-key, gRPC metadata triton-grpc-protocol-lp-admin-key; default: $LIVEPORTRAIT_ADMIN_KEY, else a random key nobody is told, "
-                             "i.e. those APIs are disabled). Local users can read it in the server's command line")
+                             "header lp-admin-key, gRPC metadata triton-grpc-protocol-lp-admin-key; default: "
+                             "$LIVEPORTRAIT_ADMIN_KEY, else a random key nobody is told, i.e. those APIs are "
+                             "disabled). Local users can read it in the server's command line")
     parser.add_argument("--log-file", metavar="PATH", help="server log (default: a temporary file, printed)")
     parser.add_argument("--log-verbose", type=int, default=0, help="Triton verbose log level")
     parser.add_argument("--startup-timeout", type=float, default=600.0, metavar="S",

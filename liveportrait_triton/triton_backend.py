@@ -439,9 +439,11 @@ class PipelineCore:
     def __init__(self, runner, store: SequenceStore):
         self.animator = Animator(runner)
         self.store = store
+        self.batches = 0                # batches processed so far
 
     def process(self, raws: list[RawRequest]) -> list[FrameResult | Failure]:
         """One outcome per request, in order. Caller faults fail only their own request."""
+        self.batches += 1
         outcomes: list[FrameResult | Failure | None] = [None] * len(raws)
         parsed: list[PipelineRequest | None] = [None] * len(raws)
         for i, raw in enumerate(raws):
@@ -570,16 +572,21 @@ class PipelineBackend:
         return await asyncio.get_running_loop().run_in_executor(self.worker, self.core.process, raws)
 
     def _evict_periodically(self, interval: float) -> None:
-        """Every interval: free idle sequences, then, if any sequence was freed since the last time, hand the freed
-        memory back to the OS."""
-        released_at = 0
+        """Every interval, free idle sequences; then, once no batch ran for a whole interval after some activity
+        (batches or freed sequences), hand the freed memory back to the OS. Waiting for a quiet interval lets the
+        last responses' arrays, which Triton releases after `execute` returns, be freed first."""
+        released_at = (0, 0)            # (batches, sequences freed) at the last release
+        batches_seen = -1
         while not self._stop.wait(interval):
             try:
                 self.worker.submit(self.store.evict_idle).result()
             except RuntimeError:        # the worker was shut down
                 return
-            if self.store.freed_total != released_at:
-                released_at = self.store.freed_total
+            activity = (self.core.batches, self.store.freed_total)
+            quiet = self.core.batches == batches_seen
+            batches_seen = self.core.batches
+            if quiet and activity != released_at:
+                released_at = activity
                 release_free_memory()
 
     def close(self) -> None:

@@ -27,9 +27,10 @@ pytestmark = pytest.mark.server
 
 MODEL = spec.PIPELINE
 IDLE_TIMEOUT_S = 10         # long enough for all ABANDONED starts to be live at once on a loaded 2-core machine
+SETTLE_SECONDS = 6          # two of the pipeline's eviction checks (every IDLE_TIMEOUT_S / 4 s)
 ABANDONED = 200
 MiB = 2 ** 20
-TOTAL_MARGIN = 24 * MiB     # the ABANDONED tiny states hold 50 MiB
+TOTAL_MARGIN = 48 * MiB     # see test_abandoned_sequences_are_evicted_and_their_memory_returned
 PIPELINE_MARGIN = 8 * MiB
 
 
@@ -49,6 +50,7 @@ def server_memory(server: TritonServer) -> dict[str, int]:
                       if ":" in line)
         memory["rss"] += int(fields["VmRSS"].split()[0]) * 1024
         memory["footprint"] += int(fields["RssAnon"].split()[0]) * 1024
+        memory[f"anon {name}"] = int(fields["RssAnon"].split()[0]) * 1024
         if name == f"{MODEL}_0_0":
             memory["pipeline"] = int(fields["RssAnon"].split()[0]) * 1024
     for region in Path("/dev/shm").glob(f"{server.shm_prefix}*"):
@@ -116,33 +118,44 @@ def test_abandoned_sequences_are_evicted_and_their_memory_returned(short_idle_se
     """ABANDONED sequences start (source registered, state held) and never END: idle eviction frees every one, the
     live-sequence metric returns to 0 and the server's memory returns to its baseline.
 
-    The baseline is taken after a warm-up burst of as many sequences (each ended at once), which brings ONNX
-    Runtime's arenas and Triton's request buffers to their high-water marks (bounded by the batch sizes, not by the
-    number of sequences). Margins: the whole server (tritonserver + stubs; RSS and footprint, see server_memory)
-    within TOTAL_MARGIN of the baseline, the pipeline stub, which holds the per-sequence state, within
-    PIPELINE_MARGIN."""
+    The baseline is taken after a first identical round (abandoned, evicted), which brings ONNX Runtime's arenas
+    and the server's buffers towards their high-water marks. The measured round must return to that baseline: the
+    pipeline stub, which holds the per-sequence state, within PIPELINE_MARGIN; the whole server's footprint
+    (tritonserver + stubs, see server_memory; the RSS sum is reported, not asserted, as it counts the pages of the
+    shared-memory pools once per process that touched them) within TOTAL_MARGIN, which leaves room for the
+    tritonserver process keeping the buffers of a burst of ABANDONED requests for reuse (measured over four rounds
+    on one server, its anonymous memory: 9 MiB fresh, 13 after the first round, 50 after the second, 50 and 49
+    after the next two)."""
     server = short_idle_server
-    start_sequences(server.grpc_url, list(range(1, ABANDONED + 1)), source_crops["s0"], end=True)
     idle_before = server_metric(server, "liveportrait_sequences_freed_total", reason="idle")
-    time.sleep(2)               # the pipeline hands the warm-up's freed memory back on its next eviction pass
+    fresh = server_memory(server)
+    start_sequences(server.grpc_url, list(range(1, ABANDONED + 1)), source_crops["s0"])
+    assert wait_for_metric(server, "liveportrait_live_sequences", 0, IDLE_TIMEOUT_S + 30) == 0
+    time.sleep(SETTLE_SECONDS)      # the pipeline hands freed memory back after a quiet check
     baseline = server_memory(server)
     start_sequences(server.grpc_url, list(range(10_000, 10_000 + ABANDONED)), source_crops["s1"])
     live = server_metric(server, "liveportrait_live_sequences")
     state_bytes = server_metric(server, "liveportrait_sequence_state_bytes")
     peak = server_memory(server)
     assert wait_for_metric(server, "liveportrait_live_sequences", 0, IDLE_TIMEOUT_S + 30) == 0
-    time.sleep(2)
+    time.sleep(SETTLE_SECONDS)
     end = server_memory(server)
-    print(f"\n{ABANDONED} abandoned sequences: live {live:g}, state {state_bytes / MiB:.1f} MiB; baseline / peak / "
-          f"after eviction, MiB: RSS (server + stubs) {describe(baseline, peak, end, 'rss')}; footprint "
+    print(f"\n{ABANDONED} abandoned sequences: live {live:g}, state {state_bytes / MiB:.1f} MiB; footprint of a "
+          f"fresh server {fresh['footprint'] / MiB:.1f} MiB; after a first round (baseline) / peak / after eviction, "
+          f"MiB: RSS (server + stubs) {describe(baseline, peak, end, 'rss')}; footprint "
           f"{describe(baseline, peak, end, 'footprint')}; pipeline stub {describe(baseline, peak, end, 'pipeline')}")
     assert live == ABANDONED and state_bytes >= ABANDONED * 100_000
     assert server_metric(server, "liveportrait_sequence_state_bytes") == 0
-    assert server_metric(server, "liveportrait_sequences_freed_total", reason="idle") == idle_before + ABANDONED
+    assert server_metric(server, "liveportrait_sequences_freed_total", reason="idle") == idle_before + 2 * ABANDONED
     assert peak["pipeline"] - baseline["pipeline"] >= 0.5 * state_bytes, "the held state shows in the measurement"
     assert end["pipeline"] - baseline["pipeline"] <= PIPELINE_MARGIN
-    assert end["footprint"] - baseline["footprint"] <= TOTAL_MARGIN
-    assert end["rss"] - baseline["rss"] <= TOTAL_MARGIN
+    assert end["footprint"] - baseline["footprint"] <= TOTAL_MARGIN, grown(baseline, end)
+
+
+def grown(before: dict, after: dict) -> str:
+    """The memory figures that grew, in MiB (for failure messages)."""
+    return ", ".join(f"{key} +{(after[key] - before[key]) / MiB:.1f}" for key in after
+                     if key in before and after[key] > before[key])
 
 
 def describe(baseline: dict, peak: dict, end: dict, key: str) -> str:

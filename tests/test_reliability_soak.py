@@ -3,11 +3,11 @@ library for LP_SOAK_SECONDS (CI default 45 s; the long run: LP_SOAK_SECONDS=300)
 
 Checked: zero errors; every response accounted for (each sequence gets frames 0..n-1 exactly once, in order; the
 client library also checks each answer's frame_index against the frames it sent); the server's failure counters do
-not move; no sequence state left behind; memory flat: measured with test_reliability_faults.server_memory at rest
-after a warm-up and again at rest after the run, the pipeline stub (per-sequence state, per-frame arrays) within
-PIPELINE_MARGIN and the whole server's footprint (tritonserver + stubs) within FOOTPRINT_MARGIN, which leaves room
-for ONNX Runtime's arenas meeting a batch composition they had not seen yet (they are bounded by the maximum batch
-sizes, not by time). The RSS sum and its maximum during the run are reported too.
+not move; no sequence state left behind; memory flat. Memory (test_reliability_faults.server_memory) is measured
+at rest after a warm-up, after the first half of the run and after the second: the footprint of the whole server
+(tritonserver + stubs) may grow in the first half (ONNX Runtime's arenas and Triton's buffers meet batch
+compositions they had not seen; both are bounded by the maximum batch sizes), and must not grow by more than
+GROWTH_MARGIN in the second, where a leak would keep growing. The RSS sum and the maxima under load are reported.
 """
 from __future__ import annotations
 
@@ -28,9 +28,8 @@ SOAK_SECONDS = float(os.environ.get("LP_SOAK_SECONDS", "45"))
 STREAMS = int(os.environ.get("LP_SOAK_STREAMS", "8"))
 FRAMES_PER_SEQUENCE = 8
 WARMUP_SECONDS = 10
-SETTLE_SECONDS = 6          # > the pipeline's eviction interval, after which it hands freed memory back
-PIPELINE_MARGIN = 8 * MiB
-FOOTPRINT_MARGIN = 64 * MiB
+SETTLE_SECONDS = 11         # the pipeline checks every 5 s and hands freed memory back after a quiet check
+GROWTH_MARGIN = 48 * MiB
 
 
 class Load:
@@ -87,26 +86,27 @@ def failures(server) -> float:
 
 def test_soak_at_concurrency(tiny_server, source_crops, driving_crops):
     load = Load(tiny_server.grpc_url, list(source_crops.values()), driving_crops)
-    load.run(WARMUP_SECONDS)        # ONNX Runtime arenas and Triton's buffers reach their working size
+    load.run(WARMUP_SECONDS)
     assert not load.errors, load.errors
     warm_sequences = len(load.sequences)
     failed_before = failures(tiny_server)
-    time.sleep(SETTLE_SECONDS)
-    start = server_memory(tiny_server)
-    samples = [start]
+    at_rest = [settled(tiny_server)]
+    samples = list(at_rest)
     began = time.monotonic()
-    load.run(SOAK_SECONDS, on_tick=lambda: samples.append(server_memory(tiny_server)))
-    elapsed = time.monotonic() - began
-    time.sleep(SETTLE_SECONDS)
-    end = server_memory(tiny_server)
+    for _ in range(2):          # two halves, each followed by a measurement at rest
+        load.run(SOAK_SECONDS / 2, on_tick=lambda: samples.append(server_memory(tiny_server)))
+        at_rest.append(settled(tiny_server))
+        if load.errors:
+            break
+    elapsed = time.monotonic() - began - 2 * SETTLE_SECONDS
     sequences = load.sequences[warm_sequences:]
     frames = sum(sent for sent, _ in sequences)
 
     def figures(key: str) -> str:
-        return (f"start {start[key] / MiB:.1f}, max {max(s[key] for s in samples) / MiB:.1f}, "
-                f"end {end[key] / MiB:.1f}")
+        rest = ", ".join(f"{m[key] / MiB:.1f}" for m in at_rest)
+        return f"at rest {rest}; max under load {max(s[key] for s in samples) / MiB:.1f}"
 
-    print(f"\nsoak: {STREAMS} streams, {elapsed:.0f} s, {len(sequences)} sequences, {frames} frames "
+    print(f"\nsoak: {STREAMS} streams, {elapsed:.0f} s under load, {len(sequences)} sequences, {frames} frames "
           f"({frames / elapsed:.1f} frames/s), errors {len(load.errors)}; MiB: RSS (server + stubs) {figures('rss')}; "
           f"footprint {figures('footprint')}; pipeline stub {figures('pipeline')}")
     assert not load.errors, load.errors
@@ -115,5 +115,11 @@ def test_soak_at_concurrency(tiny_server, source_crops, driving_crops):
         assert got == list(range(sent)), f"a sequence of {sent} frames got {got}"
     assert failures(tiny_server) == failed_before, "the server counted failed requests"
     assert server_metric(tiny_server, "liveportrait_live_sequences") == 0, "every sequence ended and was freed"
-    assert end["pipeline"] - start["pipeline"] <= PIPELINE_MARGIN, "the pipeline stub's memory grew"
-    assert end["footprint"] - start["footprint"] <= FOOTPRINT_MARGIN, "the server's memory grew"
+    growth = at_rest[2]["footprint"] - at_rest[1]["footprint"]
+    assert growth <= GROWTH_MARGIN, f"the server's memory grew by {growth / MiB:.1f} MiB in the second half"
+
+
+def settled(server) -> dict[str, int]:
+    """server_memory once the load has stopped and the pipeline has handed freed memory back."""
+    time.sleep(SETTLE_SECONDS)
+    return server_memory(server)
