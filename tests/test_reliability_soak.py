@@ -4,10 +4,13 @@ library for LP_SOAK_SECONDS (CI default 45 s; the long run: LP_SOAK_SECONDS=300)
 Checked: zero errors; every response accounted for (each sequence gets frames 0..n-1 exactly once, in order; the
 client library also checks each answer's frame_index against the frames it sent); the server's failure counters do
 not move; no sequence state left behind; memory flat. Memory (test_reliability_faults.server_memory) is measured
-at rest after a warm-up, after the first half of the run and after the second: the footprint of the whole server
-(tritonserver + stubs) may grow in the first half (ONNX Runtime's arenas and Triton's buffers meet batch
-compositions they had not seen; both are bounded by the maximum batch sizes), and must not grow by more than
-GROWTH_MARGIN in the second, where a leak would keep growing. The RSS sum and the maxima under load are reported.
+at rest after a warm-up, after the first half of the run and after the second; memory may grow in the first half
+and must not grow by more than a margin in the second, where a leak would keep growing: the pipeline stub and the
+tritonserver process by OWN_MARGIN each, in every run; the whole server's footprint by FOOTPRINT_MARGIN in runs of
+at least LONG_SOAK_SECONDS. ONNX Runtime's CPU arenas in the sub-network stubs grow in steps whenever a batch
+composition does not fit their free chunks and take minutes to settle (measured in a 300 s run at concurrency 8:
+warping_module +152 MiB and appearance_feature_extractor +62 MiB in the first half, +4 and +0 in the second; in 45 s
+runs such a step can fall in the second half). The RSS sum and the maxima under load are reported.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import pytest
 from conftest import server_metric
 from liveportrait_triton import spec
 from liveportrait_triton.client.client import DrivingInput, LivePortraitClient, SourceInput
-from test_reliability_faults import MiB, server_memory
+from test_reliability_faults import MiB, grown, server_memory
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -28,8 +31,10 @@ SOAK_SECONDS = float(os.environ.get("LP_SOAK_SECONDS", "45"))
 STREAMS = int(os.environ.get("LP_SOAK_STREAMS", "8"))
 FRAMES_PER_SEQUENCE = 8
 WARMUP_SECONDS = 10
-SETTLE_SECONDS = 11         # the pipeline checks every 5 s and hands freed memory back after a quiet check
-GROWTH_MARGIN = 48 * MiB
+SETTLE_SECONDS = 11            # the pipeline checks every 5 s and hands freed memory back after a quiet check
+OWN_MARGIN = 16 * MiB          # the pipeline stub and the tritonserver process
+FOOTPRINT_MARGIN = 128 * MiB   # the whole server, ONNX Runtime's arenas included (5% of its tiny footprint) ...
+LONG_SOAK_SECONDS = 240        # ... checked in runs this long: the arenas take minutes to reach their size
 
 
 class Load:
@@ -108,15 +113,19 @@ def test_soak_at_concurrency(tiny_server, source_crops, driving_crops):
 
     print(f"\nsoak: {STREAMS} streams, {elapsed:.0f} s under load, {len(sequences)} sequences, {frames} frames "
           f"({frames / elapsed:.1f} frames/s), errors {len(load.errors)}; MiB: RSS (server + stubs) {figures('rss')}; "
-          f"footprint {figures('footprint')}; pipeline stub {figures('pipeline')}")
+          f"footprint {figures('footprint')}; pipeline stub {figures('pipeline')}; grown in the first half: "
+          f"{grown(at_rest[0], at_rest[1]) or 'nothing'}; in the second: {grown(at_rest[1], at_rest[2]) or 'nothing'}")
     assert not load.errors, load.errors
     assert len(sequences) >= STREAMS, "every stream finished at least one sequence"
     for sent, got in load.sequences:
         assert got == list(range(sent)), f"a sequence of {sent} frames got {got}"
     assert failures(tiny_server) == failed_before, "the server counted failed requests"
     assert server_metric(tiny_server, "liveportrait_live_sequences") == 0, "every sequence ended and was freed"
-    growth = at_rest[2]["footprint"] - at_rest[1]["footprint"]
-    assert growth <= GROWTH_MARGIN, f"the server's memory grew by {growth / MiB:.1f} MiB in the second half"
+    second_half = {key: at_rest[2][key] - at_rest[1][key] for key in at_rest[2]}
+    for own in (f"anon {spec.PIPELINE}_0_0", "anon tritonserver"):
+        assert second_half[own] <= OWN_MARGIN, f"{own} grew by {second_half[own] / MiB:.1f} MiB in the second half"
+    if SOAK_SECONDS >= LONG_SOAK_SECONDS:
+        assert second_half["footprint"] <= FOOTPRINT_MARGIN, grown(at_rest[1], at_rest[2])
 
 
 def settled(server) -> dict[str, int]:

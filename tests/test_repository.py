@@ -7,7 +7,8 @@ from tritonclient.grpc import model_config_pb2
 
 from conftest import REPO
 from liveportrait_triton import repository, spec
-from liveportrait_triton.triton_backend import ConfigError, PipelineBackend, check_model_config
+from liveportrait_triton.backend.model_config import ConfigError, check_model_config
+from liveportrait_triton.backend.pipeline_model import PipelineBackend
 
 COMMITTED = REPO / "model_repository"
 

@@ -12,9 +12,12 @@ from onnx import TensorProto, helper
 from conftest import assert_images_close
 from liveportrait_triton import spec
 from liveportrait_triton.pipeline import Animator, DrivingFrame, InputError, TorchRunner
-from liveportrait_triton.triton_backend import (FREED_END, FREED_IDLE, ConfigError, Failure, FrameResult,
-                                                OnnxSubnetwork, PipelineBackend, PipelineCore, RawRequest,
-                                                SequenceStore, parse_parameters, parse_request, plan_rounds)
+from liveportrait_triton.backend.model_config import ConfigError
+from liveportrait_triton.backend.outcomes import Failure, FrameResult
+from liveportrait_triton.backend.pipeline_model import PipelineBackend, PipelineCore
+from liveportrait_triton.backend.requests import RawRequest, parse_parameters, parse_request, plan_rounds
+from liveportrait_triton.backend.sequences import FREED_END, FREED_IDLE, SequenceStore
+from liveportrait_triton.backend.subnetwork import OnnxSubnetwork
 
 RNG = np.random.default_rng(0)
 

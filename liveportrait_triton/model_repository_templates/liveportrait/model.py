@@ -1,7 +1,7 @@
 """Triton Python-backend adapter of the `liveportrait` sequence model (BLS orchestration of the sub-networks).
 
 Generated into the repository by liveportrait_triton.repository; the logic (request checks, batching across
-sequences, per-sequence state and its eviction) is liveportrait_triton.triton_backend.PipelineBackend.
+sequences, per-sequence state and its eviction) is liveportrait_triton.backend.pipeline_model.PipelineBackend.
 """
 import asyncio
 import json
@@ -10,9 +10,13 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from liveportrait_triton import spec
-from liveportrait_triton.triton_backend import (FREED_END, FREED_IDLE, BlsRunner, Failure, PipelineBackend,
-                                                RawRequest, backend_array, backend_tensor, config_parameter,
-                                                parse_parameters)
+from liveportrait_triton.backend.bls import BlsRunner
+from liveportrait_triton.backend.model_config import config_parameter
+from liveportrait_triton.backend.outcomes import Failure
+from liveportrait_triton.backend.pipeline_model import PipelineBackend
+from liveportrait_triton.backend.requests import RawRequest, parse_parameters
+from liveportrait_triton.backend.sequences import FREED_END, FREED_IDLE
+from liveportrait_triton.backend.tensors import backend_array, backend_tensor
 
 INPUT_NAMES = spec.PIPELINE_SPEC.input_names     # all optional: a request carries those it needs
 

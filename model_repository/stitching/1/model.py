@@ -1,14 +1,16 @@
 """Triton Python-backend adapter of one LivePortrait sub-network on ONNX Runtime (the same file for every one).
 
 Generated into the repository by liveportrait_triton.repository; the logic (config and ONNX checks, NaN/Inf
-refusal, batching across requests) is liveportrait_triton.triton_backend.OnnxSubnetwork.
+refusal, batching across requests) is liveportrait_triton.backend.subnetwork.OnnxSubnetwork.
 """
 import json
 from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
-from liveportrait_triton.triton_backend import Failure, OnnxSubnetwork, backend_array, backend_tensor
+from liveportrait_triton.backend.outcomes import Failure
+from liveportrait_triton.backend.subnetwork import OnnxSubnetwork
+from liveportrait_triton.backend.tensors import backend_array, backend_tensor
 
 
 def to_response(outcome):

@@ -1,0 +1,135 @@
+"""Reading and validating requests of the `liveportrait` model (each rule once)."""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+from typing import Any
+
+import numpy as np
+
+from .. import spec
+from ..pipeline import DrivingFrame, InputError, MotionFrame
+
+
+@dataclasses.dataclass
+class RawRequest:
+    """What the adapter reads from one Triton request: controls, the optional inputs present, parameters."""
+    corrid: int
+    start: bool
+    end: bool
+    tensors: dict[str, np.ndarray]          # present optional inputs by spec name, with the batch dimension
+    parameters: dict[str, Any]
+
+
+@dataclasses.dataclass
+class PipelineRequest:
+    """A validated request of the `liveportrait` model."""
+    corrid: int
+    start: bool
+    end: bool
+    source: np.ndarray | None = None        # (256, 256, 3) uint8, START only
+    options: dict | None = None             # parsed options, START only
+    source_eye_ratio: np.ndarray | None = None
+    source_lip_ratio: np.ndarray | None = None
+    frame: DrivingFrame | None = None       # the driving input, if any
+
+
+START_ONLY = ("source", "source_eye_ratio", "source_lip_ratio")
+FRAME_RATIOS = ("driving_eye_ratio", "driving_lip_ratio")
+
+
+def parse_request(raw: RawRequest) -> PipelineRequest:
+    """Check which inputs a request may carry and build the driving frame; InputError/OptionError if it can't."""
+    known = set(spec.PIPELINE_SPEC.input_names)
+    unknown = sorted(set(raw.tensors) - known)
+    if unknown:
+        raise InputError(f"unknown input(s) {unknown}")
+    arrays = {}
+    for name, value in raw.tensors.items():
+        array = np.asarray(value)
+        if array.ndim == 0 or array.shape[0] != 1:
+            raise InputError(f"{name}: each request carries one frame (batch dimension 1), got shape "
+                             f"{list(array.shape)}")
+        want = spec.PIPELINE_SPEC.input(name)
+        if array.dtype != want.numpy_dtype or array.shape[1:] != want.shape:
+            raise InputError(f"{name}: expected {want.dtype} {[1, *want.shape]}, got {array.dtype} "
+                             f"{list(array.shape)}")
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise InputError(f"{name}: contains NaN or Inf")
+        arrays[name] = array[0]
+    request = PipelineRequest(corrid=raw.corrid, start=raw.start, end=raw.end)
+    if raw.start:
+        request.options = spec.parse_options(raw.parameters)
+        if "source" not in arrays:
+            raise InputError(f"sequence {raw.corrid}: the START request must carry `source` (the source crop)")
+        request.source = arrays["source"]
+        request.source_eye_ratio = arrays.get("source_eye_ratio")
+        request.source_lip_ratio = arrays.get("source_lip_ratio")
+        if request.options["eye_retargeting"] and request.source_eye_ratio is None:
+            raise InputError("option eye_retargeting is on but the START request has no source_eye_ratio")
+        if request.options["lip_retargeting"] and request.source_lip_ratio is None:
+            raise InputError("option lip_retargeting is on but the START request has no source_lip_ratio")
+    else:
+        if raw.parameters:
+            raise InputError(f"options {sorted(raw.parameters)} may only be sent with the START request "
+                             "(they are fixed for the whole sequence)")
+        misplaced = [n for n in START_ONLY if n in arrays]
+        if misplaced:
+            raise InputError(f"{misplaced} may only be sent with the START request; start a new sequence to "
+                             "change the source")
+    motion = [n for n in spec.MOTION_INPUTS if n in arrays]
+    if "driving" in arrays and motion:
+        raise InputError("a request carries either `driving` or the motion_* inputs of a template, not both")
+    if motion and len(motion) != len(spec.MOTION_INPUTS):
+        missing = [n for n in spec.MOTION_INPUTS if n not in arrays]
+        raise InputError(f"template motion needs all of {list(spec.MOTION_INPUTS)}; missing {missing}")
+    eye = arrays.get("driving_eye_ratio")
+    lip = arrays.get("driving_lip_ratio")
+    if "driving" in arrays or motion:
+        template = None
+        if motion:
+            template = MotionFrame(R=arrays["motion_R"], exp=arrays["motion_exp"], t=arrays["motion_t"],
+                                   scale=arrays["motion_scale"]).validated()
+        request.frame = DrivingFrame(crop=arrays.get("driving"), motion=template,
+                                     eye_ratio=None if eye is None else float(eye[0]),
+                                     lip_ratio=None if lip is None else float(lip[0]))
+    elif eye is not None or lip is not None:
+        raise InputError(f"{[n for n in FRAME_RATIOS if n in arrays]} need a driving input in the same request")
+    elif not raw.start and not raw.end:
+        raise InputError("the request carries no driving input: send `driving` (a crop) or the motion_* inputs")
+    return request
+
+
+def check_frame(options: dict, frame: DrivingFrame) -> None:
+    """Per-frame inputs the sequence's options require."""
+    if options["eye_retargeting"] and frame.eye_ratio is None:
+        raise InputError("option eye_retargeting is on but the frame has no driving_eye_ratio")
+    if options["lip_retargeting"] and frame.lip_ratio is None:
+        raise InputError("option lip_retargeting is on but the frame has no driving_lip_ratio")
+
+
+def plan_rounds(corrids: list[int]) -> list[list[int]]:
+    """Split a batch (request indices in arrival order) into rounds holding at most one request per sequence.
+
+    A sequence's requests keep their order: its k-th request in the batch goes to round k.
+    """
+    rounds: list[list[int]] = []
+    seen: collections.Counter = collections.Counter()
+    for index, corrid in enumerate(corrids):
+        k = seen[corrid]
+        seen[corrid] += 1
+        if k == len(rounds):
+            rounds.append([])
+        rounds[k].append(index)
+    return rounds
+
+
+def parse_parameters(text: str | None) -> dict[str, Any]:
+    """A request's parameters (the Python backend hands them over as a JSON object string)."""
+    if not text:
+        return {}
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise InputError(f"request parameters must be a JSON object, got {type(value).__name__}")
+    return value
