@@ -172,8 +172,11 @@ class LivePortraitClient:
         for model in (self.model, *(models or ())):
             self.check_model(model)
 
+    def model_ready(self, model: str) -> bool:
+        return bool(self._client.is_model_ready(model))
+
     def check_model(self, model: str) -> None:
-        if not self._client.is_model_ready(model):
+        if not self.model_ready(model):
             raise ServerUnavailable(f"the server at {self.where()} has no ready model {model!r} (is the repository "
                                     f"complete? see the server log)")
         wanted = spec.PIPELINE_SPEC if model == self.model else spec.submodel_specs()[model]

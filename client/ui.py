@@ -1,0 +1,435 @@
+"""`liveportrait-triton ui`: a Gradio page on top of the Triton server (Animate, Live, status line).
+
+Everything goes through the client library: Animate runs the `animate` command's own code path (so every option
+and check is the command's), Live keeps one server sequence per browser session (START with the portrait, one
+request per webcam frame, END when the tab closes or the connection drops), and the status line reads the
+server's readiness and metrics. The page binds to loopback unless told otherwise; files come only from uploads
+(paths outside Gradio's upload folder are refused), uploads are size-limited and driving inputs duration-limited.
+
+Named API endpoints (gradio_client): `/animate` (source, driving, then every option with its default; returns the
+result video first), `/edit` when the editing API is present.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from .. import crop as C
+from .. import spec
+from . import animate as A
+from . import media
+from .client import DEFAULT_URL, LivePortraitClient, RequestFailed, ServerMismatch, ServerUnavailable, SourceInput, \
+    new_sequence_id
+from .faces import NoFaceError, make_analyzer
+from .profiling import StageTimer
+from .status import StatusMonitor, default_metrics_url
+from .templates import TemplateError, load_template
+
+DRIVING_SUFFIXES = [".mp4", ".mov", ".avi", ".mkv", ".webm", ".png", ".jpg", ".jpeg", ".bmp", ".webp", ".npz", ".pkl"]
+USER_ERRORS = (media.MediaError, NoFaceError, TemplateError, ServerUnavailable, ServerMismatch, RequestFailed,
+               FileNotFoundError, ValueError)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Settings shared by the Animate and Live tabs: one list, the `animate` command's names and defaults
+
+
+@dataclasses.dataclass(frozen=True)
+class Control:
+    name: str               # the `animate` argument it sets
+    label: str
+    kind: str               # "check", "choice", "number"
+    default: object
+    choices: tuple = ()
+    bounds: tuple[float, float] | None = None
+    step: float | None = None
+
+
+def _motion_controls() -> list[Control]:
+    out = []
+    for name in A.CLI_OPTIONS:
+        opt = spec.PIPELINE_OPTIONS[name]
+        label = name.replace("_", " ")
+        if opt.kind is bool:
+            out.append(Control(name, label, "check", opt.default))
+        elif opt.choices:
+            out.append(Control(name, label, "choice", opt.default, choices=opt.choices))
+        else:
+            out.append(Control(name, label, "number", opt.default, bounds=opt.bounds, step=0.05))
+    return out
+
+
+def _crop_controls() -> list[Control]:
+    out = []
+    for who, settings in (("source", C.SOURCE_CROP), ("driving", C.DRIVING_CROP)):
+        out.append(Control(f"{who}_scale", f"{who} crop scale", "number", settings.scale, bounds=(1.0, 4.0),
+                           step=0.05))
+        out.append(Control(f"{who}_vx", f"{who} crop x shift", "number", settings.vx, bounds=(-1.0, 1.0), step=0.01))
+        out.append(Control(f"{who}_vy", f"{who} crop y shift", "number", settings.vy, bounds=(-1.0, 1.0), step=0.01))
+    out.append(Control("crop_driving", "crop the face out of driving frames", "check", False))
+    out.append(Control("paste_back", "paste back into the full source picture", "check", True))
+    out.append(Control("smooth", "smooth head pose and expression (One-Euro)", "check", False))
+    return out
+
+
+MOTION_CONTROLS = _motion_controls()
+CROP_CONTROLS = _crop_controls()
+ANIMATE_CONTROLS = MOTION_CONTROLS + CROP_CONTROLS
+LIVE_DEFAULTS = {"crop_driving": True, "smooth": True}      # a camera is not a face crop, and it jitters
+
+
+def animate_args(server: str, source: str, driving: str, output: str, settings: dict) -> argparse.Namespace:
+    """The `animate` command's arguments (its parser's defaults) with the page's settings applied."""
+    parser = argparse.ArgumentParser()
+    A.add_arguments(parser)
+    args = parser.parse_args(["--server", server, "--source", source, "--driving", driving, "--output", output,
+                              "--quiet"])
+    for name, value in settings.items():
+        if not hasattr(args, name):
+            raise ValueError(f"unknown setting {name!r}")
+        setattr(args, name, value)
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Limits
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    upload_mb: float = 50.0             # per uploaded file (Gradio refuses larger uploads with its own message)
+    driving_seconds: float = 60.0       # driving videos and templates
+    live_sessions: int = 4              # browser sessions streaming at once
+
+
+def uploaded_file(path: str | None, what: str, upload_folder: Path) -> str:
+    """An uploaded file's path; anything outside the upload folder (a path typed into an API call) is refused."""
+    if not path:
+        raise ValueError(f"no {what}: upload one")
+    resolved = Path(path).resolve()
+    if not resolved.is_relative_to(upload_folder) or not resolved.is_file():
+        raise ValueError(f"the {what} must be an uploaded file")
+    return str(resolved)
+
+
+def driving_seconds(path: str, kind: str) -> float | None:
+    """Length of a driving video or template in seconds (None if the container does not say)."""
+    if kind == "template":
+        template = load_template(path)
+        return len(template) / template.fps
+    if kind == "video":
+        reader = media.VideoReader(path)
+        try:
+            info = reader.info
+        finally:
+            reader.close()
+        return info.frame_count / info.fps if info.frame_count else None
+    return 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Live: one server sequence per browser session
+
+
+class LiveSession:
+    """A webcam stream animating one portrait: START on creation, one request per frame, END on close."""
+
+    def __init__(self, server: str, source: str, settings: dict, face_models: str | None, fps: float):
+        self.key = (source, tuple(sorted(settings.items())))
+        self.lock = threading.Lock()
+        args = animate_args(server, source, media.WEBCAM_PREFIX + "0", "live.mp4", {**settings, "face_models": face_models})
+        options = A.pipeline_options(args, "webcam")
+        analyzer = make_analyzer(face_models)
+        try:
+            image, box, crop512, eye, lip = A.prepare_source(source, analyzer, C.CropSettings(
+                args.source_scale, args.source_vx, args.source_vy, rotate=True), args.source_max_dim, even=False,
+                timer=StageTimer())
+        finally:
+            analyzer.close()
+        self.client = LivePortraitClient(server)
+        smooth = bool(args.smooth)
+        if smooth:
+            self.client.check_model(spec.MOTION)
+        self.paste = C.PasteBack(image, box) if args.paste_back else None
+        self.still = image if self.paste is not None else crop512
+        self.frames = A.DrivingFrames(args, self.client, StageTimer(), fps, smooth, comparison=False)
+        self.sequence_id = new_sequence_id()
+        self.number = 0
+        self.closed = False
+        source_input = SourceInput(crop=C.network_input(crop512), options=options, eye_ratio=eye, lip_ratio=lip)
+        self.client.infer(source_input.tensors(), self.sequence_id, start=True, options=options)
+
+    def animate(self, frame: np.ndarray) -> np.ndarray:
+        """One webcam frame (RGB) -> the animated portrait (the still portrait until a face is found)."""
+        with self.lock:
+            if self.closed:
+                raise RequestFailed("the live session has ended")
+            prepared = self.frames(self.number, np.ascontiguousarray(frame[..., :3]))
+            self.number += 1
+            if prepared.driving is None:
+                return self.still
+            image, _ = self.client.infer(prepared.driving.tensors(), self.sequence_id)
+            return self.paste(image) if self.paste is not None else image
+
+    def close(self) -> None:
+        """END the sequence (the server frees its state now rather than at the idle timeout)."""
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            try:
+                self.client.infer({}, self.sequence_id, end=True)
+            except RequestFailed:       # the server went away: its idle timeout frees the state
+                pass
+            self.frames.close()
+            self.client.close()
+
+
+class LiveSessions:
+    """Browser session id -> LiveSession, at most `limit` at once."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._sessions: dict[str, LiveSession] = {}
+        self._lock = threading.Lock()
+
+    def get(self, session_id: str, key, create) -> LiveSession:
+        with self._lock:
+            current = self._sessions.get(session_id)
+            if current is not None and current.key == key and not current.closed:
+                return current
+            if current is None and len(self._sessions) >= self.limit:
+                raise ValueError(f"{self.limit} live sessions are running, the most this page allows; try later")
+            self._sessions.pop(session_id, None)
+        if current is not None:
+            current.close()         # the portrait or a setting changed: a new sequence
+        session = create()
+        with self._lock:
+            self._sessions[session_id] = session
+        return session
+
+    def close(self, session_id: str) -> None:
+        with self._lock:
+            session = self._sessions.pop(session_id, None)
+        if session is not None:
+            session.close()
+
+    def close_all(self) -> None:
+        for session_id in list(self._sessions):
+            self.close(session_id)
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The app
+
+
+class App:
+    """The page's logic, independent of the widgets (the Gradio callbacks call these)."""
+
+    def __init__(self, server: str = DEFAULT_URL, metrics_url: str | None = None, limits: Limits = Limits(),
+                 face_models: str | None = None, live_fps: float = 10.0):
+        import gradio.utils
+        self.server, self.limits, self.face_models, self.live_fps = server, limits, face_models, live_fps
+        self.metrics_url = metrics_url or default_metrics_url(server)
+        self.upload_folder = Path(gradio.utils.get_upload_folder()).resolve()
+        self.work = Path(tempfile.mkdtemp(prefix="liveportrait-ui-"))
+        self.live = LiveSessions(limits.live_sessions)
+        self._monitor: StatusMonitor | None = None
+        self._monitor_lock = threading.Lock()
+
+    def close(self) -> None:
+        self.live.close_all()
+        if self._monitor is not None:
+            self._monitor.client.close()
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    # -- status -------------------------------------------------------------------------------------------
+    def status_line(self) -> str:
+        with self._monitor_lock:
+            if self._monitor is None:
+                try:
+                    self._monitor = StatusMonitor(LivePortraitClient(self.server, check=False), self.metrics_url)
+                except Exception as exc:        # grpc's own error types
+                    return f"server: cannot connect to {self.server} ({exc})"
+            return self._monitor.poll().line()
+
+    # -- animate ------------------------------------------------------------------------------------------
+    def animate(self, source: str | None, driving: str | None, settings: dict
+                ) -> tuple[str | None, str | None, str | None, str, str]:
+        """-> (result video, comparison video, result image, download, message); raises USER_ERRORS."""
+        source = uploaded_file(source, "source portrait", self.upload_folder)
+        driving = uploaded_file(driving, "driving file", self.upload_folder)
+        kind = A.driving_kind(driving)
+        if kind == "webcam":
+            raise ValueError("the driving file must be a video, an image or a motion template")
+        seconds = driving_seconds(driving, kind)
+        if seconds is not None and seconds > self.limits.driving_seconds:
+            raise ValueError(f"the driving {kind} is {seconds:.1f} s long; this page accepts at most "
+                             f"{self.limits.driving_seconds:g} s")
+        folder = Path(tempfile.mkdtemp(dir=self.work))
+        output = folder / ("result" + (Path(driving).suffix.lower() if kind == "image" else ".mp4"))
+        comparison = folder / "comparison.mp4" if kind != "image" else None
+        args = animate_args(self.server, source, driving, str(output), {**settings, "face_models": self.face_models})
+        args.comparison = str(comparison) if comparison else None
+        args.quiet = False                  # the progress bar (tqdm) is what the page's progress bar tracks
+        if kind == "video":
+            reader = media.VideoReader(driving)
+            fps = reader.info.fps
+            reader.close()
+            args.max_frames = math.ceil(self.limits.driving_seconds * fps)      # containers may lie about length
+        summary = A.animate(args)
+        message = f"{summary.frames} frame{'s' if summary.frames != 1 else ''} in {summary.wall_s:.1f} s"
+        if kind == "image":
+            return None, None, str(output), str(output), message
+        return str(output), str(comparison), None, str(output), message
+
+    # -- live ---------------------------------------------------------------------------------------------
+    def live_frame(self, session_id: str, frame: np.ndarray | None, source: str | None, settings: dict
+                   ) -> np.ndarray | None:
+        if frame is None:
+            return None
+        source = uploaded_file(source, "portrait", self.upload_folder)
+        key = (source, tuple(sorted(settings.items())))
+        session = self.live.get(session_id, key, lambda: LiveSession(self.server, source, settings,
+                                                                     self.face_models, self.live_fps))
+        return session.animate(frame)
+
+
+def _widget(control: Control, overrides: dict):
+    import gradio as gr
+    default = overrides.get(control.name, control.default)
+    if control.kind == "check":
+        return gr.Checkbox(value=default, label=control.label)
+    if control.kind == "choice":
+        return gr.Dropdown(choices=list(control.choices), value=default, label=control.label)
+    low, high = control.bounds
+    return gr.Slider(low, high, value=default, step=control.step, label=control.label)
+
+
+def _widgets(controls: list[Control], overrides: dict | None = None) -> list:
+    return [_widget(c, overrides or {}) for c in controls]
+
+
+def build(app: App):
+    """The Gradio Blocks of the page."""
+    import gradio as gr
+
+    def user_error(exc: Exception):
+        return gr.Error(str(exc), print_exception=False)
+
+    def animate_endpoint(source, driving, *values, progress=gr.Progress(track_tqdm=True)):
+        settings = {c.name: v for c, v in zip(ANIMATE_CONTROLS, values)}
+        try:
+            return app.animate(source, driving, settings)
+        except USER_ERRORS as exc:
+            raise user_error(exc) from None
+
+    def live_endpoint(frame, source, *values, request: gr.Request):
+        settings = {c.name: v for c, v in zip(ANIMATE_CONTROLS, values)}
+        try:
+            return app.live_frame(request.session_hash, frame, source, settings)
+        except USER_ERRORS as exc:
+            raise user_error(exc) from None
+
+    def close_live(request: gr.Request):
+        app.live.close(request.session_hash)
+
+    with gr.Blocks(title="LivePortrait-Triton", delete_cache=(600, 3600)) as demo:
+        gr.Markdown("# LivePortrait-Triton\nPortrait animation served by Triton: every browser shares the "
+                    "server's batching with every other client.")
+        status = gr.Markdown("server: ...", elem_id="server-status")
+        with gr.Tab("Animate", id="animate"):
+            with gr.Row():
+                source = gr.Image(type="filepath", label="Source portrait", sources=["upload", "clipboard"],
+                                  elem_id="animate-source")
+                driving = gr.File(label="Driving video, image or motion template (.npz/.pkl)",
+                                  file_types=DRIVING_SUFFIXES, type="filepath", elem_id="animate-driving")
+            with gr.Accordion("Motion", open=False):
+                motion = _widgets(MOTION_CONTROLS)
+            with gr.Accordion("Crop, paste-back and smoothing", open=False):
+                crop = _widgets(CROP_CONTROLS)
+            run_button = gr.Button("Animate", variant="primary", elem_id="animate-button")
+            message = gr.Markdown(elem_id="animate-message")
+            with gr.Row():
+                result = gr.Video(label="Result", elem_id="animate-result")
+                comparison = gr.Video(label="Driving | source | result", elem_id="animate-comparison")
+            result_image = gr.Image(label="Result (image driving)", type="filepath", elem_id="animate-result-image")
+            download = gr.File(label="Download", elem_id="animate-download")
+            run_button.click(animate_endpoint, inputs=[source, driving, *motion, *crop],
+                             outputs=[result, comparison, result_image, download, message], api_name="animate")
+        with gr.Tab("Live", id="live"):
+            gr.Markdown("Your webcam drives the portrait in real time (one server sequence per browser tab, freed "
+                        "when the tab closes).")
+            with gr.Row():
+                live_source = gr.Image(type="filepath", label="Portrait", sources=["upload", "clipboard"],
+                                       elem_id="live-source")
+                webcam = gr.Image(sources=["webcam"], streaming=True, type="numpy", label="Webcam",
+                                  elem_id="live-webcam")
+                live_out = gr.Image(label="Animated", streaming=True, elem_id="live-output")
+            with gr.Accordion("Settings", open=False):
+                live_controls = _widgets(ANIMATE_CONTROLS, LIVE_DEFAULTS)
+            webcam.stream(live_endpoint, inputs=[webcam, live_source, *live_controls], outputs=[live_out],
+                          stream_every=1.0 / app.live_fps, concurrency_limit=app.limits.live_sessions,
+                          api_name=False, show_progress="hidden")
+        timer = gr.Timer(2.0)
+        timer.tick(app.status_line, outputs=[status], api_name=False, show_progress="hidden", queue=False)
+        demo.load(app.status_line, outputs=[status], api_name=False, queue=False)
+        demo.unload(close_live)
+    return demo
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server", default=DEFAULT_URL, help=f"Triton gRPC address HOST:PORT (default {DEFAULT_URL})")
+    parser.add_argument("--metrics-url", help="Triton metrics endpoint (default http://SERVER_HOST:8002/metrics)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address the page listens on (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=7860, help="port of the page (default 7860)")
+    parser.add_argument("--max-upload-mb", type=float, default=Limits.upload_mb,
+                        help=f"largest accepted upload in MB (default {Limits.upload_mb:g})")
+    parser.add_argument("--max-driving-seconds", type=float, default=Limits.driving_seconds,
+                        help=f"longest accepted driving video or template (default {Limits.driving_seconds:g} s)")
+    parser.add_argument("--max-live-sessions", type=int, default=Limits.live_sessions,
+                        help=f"browser sessions streaming their webcam at once (default {Limits.live_sessions})")
+    parser.add_argument("--live-fps", type=float, default=10.0, help="webcam frames sent per second (default 10)")
+    parser.add_argument("--face-models", metavar="DIR", help="official face models folder (see `animate --help`)")
+
+
+def launch(app: App, host: str, port: int, block: bool = True):
+    demo = build(app)
+    demo.queue(default_concurrency_limit=4)
+    return demo.launch(server_name=host, server_port=port, max_file_size=f"{app.limits.upload_mb:g}mb",
+                       prevent_thread_lock=not block, show_error=True, quiet=not block)
+
+
+def run(args) -> int:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        print("error: the web interface needs the `ui` extra (gradio); see README \"Web interface\"")
+        return 1
+    if args.max_upload_mb <= 0 or args.max_driving_seconds <= 0 or args.max_live_sessions < 1 or args.live_fps <= 0:
+        print("error: limits and --live-fps must be positive")
+        return 2
+    app = App(args.server, args.metrics_url, Limits(args.max_upload_mb, args.max_driving_seconds,
+                                                    args.max_live_sessions), args.face_models, args.live_fps)
+    try:
+        launch(app, args.host, args.port)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        app.close()
+    return 0
