@@ -236,7 +236,7 @@ class LivePortraitClient:
 
     def infer(self, tensors: dict[str, np.ndarray], sequence_id: int, start: bool = False, end: bool = False,
               options: dict | None = None) -> tuple[np.ndarray | None, int]:
-        """One request of a sequence -> (image or None, frame_index)."""
+        """One request of a sequence -> (image or None, frame_index); an edit's image comes with index -1."""
         request = self.request(tensors, sequence_id=sequence_id, start=start, end=end, options=options)
         try:
             result = self._client.infer(**request)
@@ -244,7 +244,7 @@ class LivePortraitClient:
             raise RequestFailed(f"{self.model} request failed: {_first_line(exc)}") from exc
         index = int(result.as_numpy("frame_index").reshape(-1)[0])
         image = result.as_numpy("image")
-        return (None if image is None or index < 0 else image.reshape(image.shape[-3:])), index
+        return (None if image is None else image.reshape(image.shape[-3:])), index
 
     def animate_image(self, source: SourceInput, driving: DrivingInput) -> np.ndarray:
         """A whole sequence in one request (START + one frame + END): image-driven animation."""
@@ -265,6 +265,12 @@ class LivePortraitClient:
         except TRANSPORT_ERRORS as exc:
             raise RequestFailed(f"{spec.MOTION} request failed: {_first_line(exc)}") from exc
         return MotionInfo.from_raw({n: result.as_numpy(n) for n in model_spec.output_names})
+
+    def editor(self, image: np.ndarray, **settings):
+        """A `client.editing.PortraitEditor` on a full RGB portrait (settings: source_scale, vx, vy, stitching,
+        paste_back, face_models); its `edit(**controls)` returns the edited portrait."""
+        from .editing import PortraitEditor
+        return PortraitEditor(self, image, **settings)
 
     # -- streaming ------------------------------------------------------------------------------------------
     def stream(self, source: SourceInput, max_in_flight: int = 4, retry_s: float = 0.0) -> "AnimationStream":
