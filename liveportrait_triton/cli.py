@@ -15,6 +15,7 @@ COMMANDS = {
     "tensorrt": ("liveportrait_triton.export.tensorrt_cli", "build TensorRT engines from exported ONNX (GPU)"),
     "serve": ("liveportrait_triton.serve", "start the bundled Triton server on a model repository"),
     "animate": ("liveportrait_triton.client.animate", "animate a portrait with a driving video/image/template"),
+    "edit": ("liveportrait_triton.client.edit_cli", "edit a portrait's pose and expression (retargeting controls)"),
     "template": ("liveportrait_triton.client.template_cli", "extract a motion template (.npz) from a video"),
     "ui": ("liveportrait_triton.client.ui", "web interface (Gradio) on a running server: animate, live webcam"),
     "bench": ("liveportrait_triton.benchmarks.cli", "run the benchmarks (in-process, server, perf_analyzer)"),

@@ -14,6 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
+from . import editing
 from . import keypoints as K
 from . import spec
 from .config import NUM_KP
@@ -100,6 +101,12 @@ class DrivingFrame:
 
 
 @dataclasses.dataclass
+class Edit:
+    """An edit of the sequence's source image: validated control values (`spec.parse_edit`)."""
+    controls: dict
+
+
+@dataclasses.dataclass
 class StreamState:
     """What one sequence keeps between frames: the source's features and keypoints, options and anchors."""
     options: dict
@@ -151,10 +158,11 @@ class Animator:
         return states
 
     # -- driving --------------------------------------------------------------------------------------------
-    def driving_motion(self, frames: list[DrivingFrame]) -> list[K.MotionInfo]:
-        """M on the crops of the batch (one call), template motion as given."""
-        crops = [i for i, f in enumerate(frames) if f.motion is None]
-        infos: list[K.MotionInfo | None] = [f.motion.info() if f.motion is not None else None for f in frames]
+    def driving_motion(self, frames: list[DrivingFrame | Edit]) -> list[K.MotionInfo | None]:
+        """M on the crops of the batch (one call), template motion as given; None for edits."""
+        crops = [i for i, f in enumerate(frames) if isinstance(f, DrivingFrame) and f.motion is None]
+        infos: list[K.MotionInfo | None] = [f.motion.info() if isinstance(f, DrivingFrame) and f.motion is not None
+                                            else None for f in frames]
         if crops:
             batch = crop_to_input(np.stack([check_crop("driving", frames[i].crop) for i in crops]))
             m = K.MotionInfo.from_raw(self.runner.run(spec.MOTION, {"image": batch}))
@@ -202,20 +210,44 @@ class Animator:
             x = K.apply_stitching(x, delta)
         return K.apply_driving_multiplier(x_s, x, o["driving_multiplier"])
 
+    def edit_keypoints(self, state: StreamState, edit: Edit) -> np.ndarray:
+        """x_d of an edit of the source: the editing formula, eye/lip MLP deltas for target ratios, stitching.
+        Target ratios need the source's ratios in the state (`backend.requests.check_edit`)."""
+        c = edit.controls
+        x_s = state.x_s
+        x = editing.edited_keypoints(state.source, c)
+        calls = []
+        if c.get("eye_ratio") is not None:
+            calls.append((spec.RETARGET_EYE, {"kp_source": x_s,
+                                              "eye_ratio": editing.eye_ratio_input(state.source_eye_ratio,
+                                                                                   c["eye_ratio"])}))
+        if c.get("lip_ratio") is not None:
+            calls.append((spec.RETARGET_LIP, {"kp_source": x_s,
+                                              "lip_ratio": editing.lip_ratio_input(state.source_lip_ratio,
+                                                                                   c["lip_ratio"])}))
+        for out in run_concurrently(self.runner, calls):
+            x = x + out["delta"].reshape(1, NUM_KP, 3)
+        if state.options["stitching"]:
+            x = K.apply_stitching(x, self.runner.run(spec.STITCHING, {"kp_source": x_s, "kp_driving": x})["delta"])
+        return x
+
     def render(self, volumes: np.ndarray, x_s: np.ndarray, x_d: np.ndarray) -> np.ndarray:
         """W then G on a batch -> (B, 512, 512, 3) uint8."""
         warped = self.runner.run(spec.WARPING, {"feature_volume": volumes, "kp_source": x_s, "kp_driving": x_d})
         image = self.runner.run(spec.GENERATOR, {"warped_feature": warped["warped_feature"]})["image"]
         return image_to_uint8(image)
 
-    def animate(self, states: list[StreamState], frames: list[DrivingFrame]) -> list[np.ndarray]:
-        """One driving frame for each of several streams (a stream may appear once per call)."""
+    def animate(self, states: list[StreamState], frames: list[DrivingFrame | Edit]) -> list[np.ndarray]:
+        """One driving frame or edit for each of several streams (a stream may appear once per call), rendered
+        in one W+G batch. Edits leave the stream's frame count and anchor as they are."""
         drivings = self.driving_motion(frames)
-        x_d = [self.driving_keypoints(s, d, f) for s, d, f in zip(states, drivings, frames)]
+        x_d = [self.edit_keypoints(s, f) if isinstance(f, Edit) else self.driving_keypoints(s, d, f)
+               for s, d, f in zip(states, drivings, frames)]
         images = self.render(np.concatenate([s.feature_volume for s in states]),
                              np.concatenate([s.x_s for s in states]), np.concatenate(x_d))
-        for s in states:
-            s.frames_done += 1
+        for s, f in zip(states, frames):
+            if not isinstance(f, Edit):
+                s.frames_done += 1
         return list(images)
 
 

@@ -174,23 +174,72 @@ def parse_options(raw: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(raw) - set(PIPELINE_OPTIONS))
     if unknown:
         raise OptionError(f"unknown option(s) {unknown}; known options: {sorted(PIPELINE_OPTIONS)}")
+    return {name: _checked(name, opt, raw.get(name, opt.default)) for name, opt in PIPELINE_OPTIONS.items()}
+
+
+def _checked(name: str, opt: Option, value: Any, kind: str = "option") -> Any:
+    """One value converted to its option's kind and checked against its bounds or choices (kind names it)."""
+    if opt.kind is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            value = value.lower() in ("true", "1")
+        if not isinstance(value, bool):
+            raise OptionError(f"{kind} {name!r} must be a boolean, got {value!r}")
+    elif opt.kind is float:
+        if isinstance(value, bool):
+            raise OptionError(f"{kind} {name!r} must be a number, got {value!r}")
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise OptionError(f"{kind} {name!r} must be a number, got {value!r}") from None
+        if not math.isfinite(value) or (opt.bounds and not opt.bounds[0] <= value <= opt.bounds[1]):
+            raise OptionError(f"{kind} {name!r}={value!r} is outside {list(opt.bounds)}")
+    elif opt.kind is str:
+        if not isinstance(value, str) or (opt.choices and value not in opt.choices):
+            raise OptionError(f"{kind} {name!r}={value!r} is not one of {list(opt.choices)}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Portrait editing: request parameters of an edit request (see README "Portrait editing"). Names, ranges and
+# defaults are the official image-retargeting controls (the official Gradio app's sliders); None: control unused.
+
+EDIT_FLAG = "edit"      # a request whose parameters set this to true is an edit of the sequence's source
+EDIT_CONTROLS: dict[str, Option] = {
+    "eye_ratio": Option(float, None, "target eyes-open ratio (eye retargeting MLP; unset: eyes as they are)",
+                        bounds=(0.0, 0.8)),
+    "lip_ratio": Option(float, None, "target lip-open ratio (lip retargeting MLP; unset: lips as they are)",
+                        bounds=(0.0, 0.8)),
+    "pitch": Option(float, 0.0, "head pitch offset, degrees", bounds=(-15.0, 15.0)),
+    "yaw": Option(float, 0.0, "head yaw offset, degrees", bounds=(-25.0, 25.0)),
+    "roll": Option(float, 0.0, "head roll offset, degrees", bounds=(-15.0, 15.0)),
+    "mov_x": Option(float, 0.0, "x-axis movement", bounds=(-0.19, 0.19)),
+    "mov_y": Option(float, 0.0, "y-axis movement", bounds=(-0.19, 0.19)),
+    "mov_z": Option(float, 1.0, "z-axis movement (a scale factor)", bounds=(0.9, 1.2)),
+    "lip_variation_zero": Option(float, 0.0, "pouting", bounds=(-0.09, 0.09)),
+    "lip_variation_one": Option(float, 0.0, "pursing", bounds=(-20.0, 15.0)),
+    "lip_variation_two": Option(float, 0.0, "grin", bounds=(0.0, 15.0)),
+    "lip_variation_three": Option(float, 0.0, "lip close <-> open", bounds=(-90.0, 120.0)),
+    "smile": Option(float, 0.0, "smile", bounds=(-0.3, 1.3)),
+    "wink": Option(float, 0.0, "wink", bounds=(0.0, 39.0)),
+    "eyebrow": Option(float, 0.0, "eyebrow", bounds=(-30.0, 30.0)),
+    "eyeball_direction_x": Option(float, 0.0, "eye gaze, horizontal", bounds=(-30.0, 30.0)),
+    "eyeball_direction_y": Option(float, 0.0, "eye gaze, vertical", bounds=(-63.0, 63.0)),
+}
+
+
+def is_edit(raw: dict[str, Any]) -> bool:
+    """Whether request parameters ask for an edit (`edit` true; a string "true"/"1" as HTTP may send it)."""
+    value = raw.get(EDIT_FLAG, False)
+    return value is True or (isinstance(value, str) and value.lower() in ("true", "1"))
+
+
+def parse_edit(raw: dict[str, Any]) -> dict[str, float | None]:
+    """Validate an edit's control values (every key of raw must be a control); all controls, unset ones default."""
+    unknown = sorted(set(raw) - set(EDIT_CONTROLS))
+    if unknown:
+        raise OptionError(f"unknown edit control(s) {unknown}; known controls: {sorted(EDIT_CONTROLS)}")
     out = {}
-    for name, opt in PIPELINE_OPTIONS.items():
-        value = raw.get(name, opt.default)
-        if opt.kind is bool:
-            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
-                value = value.lower() in ("true", "1")
-            if not isinstance(value, bool):
-                raise OptionError(f"option {name!r} must be a boolean, got {value!r}")
-        elif opt.kind is float:
-            try:
-                value = float(value)
-            except (TypeError, ValueError):
-                raise OptionError(f"option {name!r} must be a number, got {value!r}") from None
-            if not math.isfinite(value) or (opt.bounds and not opt.bounds[0] <= value <= opt.bounds[1]):
-                raise OptionError(f"option {name!r}={value!r} is outside {list(opt.bounds)}")
-        elif opt.kind is str:
-            if not isinstance(value, str) or (opt.choices and value not in opt.choices):
-                raise OptionError(f"option {name!r}={value!r} is not one of {list(opt.choices)}")
-        out[name] = value
+    for name, control in EDIT_CONTROLS.items():
+        value = raw.get(name)
+        out[name] = control.default if value is None else _checked(name, control, value, "edit control")
     return out

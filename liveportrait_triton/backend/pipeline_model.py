@@ -10,7 +10,7 @@ from .. import spec
 from ..pipeline import Animator, InputError, StreamState
 from .model_config import ConfigError, check_model_config, config_parameter
 from .outcomes import Failure, FrameResult
-from .requests import PipelineRequest, RawRequest, check_frame, parse_request, plan_rounds
+from .requests import PipelineRequest, RawRequest, check_edit, check_frame, parse_request, plan_rounds
 from .sequences import SequenceListener, SequenceStore, release_free_memory
 
 
@@ -58,28 +58,32 @@ class PipelineCore:
                 live[i] = state
         if starts:
             self._register([parsed[i] for i in starts], starts, live, outcomes)
-        driving = []
+        driving = []        # requests rendered in this round: driving frames and edits
         for i, state in live.items():
-            frame = parsed[i].frame
+            frame = parsed[i].edit or parsed[i].frame
             if frame is None:
                 outcomes[i] = FrameResult(image=None, frame_index=-1)
                 continue
             try:
-                check_frame(state.options, frame)
+                if parsed[i].edit is None:
+                    check_frame(state.options, frame)
+                else:
+                    check_edit(state, frame)
             except InputError as exc:
                 outcomes[i] = Failure(str(exc))
                 continue
             driving.append(i)
         if driving:
             try:
-                images = self.animator.animate([live[i] for i in driving], [parsed[i].frame for i in driving])
+                images = self.animator.animate([live[i] for i in driving],
+                                               [parsed[i].edit or parsed[i].frame for i in driving])
             except InputError as exc:
                 images = [Failure(str(exc))] * len(driving)
             except Exception as exc:    # a sub-network failed: the server's fault, reported without a traceback
                 images = [Failure(f"animation failed: {exc}", False, traceback.format_exc())] * len(driving)
             for i, image in zip(driving, images):
-                outcomes[i] = image if isinstance(image, Failure) else FrameResult(
-                    image=image, frame_index=live[i].frames_done - 1)
+                index = -1 if parsed[i].edit is not None else live[i].frames_done - 1
+                outcomes[i] = image if isinstance(image, Failure) else FrameResult(image=image, frame_index=index)
         for i in indices:
             # END frees the sequence whatever became of its last frame; a START that did not register this
             # sequence (refused, or unparsable) must not free a live one of the same id

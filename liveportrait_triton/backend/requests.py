@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from .. import spec
-from ..pipeline import DrivingFrame, InputError, MotionFrame
+from ..pipeline import DrivingFrame, Edit, InputError, MotionFrame, StreamState
 
 
 @dataclasses.dataclass
@@ -33,6 +33,7 @@ class PipelineRequest:
     source_eye_ratio: np.ndarray | None = None
     source_lip_ratio: np.ndarray | None = None
     frame: DrivingFrame | None = None       # the driving input, if any
+    edit: Edit | None = None                # an edit of the source (parameters with edit=true)
 
 
 START_ONLY = ("source", "source_eye_ratio", "source_lip_ratio")
@@ -59,8 +60,13 @@ def parse_request(raw: RawRequest) -> PipelineRequest:
             raise InputError(f"{name}: contains NaN or Inf")
         arrays[name] = array[0]
     request = PipelineRequest(corrid=raw.corrid, start=raw.start, end=raw.end)
+    parameters, request.edit = split_edit(raw.parameters)
+    if request.edit is not None:
+        present = [n for n in spec.PIPELINE_SPEC.input_names if n in arrays and n not in START_ONLY]
+        if present:
+            raise InputError(f"an edit request carries no driving input, got {present}")
     if raw.start:
-        request.options = spec.parse_options(raw.parameters)
+        request.options = spec.parse_options(parameters)
         if "source" not in arrays:
             raise InputError(f"sequence {raw.corrid}: the START request must carry `source` (the source crop)")
         request.source = arrays["source"]
@@ -71,8 +77,9 @@ def parse_request(raw: RawRequest) -> PipelineRequest:
         if request.options["lip_retargeting"] and request.source_lip_ratio is None:
             raise InputError("option lip_retargeting is on but the START request has no source_lip_ratio")
     else:
-        if raw.parameters:
-            raise InputError(f"options {sorted(raw.parameters)} may only be sent with the START request "
+        if parameters:
+            spec.parse_options(parameters)      # an unknown name is named as such first
+            raise InputError(f"options {sorted(parameters)} may only be sent with the START request "
                              "(they are fixed for the whole sequence)")
         misplaced = [n for n in START_ONLY if n in arrays]
         if misplaced:
@@ -96,9 +103,21 @@ def parse_request(raw: RawRequest) -> PipelineRequest:
                                      lip_ratio=None if lip is None else float(lip[0]))
     elif eye is not None or lip is not None:
         raise InputError(f"{[n for n in FRAME_RATIOS if n in arrays]} need a driving input in the same request")
-    elif not raw.start and not raw.end:
+    elif not raw.start and not raw.end and request.edit is None:
         raise InputError("the request carries no driving input: send `driving` (a crop) or the motion_* inputs")
     return request
+
+
+def split_edit(parameters: dict[str, Any]) -> tuple[dict[str, Any], Edit | None]:
+    """A request's parameters -> (the sequence options among them, the edit they ask for or None)."""
+    edit_keys = {k for k in parameters if k == spec.EDIT_FLAG or k in spec.EDIT_CONTROLS}
+    if not spec.is_edit(parameters):
+        if edit_keys:
+            raise InputError(f"edit control(s) {sorted(edit_keys)} need the parameter {spec.EDIT_FLAG}=true")
+        return parameters, None
+    controls = {k: v for k, v in parameters.items() if k in spec.EDIT_CONTROLS}
+    options = {k: v for k, v in parameters.items() if k not in edit_keys}
+    return options, Edit(spec.parse_edit(controls))
 
 
 def check_frame(options: dict, frame: DrivingFrame) -> None:
@@ -107,6 +126,14 @@ def check_frame(options: dict, frame: DrivingFrame) -> None:
         raise InputError("option eye_retargeting is on but the frame has no driving_eye_ratio")
     if options["lip_retargeting"] and frame.lip_ratio is None:
         raise InputError("option lip_retargeting is on but the frame has no driving_lip_ratio")
+
+
+def check_edit(state: StreamState, edit: Edit) -> None:
+    """Target eye/lip ratios need the source's own ratios, sent with the START request."""
+    for name in ("eye", "lip"):
+        if edit.controls.get(f"{name}_ratio") is not None and getattr(state, f"source_{name}_ratio") is None:
+            raise InputError(f"edit control {name}_ratio needs the source's {name} ratio: send source_{name}_ratio "
+                             "with the START request")
 
 
 def plan_rounds(corrids: list[int]) -> list[list[int]]:
