@@ -1,22 +1,24 @@
-"""`liveportrait-triton ui`: a Gradio page on top of the Triton server (Animate, Live, status line).
+"""`liveportrait-triton ui`: a Gradio page on top of the Triton server (Animate, Edit, Live, status line).
 
 Everything goes through the client library: Animate runs the `animate` command's own code path (so every option
 and check is the command's), Live keeps one server sequence per browser session (START with the portrait, one
 request per webcam frame, END when the tab closes or the connection drops), and the status line reads the
-server's readiness and metrics. The page binds to loopback unless told otherwise; files come only from uploads
+server's readiness and metrics. Edit holds one PortraitEditor (one sequence) per browser session, each slider move is one
+edit request on it. The page binds to loopback unless told otherwise; files come only from uploads
 (paths outside Gradio's upload folder are refused), uploads are size-limited and driving inputs duration-limited.
 
 Named API endpoints (gradio_client): `/animate` (source, driving, then every option with its default; returns the
-result video first), `/edit` when the editing API is present.
+result video first) and `/edit` (portrait, then every editing control with its default; returns the edited image).
 """
-from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import math
 import shutil
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +85,42 @@ MOTION_CONTROLS = _motion_controls()
 CROP_CONTROLS = _crop_controls()
 ANIMATE_CONTROLS = MOTION_CONTROLS + CROP_CONTROLS
 LIVE_DEFAULTS = {"crop_driving": True, "smooth": True}      # a camera is not a face crop, and it jitters
+RATIO_CONTROLS = ("eye_ratio", "lip_ratio")      # unset (None) by default: a checkbox says whether to set them
+
+
+def _edit_controls() -> list[Control]:
+    out = []
+    for name, opt in spec.EDIT_CONTROLS.items():
+        low, high = opt.bounds
+        default = opt.default if opt.default is not None else round((low + high) / 2, 2)
+        out.append(Control(name, opt.help, "number", default, bounds=opt.bounds, step=0.01 if high - low < 3 else 0.5))
+    return out
+
+
+def _edit_crop_controls() -> list[Control]:
+    from .editing import RETARGETING_CROP_SCALE, SOURCE_SCALE_BOUNDS
+    return [Control("source_scale", "crop scale", "number", RETARGETING_CROP_SCALE, bounds=SOURCE_SCALE_BOUNDS,
+                    step=0.05),
+            Control("vx", "crop x shift", "number", C.SOURCE_CROP.vx, bounds=(-1.0, 1.0), step=0.01),
+            Control("vy", "crop y shift", "number", C.SOURCE_CROP.vy, bounds=(-1.0, 1.0), step=0.01),
+            Control("stitching", "stitching", "check", True),
+            Control("paste_back", "paste back into the full portrait", "check", True)]
+
+
+EDIT_CONTROLS = _edit_controls()
+EDIT_SWITCHES = [Control(f"set_{name}", f"set the {name.replace('_', ' ')}", "check", False) for name in RATIO_CONTROLS]
+EDIT_CROP_CONTROLS = _edit_crop_controls()
+
+
+def edit_settings(values: list) -> tuple[dict, dict]:
+    """Widget values in EDIT_CONTROLS + EDIT_SWITCHES + EDIT_CROP_CONTROLS order -> (controls, crop settings)."""
+    n, m = len(EDIT_CONTROLS), len(EDIT_SWITCHES)
+    controls = {c.name: v for c, v in zip(EDIT_CONTROLS, values[:n])}
+    for switch, on in zip(EDIT_SWITCHES, values[n:n + m]):
+        if not on:
+            controls[switch.name.removeprefix("set_")] = None
+    crop = {c.name: v for c, v in zip(EDIT_CROP_CONTROLS, values[n + m:])}
+    return controls, crop
 
 
 def animate_args(server: str, source: str, driving: str, output: str, settings: dict) -> argparse.Namespace:
@@ -107,6 +145,11 @@ class Limits:
     upload_mb: float = 50.0             # per uploaded file (Gradio refuses larger uploads with its own message)
     driving_seconds: float = 60.0       # driving videos and templates
     live_sessions: int = 4              # browser sessions streaming at once
+    edit_sessions: int = 16             # portraits held open for editing at once
+
+
+LIVE_IDLE_S = 20.0          # a live session without frames for this long is ended (a stream that vanished)
+EDIT_IDLE_S = 300.0         # an editor unused for this long is closed (API callers never close their tab)
 
 
 def uploaded_file(path: str | None, what: str, upload_folder: Path) -> str:
@@ -142,7 +185,6 @@ class LiveSession:
     """A webcam stream animating one portrait: START on creation, one request per frame, END on close."""
 
     def __init__(self, server: str, source: str, settings: dict, face_models: str | None, fps: float):
-        self.key = (source, tuple(sorted(settings.items())))
         self.lock = threading.Lock()
         args = animate_args(server, source, media.WEBCAM_PREFIX + "0", "live.mp4", {**settings, "face_models": face_models})
         options = A.pipeline_options(args, "webcam")
@@ -192,34 +234,48 @@ class LiveSession:
             self.client.close()
 
 
-class LiveSessions:
-    """Browser session id -> LiveSession, at most `limit` at once."""
+class Sessions:
+    """Browser session id -> one open session object (LiveSession, PortraitEditor), at most `limit` at once.
 
-    def __init__(self, limit: int):
-        self.limit = limit
-        self._sessions: dict[str, LiveSession] = {}
+    A session is replaced when its key (portrait + settings) changes, closed when its browser tab closes
+    (`close`) and, as a backstop for connections that vanish silently, when unused for `idle_s` (`sweep`).
+    """
+
+    def __init__(self, what: str, limit: int, idle_s: float):
+        self.what, self.limit, self.idle_s = what, limit, idle_s
+        self._sessions: dict[str, tuple[object, object, float]] = {}     # id -> (key, session, last use)
         self._lock = threading.Lock()
 
-    def get(self, session_id: str, key, create) -> LiveSession:
+    def get(self, session_id: str, key, create):
+        self.sweep()
         with self._lock:
-            current = self._sessions.get(session_id)
-            if current is not None and current.key == key and not current.closed:
-                return current
+            current = self._sessions.pop(session_id, None)
+            if current is not None and current[0] == key:
+                self._sessions[session_id] = (key, current[1], time.monotonic())
+                return current[1]
             if current is None and len(self._sessions) >= self.limit:
-                raise ValueError(f"{self.limit} live sessions are running, the most this page allows; try later")
-            self._sessions.pop(session_id, None)
+                raise ValueError(f"{self.limit} {self.what} sessions are open, the most this page allows; "
+                                 "try again later")
         if current is not None:
-            current.close()         # the portrait or a setting changed: a new sequence
+            current[1].close()          # the portrait or a setting changed: a new sequence
         session = create()
         with self._lock:
-            self._sessions[session_id] = session
+            self._sessions[session_id] = (key, session, time.monotonic())
         return session
 
     def close(self, session_id: str) -> None:
         with self._lock:
-            session = self._sessions.pop(session_id, None)
-        if session is not None:
-            session.close()
+            entry = self._sessions.pop(session_id, None)
+        if entry is not None:
+            entry[1].close()
+
+    def sweep(self) -> None:
+        """Close sessions unused for idle_s."""
+        now = time.monotonic()
+        with self._lock:
+            idle = [sid for sid, (_, _, used) in self._sessions.items() if now - used > self.idle_s]
+        for session_id in idle:
+            self.close(session_id)
 
     def close_all(self) -> None:
         for session_id in list(self._sessions):
@@ -243,18 +299,22 @@ class App:
         self.metrics_url = metrics_url or default_metrics_url(server)
         self.upload_folder = Path(gradio.utils.get_upload_folder()).resolve()
         self.work = Path(tempfile.mkdtemp(prefix="liveportrait-ui-"))
-        self.live = LiveSessions(limits.live_sessions)
+        self.live = Sessions("live", limits.live_sessions, idle_s=LIVE_IDLE_S)
+        self.editors = Sessions("edit", limits.edit_sessions, idle_s=EDIT_IDLE_S)
         self._monitor: StatusMonitor | None = None
         self._monitor_lock = threading.Lock()
 
     def close(self) -> None:
         self.live.close_all()
+        self.editors.close_all()
         if self._monitor is not None:
             self._monitor.client.close()
         shutil.rmtree(self.work, ignore_errors=True)
 
     # -- status -------------------------------------------------------------------------------------------
     def status_line(self) -> str:
+        self.live.sweep()
+        self.editors.sweep()
         with self._monitor_lock:
             if self._monitor is None:
                 try:
@@ -304,6 +364,53 @@ class App:
                                                                      self.face_models, self.live_fps))
         return session.animate(frame)
 
+    # -- edit ---------------------------------------------------------------------------------------------
+    def editor(self, session_id: str, source: str | None, crop: dict):
+        """This session's PortraitEditor on the portrait (opened once; reopened when the portrait or crop change)."""
+        from .editing import PortraitEditor
+        source = uploaded_file(source, "portrait", self.upload_folder)
+        key = (source, tuple(sorted(crop.items())))
+
+        def create():
+            image = media.read_image(source, "portrait")
+            client = LivePortraitClient(self.server)
+            try:
+                return _OwningEditor(client, PortraitEditor(client, image, face_models=self.face_models, **crop))
+            except BaseException:
+                client.close()
+                raise
+        return self.editors.get(session_id, key, create)
+
+    def edit(self, session_id: str, source: str | None, controls: dict, crop: dict) -> np.ndarray:
+        """The edited portrait; controls left None keep the source as it is."""
+        return self.editor(session_id, source, crop).edit(**controls)
+
+    def slider_start(self, session_id: str, source: str | None, crop: dict) -> dict[str, float]:
+        return self.editor(session_id, source, crop).slider_start
+
+    def close_session(self, session_id: str) -> None:
+        """The browser tab closed or its connection dropped: free its live sequence and its editor."""
+        self.live.close(session_id)
+        self.editors.close(session_id)
+
+
+class _OwningEditor:
+    """A PortraitEditor together with the client connection it uses; closing it closes both."""
+
+    def __init__(self, client: LivePortraitClient, editor):
+        self.client, self.editor = client, editor
+        self.slider_start = editor.slider_start
+        self.lock = threading.Lock()
+
+    def edit(self, **controls) -> np.ndarray:
+        with self.lock:
+            return self.editor.edit(**controls)
+
+    def close(self) -> None:
+        with self.lock:
+            self.editor.close()
+            self.client.close()
+
 
 def _widget(control: Control, overrides: dict):
     import gradio as gr
@@ -320,6 +427,21 @@ def _widgets(controls: list[Control], overrides: dict | None = None) -> list:
     return [_widget(c, overrides or {}) for c in controls]
 
 
+def _named(fn, names: list[str], special: dict):
+    """`fn(*values)` with a signature naming each input (the names gradio_client shows and accepts as keywords)
+    and Gradio's special arguments (gr.Request, gr.Progress) appended, which Gradio fills in."""
+    def call(*args):
+        return fn(*args)
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    params = [inspect.Parameter(name, kind) for name in names]
+    params += [inspect.Parameter(name, kind, annotation=annotation, default=default)
+               for name, (annotation, default) in special.items()]
+    call.__signature__ = inspect.Signature(params)
+    call.__annotations__ = {p.name: p.annotation for p in params if p.annotation is not inspect.Parameter.empty}
+    call.__name__ = fn.__name__
+    return call
+
+
 def build(app: App):
     """The Gradio Blocks of the page."""
     import gradio as gr
@@ -327,22 +449,54 @@ def build(app: App):
     def user_error(exc: Exception):
         return gr.Error(str(exc), print_exception=False)
 
-    def animate_endpoint(source, driving, *values, progress=gr.Progress(track_tqdm=True)):
+    def animate_endpoint(source, driving, *rest):
+        *values, _progress = rest          # gr.Progress(track_tqdm=True) follows tqdm inside `animate`
         settings = {c.name: v for c, v in zip(ANIMATE_CONTROLS, values)}
         try:
             return app.animate(source, driving, settings)
         except USER_ERRORS as exc:
             raise user_error(exc) from None
 
-    def live_endpoint(frame, source, *values, request: gr.Request):
+    def live_endpoint(frame, source, *rest):
+        *values, request = rest
         settings = {c.name: v for c, v in zip(ANIMATE_CONTROLS, values)}
         try:
             return app.live_frame(request.session_hash, frame, source, settings)
         except USER_ERRORS as exc:
             raise user_error(exc) from None
 
-    def close_live(request: gr.Request):
-        app.live.close(request.session_hash)
+    def close_session(request: gr.Request):
+        app.close_session(request.session_hash)
+
+    def edit_endpoint(source, *rest):
+        *values, request = rest
+        controls, crop = edit_settings(values)
+        try:
+            return app.edit(request.session_hash, source, controls, crop)
+        except USER_ERRORS as exc:
+            raise user_error(exc) from None
+
+    def edit_opened(source, *rest):
+        """A new portrait: the eye/lip sliders move to its own ratios (the official app's rule), then a preview."""
+        *values, request = rest
+        if not source:
+            return [gr.update()] * len(RATIO_CONTROLS) + [None]
+        controls, crop = edit_settings(values)
+        try:
+            start = app.slider_start(request.session_hash, source, crop)
+            preview = app.edit(request.session_hash, source, controls, crop)
+        except USER_ERRORS as exc:
+            raise user_error(exc) from None
+        return [gr.update(value=start[name]) for name in RATIO_CONTROLS] + [preview]
+
+    progress = {"progress": (inspect.Parameter.empty, gr.Progress(track_tqdm=True))}
+    request = {"request": (gr.Request, inspect.Parameter.empty)}
+    animate_names = ["source", "driving", *(c.name for c in ANIMATE_CONTROLS)]
+    edit_names = ["source", *(c.name for c in EDIT_CONTROLS + EDIT_SWITCHES + EDIT_CROP_CONTROLS)]
+    animate_endpoint = _named(animate_endpoint, animate_names, progress)
+    live_endpoint = _named(live_endpoint, ["frame", *animate_names[:1], *animate_names[2:]], request)
+    edit_endpoint = _named(edit_endpoint, edit_names, request)
+    edit_opened = _named(edit_opened, edit_names, request)
 
     with gr.Blocks(title="LivePortrait-Triton", delete_cache=(600, 3600)) as demo:
         gr.Markdown("# LivePortrait-Triton\nPortrait animation served by Triton: every browser shares the "
@@ -381,10 +535,33 @@ def build(app: App):
             webcam.stream(live_endpoint, inputs=[webcam, live_source, *live_controls], outputs=[live_out],
                           stream_every=1.0 / app.live_fps, concurrency_limit=app.limits.live_sessions,
                           api_name=False, show_progress="hidden")
+        with gr.Tab("Edit", id="edit"):
+            gr.Markdown("Pose and expression of one portrait; the preview follows the sliders.")
+            with gr.Row():
+                edit_source = gr.Image(type="filepath", label="Portrait", sources=["upload", "clipboard"],
+                                       elem_id="edit-source")
+                edit_preview = gr.Image(label="Edited", type="numpy", format="png", elem_id="edit-preview")
+            edit_sliders = _widgets(EDIT_CONTROLS)
+            with gr.Row():
+                edit_switches = _widgets(EDIT_SWITCHES)
+            with gr.Accordion("Crop", open=False):
+                edit_crop = _widgets(EDIT_CROP_CONTROLS)
+            edit_inputs = [edit_source, *edit_sliders, *edit_switches, *edit_crop]
+            edit_button = gr.Button("Apply", elem_id="edit-button")
+            edit_button.click(edit_endpoint, inputs=edit_inputs, outputs=[edit_preview], api_name="edit")
+            for widget in [*edit_sliders, *edit_switches, *edit_crop]:
+                widget.input(edit_endpoint, inputs=edit_inputs, outputs=[edit_preview], api_name=False,
+                             trigger_mode="always_last", show_progress="hidden")
+            for name, switch in zip(RATIO_CONTROLS, edit_switches):
+                slider = edit_sliders[[c.name for c in EDIT_CONTROLS].index(name)]
+                slider.input(lambda: True, outputs=[switch], api_name=False, queue=False)
+            edit_source.upload(edit_opened, inputs=edit_inputs,
+                               outputs=[*(edit_sliders[[c.name for c in EDIT_CONTROLS].index(n)]
+                                          for n in RATIO_CONTROLS), edit_preview], api_name=False)
         timer = gr.Timer(2.0)
         timer.tick(app.status_line, outputs=[status], api_name=False, show_progress="hidden", queue=False)
         demo.load(app.status_line, outputs=[status], api_name=False, queue=False)
-        demo.unload(close_live)
+        demo.unload(close_session)
     return demo
 
 
