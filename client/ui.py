@@ -412,19 +412,20 @@ class _OwningEditor:
             self.client.close()
 
 
-def _widget(control: Control, overrides: dict):
+def _widget(control: Control, overrides: dict, tab: str):
     import gradio as gr
     default = overrides.get(control.name, control.default)
+    elem_id = f"{tab}-{control.name.replace('_', '-')}"
     if control.kind == "check":
-        return gr.Checkbox(value=default, label=control.label)
+        return gr.Checkbox(value=default, label=control.label, elem_id=elem_id)
     if control.kind == "choice":
-        return gr.Dropdown(choices=list(control.choices), value=default, label=control.label)
+        return gr.Dropdown(choices=list(control.choices), value=default, label=control.label, elem_id=elem_id)
     low, high = control.bounds
-    return gr.Slider(low, high, value=default, step=control.step, label=control.label)
+    return gr.Slider(low, high, value=default, step=control.step, label=control.label, elem_id=elem_id)
 
 
-def _widgets(controls: list[Control], overrides: dict | None = None) -> list:
-    return [_widget(c, overrides or {}) for c in controls]
+def _widgets(controls: list[Control], tab: str, overrides: dict | None = None) -> list:
+    return [_widget(c, overrides or {}, tab) for c in controls]
 
 
 def _named(fn, names: list[str], special: dict):
@@ -509,9 +510,9 @@ def build(app: App):
                 driving = gr.File(label="Driving video, image or motion template (.npz/.pkl)",
                                   file_types=DRIVING_SUFFIXES, type="filepath", elem_id="animate-driving")
             with gr.Accordion("Motion", open=False):
-                motion = _widgets(MOTION_CONTROLS)
+                motion = _widgets(MOTION_CONTROLS, "animate")
             with gr.Accordion("Crop, paste-back and smoothing", open=False):
-                crop = _widgets(CROP_CONTROLS)
+                crop = _widgets(CROP_CONTROLS, "animate")
             run_button = gr.Button("Animate", variant="primary", elem_id="animate-button")
             message = gr.Markdown(elem_id="animate-message")
             with gr.Row():
@@ -531,7 +532,7 @@ def build(app: App):
                                   elem_id="live-webcam")
                 live_out = gr.Image(label="Animated", streaming=True, elem_id="live-output")
             with gr.Accordion("Settings", open=False):
-                live_controls = _widgets(ANIMATE_CONTROLS, LIVE_DEFAULTS)
+                live_controls = _widgets(ANIMATE_CONTROLS, "live", LIVE_DEFAULTS)
             webcam.stream(live_endpoint, inputs=[webcam, live_source, *live_controls], outputs=[live_out],
                           stream_every=1.0 / app.live_fps, concurrency_limit=app.limits.live_sessions,
                           api_name=False, show_progress="hidden")
@@ -541,11 +542,11 @@ def build(app: App):
                 edit_source = gr.Image(type="filepath", label="Portrait", sources=["upload", "clipboard"],
                                        elem_id="edit-source")
                 edit_preview = gr.Image(label="Edited", type="numpy", format="png", elem_id="edit-preview")
-            edit_sliders = _widgets(EDIT_CONTROLS)
+            edit_sliders = _widgets(EDIT_CONTROLS, "edit")
             with gr.Row():
-                edit_switches = _widgets(EDIT_SWITCHES)
+                edit_switches = _widgets(EDIT_SWITCHES, "edit")
             with gr.Accordion("Crop", open=False):
-                edit_crop = _widgets(EDIT_CROP_CONTROLS)
+                edit_crop = _widgets(EDIT_CROP_CONTROLS, "edit")
             edit_inputs = [edit_source, *edit_sliders, *edit_switches, *edit_crop]
             edit_button = gr.Button("Apply", elem_id="edit-button")
             edit_button.click(edit_endpoint, inputs=edit_inputs, outputs=[edit_preview], api_name="edit")
@@ -586,10 +587,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def launch(app: App, host: str, port: int, block: bool = True):
+    """Serve the page; with block=False it runs in a background thread and the Blocks is returned (`.close()`)."""
     demo = build(app)
     demo.queue(default_concurrency_limit=4)
-    return demo.launch(server_name=host, server_port=port, max_file_size=f"{app.limits.upload_mb:g}mb",
-                       prevent_thread_lock=not block, show_error=True, quiet=not block)
+    demo.launch(server_name=host, server_port=port, max_file_size=f"{app.limits.upload_mb:g}mb",
+                prevent_thread_lock=not block, show_error=True, quiet=not block)
+    return demo
 
 
 def run(args) -> int:

@@ -1,0 +1,231 @@
+"""The web interface (`liveportrait-triton ui`) on the real bundled Triton server (tiny networks): gradio_client
+calls of /animate and /edit, and a real headless Chromium (Debian's `chromium`, driven by Playwright) uploading,
+animating, editing and streaming a fake webcam fed from a generated .y4m file.
+
+Set LP_UI_SCREENSHOTS=DIR to save a screenshot of each tab there (how docs/ui-*.png were made).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import urllib.request
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import server_metric
+from liveportrait_triton import spec
+from liveportrait_triton.client import media
+from liveportrait_triton.serve import free_port
+
+gr = pytest.importorskip("gradio", reason="the `ui` extra (gradio) is not installed")
+gradio_client = pytest.importorskip("gradio_client", reason="gradio_client is not installed")
+from liveportrait_triton.client import ui  # noqa: E402  (needs gradio)
+
+pytestmark = pytest.mark.server
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+DRIVING_FRAMES = 5
+SCREENSHOTS = os.environ.get("LP_UI_SCREENSHOTS")
+
+
+def astronaut() -> np.ndarray:
+    from skimage import data
+    return data.astronaut()
+
+
+@pytest.fixture(scope="module")
+def media_files(tmp_path_factory):
+    """A generated portrait, a generated driving clip (the portrait's face moving) and a .y4m fake-camera file."""
+    folder = tmp_path_factory.mktemp("ui_media")
+    image = astronaut()
+    portrait = media.write_image(folder / "astronaut.png", image)
+    face = cv2.resize(image[0:300, 100:400], (256, 256))
+    driving = folder / "driving.mp4"
+    with media.VideoWriter(driving, (256, 256), 8.0) as writer:
+        for i in range(DRIVING_FRAMES):
+            shift = np.float32([[1, 0, 6 * np.sin(i)], [0, 1, 3 * np.cos(i)]])
+            writer.write(cv2.warpAffine(face, shift, (256, 256), borderMode=cv2.BORDER_REFLECT))
+    camera = folder / "camera.y4m"
+    width, height = 640, 480
+    with open(camera, "wb") as out:
+        out.write(f"YUV4MPEG2 W{width} H{height} F10:1 Ip A1:1 C420jpeg\n".encode())
+        head = cv2.resize(image[0:300, 80:420], (340, 300))
+        for i in range(30):
+            canvas = np.full((height, width, 3), 40, np.uint8)
+            x = 150 + int(20 * np.sin(i / 3))
+            canvas[100:400, x:x + 340] = head
+            out.write(b"FRAME\n" + cv2.cvtColor(canvas, cv2.COLOR_RGB2YUV_I420).tobytes())
+    return {"portrait": portrait, "driving": driving, "camera": camera}
+
+
+@pytest.fixture(scope="module")
+def page_url(tiny_server):
+    """The page on loopback, talking to the tiny server."""
+    app = ui.App(tiny_server.grpc_url, tiny_server.metrics_url)
+    port = free_port()
+    demo = ui.launch(app, "127.0.0.1", port, block=False)
+    try:
+        yield f"http://127.0.0.1:{port}/", app
+    finally:
+        demo.close()
+        app.close()
+
+
+def live_sequences(server) -> float:
+    return server_metric(server, "liveportrait_live_sequences", model=spec.PIPELINE)
+
+
+def assert_changed(before: np.ndarray, after: np.ndarray, what: str) -> None:
+    """The face moved: with paste-back only the face region changes (the tiny synthetic networks move it a little;
+    an ignored edit changes nothing at all, the pipeline being deterministic)."""
+    diff = np.abs(before.astype(np.int16) - after.astype(np.int16))
+    assert diff.max() >= 8 and diff.mean() > 0.05, (
+        f"{what} changed the portrait by max {diff.max()} / mean {diff.mean():.3f} levels (bounds 8 / 0.05)")
+
+
+def read_image_url(url: str) -> np.ndarray:
+    data = np.frombuffer(urllib.request.urlopen(url, timeout=30).read(), np.uint8)
+    return cv2.imdecode(data, cv2.IMREAD_COLOR)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# gradio_client
+
+
+def test_gradio_client_animate_and_edit(page_url, media_files):
+    url, _ = page_url
+    client = gradio_client.Client(url, verbose=False)
+    video, comparison, image, download, message = client.predict(
+        gradio_client.handle_file(str(media_files["portrait"])), gradio_client.handle_file(str(media_files["driving"])),
+        api_name="/animate")
+    assert image is None and download is not None and "frames" in message
+    assert media.probe_video(video)["frames"] == DRIVING_FRAMES
+    assert media.probe_video(video)["size"] == (512, 512)          # pasted back into the 512x512 astronaut
+    assert media.probe_video(comparison)["size"] == (3 * 512, 512)
+    assert media.probe_video(comparison)["frames"] == DRIVING_FRAMES
+
+    portrait = gradio_client.handle_file(str(media_files["portrait"]))
+    unchanged = cv2.imread(client.predict(portrait, api_name="/edit"))
+    turned = cv2.imread(client.predict(portrait, yaw=20.0, smile=0.8, api_name="/edit"))
+    assert unchanged.shape == turned.shape == (512, 512, 3)
+    assert_changed(unchanged, turned, "the edit")
+
+
+def test_uploads_only_and_limits(page_url, media_files, tmp_path):
+    """Paths outside Gradio's upload folder are refused; driving clips over the duration limit too."""
+    _, app = page_url
+    settings = {c.name: c.default for c in ui.ANIMATE_CONTROLS}
+    with pytest.raises(ValueError, match="must be an uploaded file"):
+        app.animate(str(media_files["portrait"]), str(media_files["driving"]), settings)
+    uploads = Path(app.upload_folder) / "test_ui_limits"
+    uploads.mkdir(parents=True, exist_ok=True)
+    portrait = shutil.copy(media_files["portrait"], uploads)
+    driving = shutil.copy(media_files["driving"], uploads)
+    short = ui.App(app.server, app.metrics_url, ui.Limits(driving_seconds=0.25))
+    try:
+        with pytest.raises(ValueError, match=r"is 0\.6 s long; this page accepts at most 0\.25 s"):
+            short.animate(portrait, driving, settings)
+    finally:
+        short.close()
+        shutil.rmtree(uploads, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A real browser
+
+
+@pytest.fixture(scope="module")
+def browser(media_files):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("Debian's chromium is not installed (scripts/install.sh installs it)")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
+            f"--use-file-for-fake-video-capture={media_files['camera']}"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, page_url):
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, permissions=["camera"])
+    page = context.new_page()
+    page.goto(page_url[0])
+    page.wait_for_selector("#animate-source")
+    yield page
+    context.close()
+
+
+def shoot(page, name: str) -> None:
+    if SCREENSHOTS:
+        Path(SCREENSHOTS).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(SCREENSHOTS) / f"ui-{name}.png"))
+
+
+def wait_for(condition, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+
+
+def test_browser_animate(page, page_url, media_files, tmp_path):
+    page.locator("#animate-source input[type=file]").set_input_files(str(media_files["portrait"]))
+    page.locator("#animate-driving input[type=file]").set_input_files(str(media_files["driving"]))
+    page.wait_for_selector("#animate-driving a, #animate-driving .file-name, #animate-driving table", timeout=30000)
+    page.wait_for_selector("#animate-source img", timeout=30000)
+    page.locator("#animate-button").click()
+    video = page.wait_for_selector("#animate-result video[src]", timeout=180000)
+    assert "frames in" in page.inner_text("#animate-message")
+    page.wait_for_selector("#animate-comparison video[src]", timeout=30000)
+    shoot(page, "animate")
+    src = video.get_attribute("src")
+    downloaded = tmp_path / "result.mp4"
+    downloaded.write_bytes(urllib.request.urlopen(src if src.startswith("http") else page_url[0] + src,
+                                                  timeout=30).read())
+    assert media.probe_video(downloaded)["frames"] == DRIVING_FRAMES
+
+
+def test_browser_edit_slider_updates_preview(page, media_files):
+    page.get_by_role("tab", name="Edit").click()
+    page.locator("#edit-source input[type=file]").set_input_files(str(media_files["portrait"]))
+    first = wait_for(lambda: page.locator("#edit-preview img").get_attribute("src")
+                     if page.locator("#edit-preview img").count() else None, 120, "the first preview")
+    # drag the yaw slider: the range input fires `input` events as a real drag does
+    page.locator("#edit-yaw input[type=range]").evaluate(
+        "el => { el.value = 20; el.dispatchEvent(new Event('input', {bubbles: true})); }")
+    second = wait_for(lambda: (lambda s: s if s and s != first else None)(
+        page.locator("#edit-preview img").get_attribute("src")), 120, "the preview to change after the slider moved")
+    shoot(page, "edit")
+    before, after = read_image_url(first), read_image_url(second)
+    assert before.shape == after.shape
+    assert_changed(before, after, "the preview")
+
+
+def test_browser_live_webcam_and_sequence_freed(page, tiny_server, media_files):
+    assert live_sequences(tiny_server) == 0
+    page.get_by_role("tab", name="Live").click()
+    page.locator("#live-source input[type=file]").set_input_files(str(media_files["portrait"]))
+    page.wait_for_selector("#live-source img", timeout=30000)
+    page.locator("#live-webcam").get_by_text("Click to Access Webcam").click()
+    page.locator("#live-webcam").get_by_role("button", name="capture photo").click()     # gradio's "Record"
+    seen: set[str] = set()
+
+    def frames_arrived():
+        image = page.locator("#live-output img")
+        if image.count() and image.first.get_attribute("src"):
+            seen.add(image.first.get_attribute("src"))
+        return len(seen) >= 3
+    wait_for(frames_arrived, 120, "three different animated frames")
+    assert live_sequences(tiny_server) == 1          # one sequence for this browser session
+    shoot(page, "live")
+    page.close()                                     # the tab closes: its sequence is ended
+    wait_for(lambda: live_sequences(tiny_server) == 0, 60, "the live sequence to be freed after the tab closed")
