@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -49,6 +50,11 @@ def media_files(tmp_path_factory):
         for i in range(DRIVING_FRAMES):
             shift = np.float32([[1, 0, 6 * np.sin(i)], [0, 1, 3 * np.cos(i)]])
             writer.write(cv2.warpAffine(face, shift, (256, 256), borderMode=cv2.BORDER_REFLECT))
+    with_audio = folder / "driving_audio.mp4"          # the same clip with a tone: the result keeps the audio
+    import imageio_ffmpeg
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(driving), "-f", "lavfi", "-i",
+                    "sine=frequency=440:duration=1", "-shortest", "-c:v", "copy", "-c:a", "aac", str(with_audio)],
+                   check=True)
     camera = folder / "camera.y4m"
     width, height = 640, 480
     with open(camera, "wb") as out:
@@ -59,7 +65,7 @@ def media_files(tmp_path_factory):
             x = 150 + int(20 * np.sin(i / 3))
             canvas[100:400, x:x + 340] = head
             out.write(b"FRAME\n" + cv2.cvtColor(canvas, cv2.COLOR_RGB2YUV_I420).tobytes())
-    return {"portrait": portrait, "driving": driving, "camera": camera}
+    return {"portrait": portrait, "driving": driving, "driving_audio": with_audio, "camera": camera}
 
 
 @pytest.fixture(scope="module")
@@ -100,11 +106,12 @@ def test_gradio_client_animate_and_edit(page_url, media_files):
     url, _ = page_url
     client = gradio_client.Client(url, verbose=False)
     video, comparison, image, download, message = client.predict(
-        gradio_client.handle_file(str(media_files["portrait"])), gradio_client.handle_file(str(media_files["driving"])),
-        api_name="/animate")
+        gradio_client.handle_file(str(media_files["portrait"])),
+        gradio_client.handle_file(str(media_files["driving_audio"])), api_name="/animate")
     assert image is None and download is not None and "frames" in message
     assert media.probe_video(video)["frames"] == DRIVING_FRAMES
     assert media.probe_video(video)["size"] == (512, 512)          # pasted back into the 512x512 astronaut
+    assert media.probe_video(video)["audio_codec"] == "aac"         # the driving clip's audio
     assert media.probe_video(comparison)["size"] == (3 * 512, 512)
     assert media.probe_video(comparison)["frames"] == DRIVING_FRAMES
 
