@@ -29,6 +29,7 @@ from .faces import NoFaceError, make_analyzer
 from .multiface import SourceFaces, parse_faces
 from .profiling import StageTimer, server_statistics, statistics_delta
 from .smoothing import MotionSmoother, SmoothingSettings
+from .source_video import animate_source_video
 from .templates import TemplateError, is_template, load_template
 
 CLI_OPTIONS = [name for name in spec.PIPELINE_OPTIONS if name != "driving_type"]    # driving_type follows the input
@@ -44,7 +45,7 @@ def _flag(name: str) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     io = parser.add_argument_group("inputs and outputs")
-    io.add_argument("--source", required=True, help="source portrait image")
+    io.add_argument("--source", required=True, help="source portrait image, or a source video (v2v: see README)")
     io.add_argument("--driving", required=True,
                     help="driving video, driving image, motion template (.pkl official / .npz), or webcam:N")
     io.add_argument("--output", required=True, help="output .mp4 (video/template/webcam driving) or image file")
@@ -257,7 +258,13 @@ def animate(args) -> Summary:
     timer = StageTimer()
     kind = driving_kind(args.driving)
     output = Path(args.output)
-    check_output(output, kind)
+    source_is_video = not media.is_image(args.source)
+    if source_is_video:
+        if kind == "webcam":
+            raise ValueError("a source video needs a driving video, image or template, not a camera")
+        if args.comparison or args.faces != "largest" or args.smooth:
+            raise ValueError("--comparison, --faces and --smooth are for source images")
+    check_output(output, "video" if source_is_video else kind)
     comparison = Path(args.comparison) if args.comparison else None
     if comparison is not None:
         if kind == "image":
@@ -272,7 +279,7 @@ def animate(args) -> Summary:
     C.CropSettings(args.driving_scale, args.driving_vx, args.driving_vy, rotate=False)     # validate early
 
     # local inputs first: a missing file or a face-less source fails before any server is needed
-    media.require_file(args.source, "source image")
+    media.require_file(args.source, "source video" if source_is_video else "source image")
     template = reader = driving_image = client = None
     if kind == "template":
         template = load_template(args.driving)
@@ -285,6 +292,12 @@ def animate(args) -> Summary:
         reader = media.WebcamReader(args.driving, args.fps)
     analyzer = make_analyzer(args.face_models)
     try:
+        if source_is_video:
+            with timer("connect + check server"):
+                client = LivePortraitClient(args.server)
+                client.check_model(spec.MOTION)
+            return _animate_source_video(args, client, analyzer, options, kind, template, reader, driving_image,
+                                         output, started)
         faces = prepare_source(args.source, analyzer, source_settings, args.source_max_dim, even=kind != "image",
                                timer=timer, options=options, faces=args.faces)
         if len(faces) > 1 and not args.paste_back:
@@ -304,6 +317,32 @@ def animate(args) -> Summary:
             reader.close()
         if client is not None:
             client.close()
+
+
+def _animate_source_video(args, client, analyzer, options, kind, template, reader, driving_image, output,
+                          started) -> Summary:
+    timer = StageTimer()
+    if kind == "image":
+        face = analyzer.detect(driving_image)
+        if args.crop_driving and face is None:
+            raise NoFaceError(f"no face found in the driving image {args.driving}")
+        if args.crop_driving:
+            settings = C.CropSettings(args.driving_scale, args.driving_vx, args.driving_vy, rotate=False)
+            crop = C.network_input(C.warp_crop(driving_image, face.crop_box(settings)))
+        else:
+            crop = cv2.resize(driving_image, (spec.SOURCE_SIZE, spec.SOURCE_SIZE), interpolation=cv2.INTER_LINEAR)
+        drivings = [Prepared(0, DrivingInput(crop=crop, eye_ratio=None if face is None else float(face.eye_ratio()[0]),
+                                             lip_ratio=None if face is None else float(face.lip_ratio()[0])))]
+        audio = None
+    elif kind == "video":
+        prepare = DrivingFrames(args, client, timer, reader.info.fps, smooth=False, comparison=False)
+        drivings = (prepare(n, frame) for n, frame in enumerate(reader))
+        audio = reader.info.audio_codec
+    else:
+        drivings, audio = None, None
+    written = animate_source_video(args, client, analyzer, options, kind, template, drivings, audio, output,
+                                   _progress)
+    return Summary(output, written, time.perf_counter() - started)
 
 
 def _animate_image(args, client, analyzer, faces, driving_image, output, timer, started) -> Summary:
