@@ -32,7 +32,8 @@ from .smoothing import MotionSmoother, SmoothingSettings
 from .source_video import animate_source_video
 from .templates import TemplateError, is_template, load_template
 
-CLI_OPTIONS = [name for name in spec.PIPELINE_OPTIONS if name != "driving_type"]    # driving_type follows the input
+# driving_type follows the driving input, source_video the source input
+CLI_OPTIONS = [name for name in spec.PIPELINE_OPTIONS if name not in ("driving_type", "source_video")]
 
 
 # ---------------------------------------------------------------------------------------------------------------
