@@ -397,8 +397,7 @@ def _animate_stream(args, client, kind, faces, template, reader, output, compari
     out_size = (still.shape[1], still.shape[0])
     server_models = [spec.PIPELINE, *spec.SUBMODELS]
     stats_before = server_statistics(client._client, server_models) if args.profile else None
-    writer = media.VideoWriter(output, out_size, fps, audio_from=audio,
-                               audio_codec=reader.info.audio_codec if audio else None)
+    writer = media.VideoWriter(output, out_size, fps, audio_from=audio)
     side = media.VideoWriter(comparison, (3 * C.CROP_SIZE, C.CROP_SIZE), fps) if comparison else None
     progress = _progress(total, args.quiet)
     written, stream = 0, None
