@@ -3,8 +3,10 @@ paste-back and video I/O. `LivePortraitClient` is the library entry point; `anim
 `liveportrait-triton animate` / `template` commands."""
 from .client import (AsyncLivePortraitClient, DrivingInput, FrameResult, LivePortraitClient, RequestFailed,
                      ServerMismatch, ServerUnavailable, SourceInput)
+from .editing import EditSession, PortraitEditor
+from .multiface import FaceStreams, SourceFaces
 from .templates import MotionTemplate, TemplateError, load_template, save_npz
 
-__all__ = ["AsyncLivePortraitClient", "DrivingInput", "FrameResult", "LivePortraitClient", "MotionTemplate",
-           "RequestFailed", "ServerMismatch", "ServerUnavailable", "SourceInput", "TemplateError", "load_template",
-           "save_npz"]
+__all__ = ["AsyncLivePortraitClient", "DrivingInput", "EditSession", "FaceStreams", "FrameResult", "LivePortraitClient",
+           "MotionTemplate", "PortraitEditor", "RequestFailed", "ServerMismatch", "ServerUnavailable", "SourceFaces",
+           "SourceInput", "TemplateError", "load_template", "save_npz"]

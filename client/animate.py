@@ -23,15 +23,17 @@ from .. import crop as C
 from .. import spec
 from ..pipeline import MotionFrame
 from . import media
-from .client import (DEFAULT_URL, DrivingInput, LivePortraitClient, RequestFailed, ServerMismatch, ServerUnavailable,
-                     SourceInput)
+from .client import DEFAULT_URL, DrivingInput, LivePortraitClient, RequestFailed, ServerMismatch, ServerUnavailable
 from .driving import DrivingCropper
 from .faces import NoFaceError, make_analyzer
+from .multiface import SourceFaces, parse_faces
 from .profiling import StageTimer, server_statistics, statistics_delta
 from .smoothing import MotionSmoother, SmoothingSettings
+from .source_video import animate_source_video
 from .templates import TemplateError, is_template, load_template
 
-CLI_OPTIONS = [name for name in spec.PIPELINE_OPTIONS if name != "driving_type"]    # driving_type follows the input
+# driving_type follows the driving input, source_video the source input
+CLI_OPTIONS = [name for name in spec.PIPELINE_OPTIONS if name not in ("driving_type", "source_video")]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -44,7 +46,7 @@ def _flag(name: str) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     io = parser.add_argument_group("inputs and outputs")
-    io.add_argument("--source", required=True, help="source portrait image")
+    io.add_argument("--source", required=True, help="source portrait image, or a source video (v2v: see README)")
     io.add_argument("--driving", required=True,
                     help="driving video, driving image, motion template (.pkl official / .npz), or webcam:N")
     io.add_argument("--output", required=True, help="output .mp4 (video/template/webcam driving) or image file")
@@ -76,6 +78,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "already cropped face and resized to 256x256, as the official default)")
     crop.add_argument("--paste-back", action=argparse.BooleanOptionalAction, default=True,
                       help="paste the animated face into the full source image (default on; off: the 512x512 crop)")
+    crop.add_argument("--faces", type=parse_faces, default="largest", metavar="all|largest|N",
+                      help="which faces of the source to animate, each with the same driving motion: the largest "
+                           "(default), all, or the N largest; faces found but not animated are reported and stay "
+                           "as in the source")
     crop.add_argument("--source-max-dim", type=int, default=1280,
                       help="shrink larger sources to this longer side first (default 1280; 0: never)")
     crop.add_argument("--face-models", metavar="DIR",
@@ -168,19 +174,14 @@ def pipeline_options(args, kind: str) -> dict:
     return options
 
 
-def prepare_source(path: str, analyzer, settings: C.CropSettings, max_dim: int, even: bool,
-                   timer: StageTimer) -> tuple[np.ndarray, C.CropBox, np.ndarray, np.ndarray, np.ndarray]:
+def prepare_source(path: str, analyzer, settings: C.CropSettings, max_dim: int, even: bool, timer: StageTimer,
+                   options: dict, faces: str | int = "largest") -> SourceFaces:
     image = media.read_image(path, "source image")
     image = C.limit_size(image, max_dim)
     if even:
         image = np.ascontiguousarray(C.trim_to_even(image))
     with timer("source: detect + landmarks"):
-        face = analyzer.detect(image)
-    if face is None:
-        raise NoFaceError(f"no face found in the source image {path}")
-    box = face.crop_box(settings)
-    crop512 = C.warp_crop(image, box)
-    return image, box, crop512, face.eye_ratio(), face.lip_ratio()
+        return SourceFaces.detect(image, analyzer, settings, options, faces, what=f"the source image {path}")
 
 
 class DrivingFrames:
@@ -258,7 +259,13 @@ def animate(args) -> Summary:
     timer = StageTimer()
     kind = driving_kind(args.driving)
     output = Path(args.output)
-    check_output(output, kind)
+    source_is_video = not media.is_image(args.source)
+    if source_is_video:
+        if kind == "webcam":
+            raise ValueError("a source video needs a driving video, image or template, not a camera")
+        if args.comparison or args.faces != "largest" or args.smooth:
+            raise ValueError("--comparison, --faces and --smooth are for source images")
+    check_output(output, "video" if source_is_video else kind)
     comparison = Path(args.comparison) if args.comparison else None
     if comparison is not None:
         if kind == "image":
@@ -273,7 +280,7 @@ def animate(args) -> Summary:
     C.CropSettings(args.driving_scale, args.driving_vx, args.driving_vy, rotate=False)     # validate early
 
     # local inputs first: a missing file or a face-less source fails before any server is needed
-    media.require_file(args.source, "source image")
+    media.require_file(args.source, "source video" if source_is_video else "source image")
     template = reader = driving_image = client = None
     if kind == "template":
         template = load_template(args.driving)
@@ -286,18 +293,25 @@ def animate(args) -> Summary:
         reader = media.WebcamReader(args.driving, args.fps)
     analyzer = make_analyzer(args.face_models)
     try:
-        image, box, crop512, eye_ratio, lip_ratio = prepare_source(
-            args.source, analyzer, source_settings, args.source_max_dim, even=kind != "image", timer=timer)
-        source = SourceInput(crop=C.network_input(crop512), options=options, eye_ratio=eye_ratio,
-                             lip_ratio=lip_ratio)
+        if source_is_video:
+            with timer("connect + check server"):
+                client = LivePortraitClient(args.server)
+                client.check_model(spec.MOTION)
+            return _animate_source_video(args, client, analyzer, options, kind, template, reader, driving_image,
+                                         output, started)
+        faces = prepare_source(args.source, analyzer, source_settings, args.source_max_dim, even=kind != "image",
+                               timer=timer, options=options, faces=args.faces)
+        if len(faces) > 1 and not args.paste_back:
+            raise ValueError(f"--no-paste-back writes one face's crop; {len(faces)} faces were chosen (--faces)")
+        if faces.selection.note and not args.quiet:
+            print(f"note: {faces.selection.note}", file=sys.stderr)
         with timer("connect + check server"):
             client = LivePortraitClient(args.server)
             if args.smooth or (args.smooth is None and kind == "webcam"):
                 client.check_model(spec.MOTION)
         if kind == "image":
-            return _animate_image(args, client, analyzer, source, image, box, driving_image, output, timer, started)
-        return _animate_stream(args, client, kind, source, image, box, crop512, template, reader, output,
-                               comparison, timer, started)
+            return _animate_image(args, client, analyzer, faces, driving_image, output, timer, started)
+        return _animate_stream(args, client, kind, faces, template, reader, output, comparison, timer, started)
     finally:
         analyzer.close()
         if reader is not None:
@@ -306,7 +320,33 @@ def animate(args) -> Summary:
             client.close()
 
 
-def _animate_image(args, client, analyzer, source, image, box, driving_image, output, timer, started) -> Summary:
+def _animate_source_video(args, client, analyzer, options, kind, template, reader, driving_image, output,
+                          started) -> Summary:
+    timer = StageTimer()
+    if kind == "image":
+        face = analyzer.detect(driving_image)
+        if args.crop_driving and face is None:
+            raise NoFaceError(f"no face found in the driving image {args.driving}")
+        if args.crop_driving:
+            settings = C.CropSettings(args.driving_scale, args.driving_vx, args.driving_vy, rotate=False)
+            crop = C.network_input(C.warp_crop(driving_image, face.crop_box(settings)))
+        else:
+            crop = cv2.resize(driving_image, (spec.SOURCE_SIZE, spec.SOURCE_SIZE), interpolation=cv2.INTER_LINEAR)
+        drivings = [Prepared(0, DrivingInput(crop=crop, eye_ratio=None if face is None else float(face.eye_ratio()[0]),
+                                             lip_ratio=None if face is None else float(face.lip_ratio()[0])))]
+        audio = None
+    elif kind == "video":
+        prepare = DrivingFrames(args, client, timer, reader.info.fps, smooth=False, comparison=False)
+        drivings = (prepare(n, frame) for n, frame in enumerate(reader))
+        audio = reader.info.audio_codec
+    else:
+        drivings, audio = None, None
+    written = animate_source_video(args, client, analyzer, options, kind, template, drivings, audio, output,
+                                   _progress)
+    return Summary(output, written, time.perf_counter() - started)
+
+
+def _animate_image(args, client, analyzer, faces, driving_image, output, timer, started) -> Summary:
     if args.crop_driving:
         face = analyzer.detect(driving_image)
         if face is None:
@@ -320,9 +360,9 @@ def _animate_image(args, client, analyzer, source, image, box, driving_image, ou
         raise NoFaceError(f"eye/lip retargeting needs a face in the driving image {args.driving}")
     driving = DrivingInput(crop=crop, eye_ratio=float(face.eye_ratio()[0]) if face is not None else None,
                            lip_ratio=float(face.lip_ratio()[0]) if face is not None else None)
-    with timer("server (one request)"):
-        animated = client.animate_image(source, driving)
-    result = C.PasteBack(image, box)(animated) if args.paste_back else animated
+    with timer("server (one request per face)"):
+        animated = faces.animate_image(client, driving)
+    result = faces.paste(animated) if args.paste_back else animated[0]
     media.write_image(output, result)
     wall = time.perf_counter() - started
     summary = Summary(output, 1, wall)
@@ -332,8 +372,7 @@ def _animate_image(args, client, analyzer, source, image, box, driving_image, ou
     return summary
 
 
-def _animate_stream(args, client, kind, source, image, box, source_crop512, template, reader, output, comparison,
-                    timer, started) -> Summary:
+def _animate_stream(args, client, kind, faces, template, reader, output, comparison, timer, started) -> Summary:
     smooth = args.smooth if args.smooth is not None else kind == "webcam"
     if template is not None:
         fps, total, audio = template.fps, len(template), None
@@ -352,18 +391,18 @@ def _animate_stream(args, client, kind, source, image, box, source_crop512, temp
     if args.max_frames:
         frames = itertools.islice(frames, args.max_frames)
         total = min(total, args.max_frames) if total else args.max_frames
-    paste = C.PasteBack(image, box) if args.paste_back else None
-    still = image if paste is not None else source_crop512
+    source_crop512 = faces.crop512
+    paste = faces.paste if args.paste_back else None
+    still = faces.image if paste is not None else source_crop512
     out_size = (still.shape[1], still.shape[0])
     server_models = [spec.PIPELINE, *spec.SUBMODELS]
     stats_before = server_statistics(client._client, server_models) if args.profile else None
-    writer = media.VideoWriter(output, out_size, fps, audio_from=audio,
-                               audio_codec=reader.info.audio_codec if audio else None)
+    writer = media.VideoWriter(output, out_size, fps, audio_from=audio)
     side = media.VideoWriter(comparison, (3 * C.CROP_SIZE, C.CROP_SIZE), fps) if comparison else None
     progress = _progress(total, args.quiet)
     written, stream = 0, None
     try:
-        stream = client.stream(source, max_in_flight=args.in_flight, retry_s=args.retry)
+        stream = faces.stream(client, max_in_flight=args.in_flight, retry_s=args.retry)
         waiting: collections.deque = collections.deque()     # (Prepared, send number or None), in frame order
         results: dict = {}
         latencies: list[float] = []
@@ -388,7 +427,8 @@ def _animate_stream(args, client, kind, source, image, box, source_crop512, temp
                     if side is not None:
                         blank = np.zeros((C.CROP_SIZE, C.CROP_SIZE, 3), np.uint8)
                         preview = prepared.preview if prepared.preview is not None else blank
-                        shown = animated if animated is not None else source_crop512
+                        shown = source_crop512 if animated is None else \
+                            animated if isinstance(animated, np.ndarray) else animated[0]
                         side.write(np.concatenate([preview, source_crop512, shown], axis=1))
                 written += 1
                 progress.update(1)

@@ -52,6 +52,10 @@ class DrivingInput:
     motion: MotionFrame | None = None
     eye_ratio: float | None = None
     lip_ratio: float | None = None
+    # a source-video frame's own source crop and ratios (sequences with the option source_video)
+    source_crop: np.ndarray | None = None
+    source_eye_ratio: np.ndarray | None = None
+    source_lip_ratio: np.ndarray | None = None
 
     def tensors(self) -> dict[str, np.ndarray]:
         if (self.crop is None) == (self.motion is None):
@@ -66,6 +70,9 @@ class DrivingInput:
             out["driving_eye_ratio"] = np.float32([self.eye_ratio])
         if self.lip_ratio is not None:
             out["driving_lip_ratio"] = np.float32([self.lip_ratio])
+        for name in ("source_crop", "source_eye_ratio", "source_lip_ratio"):
+            if getattr(self, name) is not None:
+                out["source" if name == "source_crop" else name] = getattr(self, name)
         return out
 
 

@@ -135,6 +135,9 @@ class FaceAnalyzer(Protocol):
     def detect(self, image: np.ndarray) -> Face | None:
         """The largest face in an RGB image, searched in the whole image."""
 
+    def detect_all(self, image: np.ndarray) -> list[Face]:
+        """Every face found in an RGB image, largest first."""
+
     def track(self, image: np.ndarray, previous: Face | None) -> Face | None:
         """The face in the next video frame, seeded by the previous frame's face (re-detects when lost)."""
 
@@ -173,6 +176,25 @@ def _quiet_stderr():
         os.close(saved)
 
 
+def import_mediapipe_solutions():
+    """MediaPipe's face_detection and face_mesh modules, imported without the error print protobuf 6 causes.
+
+    mediapipe 0.10.21's bindings call `MessageFactory.GetPrototype` when they load; protobuf 5 removed that method
+    (its replacement is `message_factory.GetMessageClass`, which returns the same class), so importing mediapipe
+    with our protobuf 6 prints "AttributeError: 'MessageFactory' object has no attribute 'GetPrototype'". Nothing
+    we use depends on it (detection and the mesh work either way: tests/test_crop.py), but the print looks like a
+    crash. So the old name is given back, delegating to its replacement, before the import; nothing else changes.
+    """
+    from google.protobuf import message_factory
+    if not hasattr(message_factory.MessageFactory, "GetPrototype"):
+        message_factory.MessageFactory.GetPrototype = lambda self, descriptor: message_factory.GetMessageClass(
+            descriptor)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)      # MediaPipe's own use of protobuf APIs
+        from mediapipe.python.solutions import face_detection, face_mesh
+    return face_detection, face_mesh
+
+
 class MediapipeFaceAnalyzer:
     """MediaPipe face detection (short range, then full range) and the 478-point mesh on a region per face."""
 
@@ -181,9 +203,8 @@ class MediapipeFaceAnalyzer:
     TRACK_SCALE = 1.6           # region side / previous landmarks' extent when tracking
 
     def __init__(self, min_confidence: float = 0.5):
-        with _quiet_stderr(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)      # MediaPipe's own use of protobuf APIs
-            from mediapipe.python.solutions import face_detection, face_mesh
+        with _quiet_stderr():
+            face_detection, face_mesh = import_mediapipe_solutions()
             self._detectors = [face_detection.FaceDetection(model_selection=m, min_detection_confidence=min_confidence)
                                for m in (0, 1)]
             self._mesh = face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1, refine_landmarks=True,
@@ -236,6 +257,26 @@ class MediapipeFaceAnalyzer:
                 return self._face(points, (x0, y0, x1, y1), score)
         return None
 
+    def detect_all(self, image: np.ndarray) -> list[Face]:
+        """Every face both detector models find (duplicates merged), each with its mesh; largest first."""
+        image = np.ascontiguousarray(image)
+        h, w = image.shape[:2]
+        boxes = []
+        for detector in self._detectors:
+            for d in detector.process(image).detections or []:
+                b = d.location_data.relative_bounding_box
+                box = (b.xmin * w, b.ymin * h, (b.xmin + b.width) * w, (b.ymin + b.height) * h, float(d.score[0]))
+                if not any(box_iou(box, kept) > 0.3 for kept in boxes):
+                    boxes.append(box)
+        faces = []
+        for x0, y0, x1, y1, score in largest(boxes):
+            side = max(x1 - x0, y1 - y0) * self.REGION_SCALE
+            points = self._mesh_in_region(image, _square_region(((x0 + x1) / 2, (y0 + y1) / 2), side,
+                                                                self.REGION_SIZE))
+            if points is not None:
+                faces.append(self._face(points, (x0, y0, x1, y1), score))
+        return faces
+
     def track(self, image: np.ndarray, previous: Face | None) -> Face | None:
         if previous is not None:
             pts = previous.crop_points.points
@@ -246,6 +287,13 @@ class MediapipeFaceAnalyzer:
             if points is not None and _overlaps(points, pts):
                 return self._face(points, (*points.min(0), *points.max(0)), previous.score)
         return self.detect(image)
+
+
+def box_iou(a, b) -> float:
+    """Intersection over union of two (x0, y0, x1, y1, ...) boxes."""
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
 
 
 def _overlaps(points: np.ndarray, previous: np.ndarray, min_iou: float = 0.3) -> bool:
@@ -350,9 +398,13 @@ class OfficialFaceAnalyzer:
 
     def detect(self, image: np.ndarray) -> Face | None:
         boxes = self._detect_boxes(image)
-        if not boxes:
-            return None
-        box = boxes[0]
+        return self._face(image, boxes[0]) if boxes else None
+
+    def detect_all(self, image: np.ndarray) -> list[Face]:
+        """Every detected face, largest first."""
+        return [self._face(image, box) for box in self._detect_boxes(image)]
+
+    def _face(self, image: np.ndarray, box) -> Face:
         lm106 = Landmarks(self._landmarks_106(image, box), INSIGHTFACE_106)
         lm203 = Landmarks(self._landmarks_203(image, lm106), LIVEPORTRAIT_203)
         return Face(box=tuple(float(v) for v in box[:4]), score=box[4], crop_points=lm106, ratio_points=lm203)

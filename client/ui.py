@@ -27,13 +27,15 @@ from .. import crop as C
 from .. import spec
 from . import animate as A
 from . import media
-from .client import DEFAULT_URL, LivePortraitClient, RequestFailed, ServerMismatch, ServerUnavailable, SourceInput, \
+from .client import DEFAULT_URL, LivePortraitClient, RequestFailed, ServerMismatch, ServerUnavailable, \
     new_sequence_id
 from .faces import NoFaceError, make_analyzer
+from .multiface import parse_faces
 from .profiling import StageTimer
 from .status import StatusMonitor, default_metrics_url
 from .templates import TemplateError, load_template
 
+SOURCE_SUFFIXES = [*media.IMAGE_SUFFIXES, ".mp4", ".mov", ".avi", ".mkv", ".webm"]
 DRIVING_SUFFIXES = [".mp4", ".mov", ".avi", ".mkv", ".webm", ".png", ".jpg", ".jpeg", ".bmp", ".webp", ".npz", ".pkl"]
 USER_ERRORS = (media.MediaError, NoFaceError, TemplateError, ServerUnavailable, ServerMismatch, RequestFailed,
                FileNotFoundError, ValueError)
@@ -75,6 +77,8 @@ def _crop_controls() -> list[Control]:
                            step=0.05))
         out.append(Control(f"{who}_vx", f"{who} crop x shift", "number", settings.vx, bounds=(-1.0, 1.0), step=0.01))
         out.append(Control(f"{who}_vy", f"{who} crop y shift", "number", settings.vy, bounds=(-1.0, 1.0), step=0.01))
+    out.append(Control("faces", "faces to animate (source images)", "choice", "largest",
+                       choices=("largest", "all", "2", "3", "4")))
     out.append(Control("crop_driving", "crop the face out of driving frames", "check", False))
     out.append(Control("paste_back", "paste back into the full source picture", "check", True))
     out.append(Control("smooth", "smooth head pose and expression (One-Euro)", "check", False))
@@ -84,6 +88,7 @@ def _crop_controls() -> list[Control]:
 MOTION_CONTROLS = _motion_controls()
 CROP_CONTROLS = _crop_controls()
 ANIMATE_CONTROLS = MOTION_CONTROLS + CROP_CONTROLS
+LIVE_CONTROLS = [c for c in ANIMATE_CONTROLS if c.name != "faces"]      # live animates the largest face
 LIVE_DEFAULTS = {"crop_driving": True, "smooth": True}      # a camera is not a face crop, and it jitters
 RATIO_CONTROLS = ("eye_ratio", "lip_ratio")      # unset (None) by default: a checkbox says whether to set them
 
@@ -132,7 +137,7 @@ def animate_args(server: str, source: str, driving: str, output: str, settings: 
     for name, value in settings.items():
         if not hasattr(args, name):
             raise ValueError(f"unknown setting {name!r}")
-        setattr(args, name, value)
+        setattr(args, name, parse_faces(str(value)) if name == "faces" else value)
     return args
 
 
@@ -191,23 +196,22 @@ class LiveSession:
         options = A.pipeline_options(args, "webcam")
         analyzer = make_analyzer(face_models)
         try:
-            image, box, crop512, eye, lip = A.prepare_source(source, analyzer, C.CropSettings(
+            faces = A.prepare_source(source, analyzer, C.CropSettings(
                 args.source_scale, args.source_vx, args.source_vy, rotate=True), args.source_max_dim, even=False,
-                timer=StageTimer())
+                timer=StageTimer(), options=options)          # the largest face
         finally:
             analyzer.close()
         self.client = LivePortraitClient(server)
         smooth = bool(args.smooth)
         if smooth:
             self.client.check_model(spec.MOTION)
-        self.paste = C.PasteBack(image, box) if args.paste_back else None
-        self.still = image if self.paste is not None else crop512
+        self.paste = faces.paste if args.paste_back else None
+        self.still = faces.image if self.paste is not None else faces.crop512
         self.frames = A.DrivingFrames(args, self.client, StageTimer(), fps, smooth, comparison=False)
         self.sequence_id = new_sequence_id()
         self.number = 0
         self.closed = False
-        source_input = SourceInput(crop=C.network_input(crop512), options=options, eye_ratio=eye, lip_ratio=lip)
-        self.client.infer(source_input.tensors(), self.sequence_id, start=True, options=options)
+        self.client.infer(faces.faces[0].source.tensors(), self.sequence_id, start=True, options=options)
 
     def animate(self, frame: np.ndarray) -> np.ndarray:
         """One webcam frame (RGB) -> the animated portrait (the still portrait until a face is found)."""
@@ -328,18 +332,21 @@ class App:
     def animate(self, source: str | None, driving: str | None, settings: dict
                 ) -> tuple[str | None, str | None, str | None, str, str]:
         """-> (result video, comparison video, result image, download, message); raises USER_ERRORS."""
-        source = uploaded_file(source, "source portrait", self.upload_folder)
+        source = uploaded_file(source, "source portrait or video", self.upload_folder)
         driving = uploaded_file(driving, "driving file", self.upload_folder)
         kind = A.driving_kind(driving)
         if kind == "webcam":
             raise ValueError("the driving file must be a video, an image or a motion template")
-        seconds = driving_seconds(driving, kind)
-        if seconds is not None and seconds > self.limits.driving_seconds:
-            raise ValueError(f"the driving {kind} is {seconds:.1f} s long; this page accepts at most "
-                             f"{self.limits.driving_seconds:g} s")
+        source_video = not media.is_image(source)
+        for path, what in ((driving, kind), *([(source, "video")] if source_video else [])):
+            seconds = driving_seconds(path, what)
+            if seconds is not None and seconds > self.limits.driving_seconds:
+                raise ValueError(f"the {'source' if path == source else 'driving'} {what} is {seconds:.1f} s long; "
+                                 f"this page accepts at most {self.limits.driving_seconds:g} s")
         folder = Path(tempfile.mkdtemp(dir=self.work))
-        output = folder / ("result" + (Path(driving).suffix.lower() if kind == "image" else ".mp4"))
-        comparison = folder / "comparison.mp4" if kind != "image" else None
+        image_out = kind == "image" and not source_video
+        output = folder / ("result" + (Path(driving).suffix.lower() if image_out else ".mp4"))
+        comparison = folder / "comparison.mp4" if not image_out and not source_video else None
         args = animate_args(self.server, source, driving, str(output), {**settings, "face_models": self.face_models})
         args.comparison = str(comparison) if comparison else None
         args.quiet = False                  # the progress bar (tqdm) is what the page's progress bar tracks
@@ -350,9 +357,9 @@ class App:
             args.max_frames = math.ceil(self.limits.driving_seconds * fps)      # containers may lie about length
         summary = A.animate(args)
         message = f"{summary.frames} frame{'s' if summary.frames != 1 else ''} in {summary.wall_s:.1f} s"
-        if kind == "image":
+        if image_out:
             return None, None, str(output), str(output), message
-        return str(output), str(comparison), None, str(output), message
+        return str(output), str(comparison) if comparison else None, None, str(output), message
 
     # -- live ---------------------------------------------------------------------------------------------
     def live_frame(self, session_id: str, frame: np.ndarray | None, source: str | None, settings: dict
@@ -461,7 +468,7 @@ def build(app: App):
 
     def live_endpoint(frame, source, *rest):
         *values, request = rest
-        settings = {c.name: v for c, v in zip(ANIMATE_CONTROLS, values)}
+        settings = {c.name: v for c, v in zip(LIVE_CONTROLS, values)}
         try:
             return app.live_frame(request.session_hash, frame, source, settings)
         except USER_ERRORS as exc:
@@ -496,7 +503,7 @@ def build(app: App):
     animate_names = ["source", "driving", *(c.name for c in ANIMATE_CONTROLS)]
     edit_names = ["source", *(c.name for c in EDIT_CONTROLS + EDIT_SWITCHES + EDIT_CROP_CONTROLS)]
     animate_endpoint = _named(animate_endpoint, animate_names, progress)
-    live_endpoint = _named(live_endpoint, ["frame", *animate_names[:1], *animate_names[2:]], request)
+    live_endpoint = _named(live_endpoint, ["frame", "source", *(c.name for c in LIVE_CONTROLS)], request)
     edit_endpoint = _named(edit_endpoint, edit_names, request)
     edit_opened = _named(edit_opened, edit_names, request)
 
@@ -506,8 +513,8 @@ def build(app: App):
         status = gr.Markdown("server: ...", elem_id="server-status")
         with gr.Tab("Animate", id="animate"):
             with gr.Row():
-                source = gr.Image(type="filepath", label="Source portrait", sources=["upload", "clipboard"],
-                                  elem_id="animate-source")
+                source = gr.File(label="Source portrait (image) or source video", type="filepath",
+                                 file_types=SOURCE_SUFFIXES, elem_id="animate-source")
                 driving = gr.File(label="Driving video, image or motion template (.npz/.pkl)",
                                   file_types=DRIVING_SUFFIXES, type="filepath", elem_id="animate-driving")
             with gr.Accordion("Motion", open=False):
@@ -556,7 +563,7 @@ def build(app: App):
                                   elem_id="live-webcam")
                 live_out = gr.Image(label="Animated", streaming=True, elem_id="live-output")
             with gr.Accordion("Settings", open=False):
-                live_controls = _widgets(ANIMATE_CONTROLS, "live", LIVE_DEFAULTS)
+                live_controls = _widgets(LIVE_CONTROLS, "live", LIVE_DEFAULTS)
             webcam.stream(live_endpoint, inputs=[webcam, live_source, *live_controls], outputs=[live_out],
                           stream_every=1.0 / app.live_fps, concurrency_limit=app.limits.live_sessions,
                           api_name=False, show_progress="hidden")

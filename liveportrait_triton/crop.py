@@ -176,13 +176,17 @@ class PasteBack:
         return out
 
     def __call__(self, crop: np.ndarray) -> np.ndarray:
+        return self.onto(self.background.copy(), crop)
+
+    def onto(self, out: np.ndarray, crop: np.ndarray) -> np.ndarray:
+        """Blend the crop into `out` (an image of the background's size, changed in place) through the mask;
+        several faces' pastes applied in turn to one frame each touch only their own mask."""
         crop = np.asarray(crop)
         if crop.shape[:2] != (self.crop_size, self.crop_size):
             raise ValueError(f"animated crop must be {self.crop_size}x{self.crop_size}, got {crop.shape[:2]}")
         y0, y1, x0, x1 = self.region
         warped = cv2.warpAffine(crop, self._to_region, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR,
                                 borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-        out = self.background.copy()
         under = out[y0:y1, x0:x1].astype(np.float32)
         blended = np.rint(under + self.mask * (warped.astype(np.float32) - under))
         region = out[y0:y1, x0:x1]

@@ -16,6 +16,7 @@ import numpy as np
 
 from . import editing
 from . import keypoints as K
+from . import source_video as SV
 from . import spec
 from .config import NUM_KP
 from .lip_array import LIP_ARRAY
@@ -98,6 +99,10 @@ class DrivingFrame:
     motion: MotionFrame | None = None
     eye_ratio: float | None = None     # c_d_eye
     lip_ratio: float | None = None     # c_d_lip
+    # a source-video frame's own source crop (256, 256, 3) and its ratios (2,), (1,)
+    source: np.ndarray | None = None
+    source_eye_ratio: np.ndarray | None = None
+    source_lip_ratio: np.ndarray | None = None
 
 
 @dataclasses.dataclass
@@ -188,6 +193,19 @@ class Animator:
                 state.x_d0_new = x
                 state.motion_multiplier = K.convex_hull_multiplier(state.x_s, x)
             x = (x - state.x_d0_new) * np.float32(state.motion_multiplier) + state.x_s
+        return self._retarget_and_stitch(state, x, frame)
+
+    def source_video_keypoints(self, frame_state: StreamState, frame: DrivingFrame) -> np.ndarray:
+        """x_d of a source-video frame: its own source motion with the frame's target R/exp (`source_video`)."""
+        o = frame_state.options
+        motion = frame.motion
+        x = K.compose_keypoints(frame_state.source.kp, *SV.frame_motion(
+            frame_state.source, motion.R, motion.exp, motion.t, o["relative_motion"], o["animation_region"]))
+        return self._retarget_and_stitch(frame_state, x, frame)
+
+    def _retarget_and_stitch(self, state: StreamState, x: np.ndarray, frame: DrivingFrame) -> np.ndarray:
+        """Eye/lip retargeting, stitching and the driving multiplier on a frame's keypoints."""
+        o = state.options
         x_s = state.x_s
         if o["eye_retargeting"] or o["lip_retargeting"]:
             base = x_s if o["relative_motion"] else x
@@ -241,10 +259,20 @@ class Animator:
         """One driving frame or edit for each of several streams (a stream may appear once per call), rendered
         in one W+G batch. Edits leave the stream's frame count and anchor as they are."""
         drivings = self.driving_motion(frames)
-        x_d = [self.edit_keypoints(s, f) if isinstance(f, Edit) else self.driving_keypoints(s, d, f)
-               for s, d, f in zip(states, drivings, frames)]
-        images = self.render(np.concatenate([s.feature_volume for s in states]),
-                             np.concatenate([s.x_s for s in states]), np.concatenate(x_d))
+        # source-video frames: F and M on their own source crops, in one batch for the whole round
+        video = [i for i, (s, f) in enumerate(zip(states, frames)) if s.options.get("source_video")]
+        rendered = list(states)
+        if video:
+            per_frame = self.register_sources([frames[i].source for i in video], [states[i].options for i in video],
+                                              [frames[i].source_eye_ratio for i in video],
+                                              [frames[i].source_lip_ratio for i in video])
+            for i, frame_state in zip(video, per_frame):
+                rendered[i] = frame_state
+        x_d = [self.edit_keypoints(s, f) if isinstance(f, Edit)
+               else self.source_video_keypoints(r, f) if r is not s else self.driving_keypoints(s, d, f)
+               for s, r, d, f in zip(states, rendered, drivings, frames)]
+        images = self.render(np.concatenate([r.feature_volume for r in rendered]),
+                             np.concatenate([r.x_s for r in rendered]), np.concatenate(x_d))
         for s, f in zip(states, frames):
             if not isinstance(f, Edit):
                 s.frames_done += 1

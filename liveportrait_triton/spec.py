@@ -160,6 +160,8 @@ PIPELINE_OPTIONS: dict[str, Option] = {
                              choices=("expression-friendly", "pose-friendly")),
     "driving_type": Option(str, "video", "'image' uses the official single-image rule (exp relative to lip_array)",
                            choices=("video", "image")),
+    "source_video": Option(bool, False, "a source video: each frame carries its own `source` crop and the target "
+                           "motion (motion_*) computed over the whole video (see README, Source videos)"),
     "anchor": Option(str, "first_frame", "relative-motion anchor: the first driving frame, or the source itself",
                      choices=("first_frame", "source")),
 }

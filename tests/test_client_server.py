@@ -83,7 +83,7 @@ def test_driving_video_to_finished_video(tmp_path, capsys, tiny_server):
     frames = decoded_frames(out)
     for frame in (frames[0], frames[40], frames[-1]):
         diff = np.abs(frame.astype(int) - paste.background)[outside]
-        assert diff.mean() < 1.5 and np.percentile(diff, 99) <= 8
+        assert diff.mean() < 2.0 and np.percentile(diff, 99) <= 8      # H.264 at quality 7 on the astronaut
     # inside, the animated face differs from the source and moves with the driving video
     inside = paste.full_mask == 1
     assert np.abs(frames[0].astype(int) - paste.background)[inside].mean() > 5
@@ -100,6 +100,20 @@ def test_audio_is_carried_over(tmp_path, capsys, tiny_server):
     out = tmp_path / "s5_d3.mp4"
     animate(capsys, tiny_server, "--source", SOURCE / "s5.jpg", "--driving", clip, "--output", out)
     assert media.probe_video(out) == {"frames": 30, "fps": 30.0, "size": (720, 720), "audio_codec": "aac"}
+
+
+def test_audio_shorter_than_the_video_keeps_every_frame(tmp_path, capsys, tiny_server):
+    """40 driving frames at 25 fps with 1 s of audio: 40 animated frames, with the audio (padded to 1.6 s)."""
+    import generated_media
+    driving = generated_media.write_video(tmp_path / "talk.mp4", generated_media.driving_frames(
+        generated_media.Face(), 40), 25.0, audio_seconds=1.0)
+    out = tmp_path / "s0_talk.mp4"
+    code = main(["animate", "--source", str(SOURCE / "s0.jpg"), "--driving", str(driving), "--output", str(out),
+                 "--server", tiny_server.grpc_url])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert f"wrote {out} (40 frames)" in printed.out
+    assert media.probe_video(out) == {"frames": 40, "fps": 25.0, "size": (600, 704), "audio_codec": "aac"}
 
 
 def test_image_driving_writes_an_image_and_keeps_outside_pixels(tmp_path, capsys, tiny_server):

@@ -96,7 +96,6 @@ def test_parse_template_motion_frame():
 
 @pytest.mark.parametrize("request_, message", [
     (raw(start=True, driving=crop()), "START request must carry `source`"),
-    (raw(source=crop(), driving=crop()), r"\['source'\] may only be sent with the START request"),
     (raw(driving=crop(), parameters={"stitching": False}), r"options \['stitching'\] may only be sent with the START"),
     (raw(start=True, source=crop(), parameters={"colour": "red"}), r"unknown option\(s\) \['colour'\]"),
     (raw(start=True, source=crop(), parameters={"driving_multiplier": 50}), r"'driving_multiplier'=50.0 is outside"),

@@ -187,8 +187,8 @@ def wait_for(condition, timeout_s: float, what: str):
 def test_browser_animate(page, page_url, media_files, tmp_path):
     page.locator("#animate-source input[type=file]").set_input_files(str(media_files["portrait"]))
     page.locator("#animate-driving input[type=file]").set_input_files(str(media_files["driving"]))
-    page.wait_for_selector("#animate-driving a, #animate-driving .file-name, #animate-driving table", timeout=30000)
-    page.wait_for_selector("#animate-source img", timeout=30000)
+    page.wait_for_selector("#animate-source >> text=astronaut.png", timeout=30000)
+    page.wait_for_selector("#animate-driving >> text=driving.mp4", timeout=30000)
     page.locator("#animate-button").click()
     video = page.wait_for_selector("#animate-result video[src]", timeout=180000)
     assert "frames in" in page.inner_text("#animate-message")

@@ -10,7 +10,8 @@ from .. import spec
 from ..pipeline import Animator, InputError, StreamState
 from .model_config import ConfigError, check_model_config, config_parameter
 from .outcomes import Failure, FrameResult
-from .requests import PipelineRequest, RawRequest, check_edit, check_frame, parse_request, plan_rounds
+from .requests import (PipelineRequest, RawRequest, check_edit, check_frame, check_source_frame, parse_request,
+                       plan_rounds)
 from .sequences import SequenceListener, SequenceStore, release_free_memory
 
 
@@ -61,6 +62,11 @@ class PipelineCore:
         driving = []        # requests rendered in this round: driving frames and edits
         for i, state in live.items():
             frame = parsed[i].edit or parsed[i].frame
+            try:
+                check_source_frame(state.options, parsed[i])
+            except InputError as exc:
+                outcomes[i] = Failure(str(exc))
+                continue
             if frame is None:
                 outcomes[i] = FrameResult(image=None, frame_index=-1)
                 continue

@@ -28,7 +28,7 @@ class PipelineRequest:
     corrid: int
     start: bool
     end: bool
-    source: np.ndarray | None = None        # (256, 256, 3) uint8, START only
+    source: np.ndarray | None = None        # (256, 256, 3) uint8: START, and each frame of a source video
     options: dict | None = None             # parsed options, START only
     source_eye_ratio: np.ndarray | None = None
     source_lip_ratio: np.ndarray | None = None
@@ -81,10 +81,9 @@ def parse_request(raw: RawRequest) -> PipelineRequest:
             spec.parse_options(parameters)      # an unknown name is named as such first
             raise InputError(f"options {sorted(parameters)} may only be sent with the START request "
                              "(they are fixed for the whole sequence)")
-        misplaced = [n for n in START_ONLY if n in arrays]
-        if misplaced:
-            raise InputError(f"{misplaced} may only be sent with the START request; start a new sequence to "
-                             "change the source")
+        request.source = arrays.get("source")       # a source-video frame's own source (`check_source_frame`)
+        request.source_eye_ratio = arrays.get("source_eye_ratio")
+        request.source_lip_ratio = arrays.get("source_lip_ratio")
     motion = [n for n in spec.MOTION_INPUTS if n in arrays]
     if "driving" in arrays and motion:
         raise InputError("a request carries either `driving` or the motion_* inputs of a template, not both")
@@ -126,6 +125,39 @@ def check_frame(options: dict, frame: DrivingFrame) -> None:
         raise InputError("option eye_retargeting is on but the frame has no driving_eye_ratio")
     if options["lip_retargeting"] and frame.lip_ratio is None:
         raise InputError("option lip_retargeting is on but the frame has no driving_lip_ratio")
+
+
+def check_source_frame(options: dict, request: PipelineRequest) -> None:
+    """What a request may carry given its sequence's `source_video` option; a source-video frame gets its source.
+
+    A source-image sequence takes `source` and its ratios with START only. Each driving frame of a source-video
+    sequence carries its own `source` crop (START's for a frame sent with START), the ratios its retargeting
+    options need, and the target motion as motion_* (the client smooths it over the whole video), never a
+    `driving` crop; such sequences take no edits.
+    """
+    sent = [n for n in START_ONLY if getattr(request, n) is not None]
+    if not options["source_video"]:
+        if sent and not request.start:
+            raise InputError(f"{sent} may only be sent with the START request; start a new sequence to "
+                             "change the source (or set the option source_video for a source video)")
+        return
+    if request.edit is not None:
+        raise InputError("edits apply to a source image; this sequence is a source video (option source_video)")
+    frame = request.frame
+    if frame is None:
+        return
+    if request.source is None:
+        raise InputError("each frame of a source-video sequence carries its own `source` crop")
+    if frame.motion is None:
+        raise InputError("a source-video frame carries the target motion as motion_* (the smoothed rotation and "
+                         "expression for this source frame), not a `driving` crop")
+    for name in ("eye", "lip"):
+        if options[f"{name}_retargeting"] and getattr(request, f"source_{name}_ratio") is None:
+            raise InputError(f"option {name}_retargeting is on but the source-video frame has no "
+                             f"source_{name}_ratio")
+    frame.source = request.source
+    frame.source_eye_ratio = request.source_eye_ratio
+    frame.source_lip_ratio = request.source_lip_ratio
 
 
 def check_edit(state: StreamState, edit: Edit) -> None:
