@@ -148,7 +148,7 @@ def animate_args(server: str, source: str, driving: str, output: str, settings: 
 @dataclasses.dataclass(frozen=True)
 class Limits:
     upload_mb: float = 50.0             # per uploaded file (Gradio refuses larger uploads with its own message)
-    driving_seconds: float = 60.0       # driving videos and templates
+    driving_seconds: float = 60.0       # driving videos, templates and source videos
     live_sessions: int = 4              # browser sessions streaming at once
     edit_sessions: int = 16             # portraits held open for editing at once
 
@@ -167,8 +167,8 @@ def uploaded_file(path: str | None, what: str, upload_folder: Path) -> str:
     return str(resolved)
 
 
-def driving_seconds(path: str, kind: str) -> float | None:
-    """Length of a driving video or template in seconds (None if the container does not say)."""
+def media_seconds(path: str, kind: str) -> float | None:
+    """Length of a video or template in seconds (None if the container does not say; 0 for an image)."""
     if kind == "template":
         template = load_template(path)
         return len(template) / template.fps
@@ -339,7 +339,7 @@ class App:
             raise ValueError("the driving file must be a video, an image or a motion template")
         source_video = not media.is_image(source)
         for path, what in ((driving, kind), *([(source, "video")] if source_video else [])):
-            seconds = driving_seconds(path, what)
+            seconds = media_seconds(path, what)
             if seconds is not None and seconds > self.limits.driving_seconds:
                 raise ValueError(f"the {'source' if path == source else 'driving'} {what} is {seconds:.1f} s long; "
                                  f"this page accepts at most {self.limits.driving_seconds:g} s")
@@ -587,7 +587,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-upload-mb", type=float, default=Limits.upload_mb,
                         help=f"largest accepted upload in MB (default {Limits.upload_mb:g})")
     parser.add_argument("--max-driving-seconds", type=float, default=Limits.driving_seconds,
-                        help=f"longest accepted driving video or template (default {Limits.driving_seconds:g} s)")
+                        help=f"longest accepted driving video, template or source video "
+                             f"(default {Limits.driving_seconds:g} s)")
     parser.add_argument("--max-live-sessions", type=int, default=Limits.live_sessions,
                         help=f"browser sessions streaming their webcam at once (default {Limits.live_sessions})")
     parser.add_argument("--live-fps", type=float, default=10.0, help="webcam frames sent per second (default 10)")

@@ -115,6 +115,12 @@ def test_gradio_client_animate_and_edit(page_url, media_files):
     assert media.probe_video(comparison)["size"] == (3 * 512, 512)
     assert media.probe_video(comparison)["frames"] == DRIVING_FRAMES
 
+    # a source video (v2v): the clip animates itself; no comparison video for source videos
+    video, comparison, _, _, _ = client.predict(gradio_client.handle_file(str(media_files["driving"])),
+                                                gradio_client.handle_file(str(media_files["driving"])),
+                                                api_name="/animate")
+    assert comparison is None and media.probe_video(video)["frames"] == DRIVING_FRAMES
+
     portrait = gradio_client.handle_file(str(media_files["portrait"]))
     unchanged = cv2.imread(client.predict(portrait, api_name="/edit"))
     turned = cv2.imread(client.predict(portrait, yaw=20.0, smile=0.8, api_name="/edit"))
@@ -187,8 +193,8 @@ def wait_for(condition, timeout_s: float, what: str):
 def test_browser_animate(page, page_url, media_files, tmp_path):
     page.locator("#animate-source input[type=file]").set_input_files(str(media_files["portrait"]))
     page.locator("#animate-driving input[type=file]").set_input_files(str(media_files["driving"]))
-    page.wait_for_selector("#animate-source >> text=astronaut.png", timeout=30000)
-    page.wait_for_selector("#animate-driving >> text=driving.mp4", timeout=30000)
+    page.wait_for_selector("#animate-source >> text=astronaut", timeout=30000)
+    page.wait_for_selector("#animate-driving >> text=driving", timeout=30000)
     page.locator("#animate-button").click()
     video = page.wait_for_selector("#animate-result video[src]", timeout=180000)
     assert "frames in" in page.inner_text("#animate-message")
