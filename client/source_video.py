@@ -121,18 +121,12 @@ def animate_source_video(args, client: LivePortraitClient, analyzer: FaceAnalyze
     # frames written: the source frames up to the count-th frame with a face
     face_frames = [i for i, box in enumerate(track.boxes) if box is not None][:count]
     last = face_frames[-1] + 1
-    audio = None
     choice = SV.audio_source(driving_audio is not None, track.audio_codec is not None)
-    if choice == "driving":
-        audio, codec = args.driving, driving_audio
-    elif choice == "source":
-        audio, codec = args.source, track.audio_codec
-    else:
-        codec = None
+    audio = {"driving": args.driving, "source": args.source, None: None}[choice]
     first = SourceInput(crop=track.crops[0], options={**options, "source_video": True},
                         eye_ratio=track.eye_ratios[0], lip_ratio=track.lip_ratios[0])
     size = track.size if args.paste_back else (C.CROP_SIZE, C.CROP_SIZE)
-    writer = media.VideoWriter(output, size, track.fps, audio_from=audio, audio_codec=codec)
+    writer = media.VideoWriter(output, size, track.fps, audio_from=audio)
     progress = progress_factory(last, args.quiet)
     written = 0
     try:
