@@ -335,14 +335,19 @@ def _animate_source_video(args, client, analyzer, options, kind, template, reade
         drivings = [Prepared(0, DrivingInput(crop=crop, eye_ratio=None if face is None else float(face.eye_ratio()[0]),
                                              lip_ratio=None if face is None else float(face.lip_ratio()[0])))]
         audio = None
-    elif kind == "video":
+    prepare = None
+    if kind == "video":
         prepare = DrivingFrames(args, client, timer, reader.info.fps, smooth=False, comparison=False)
         drivings = (prepare(n, frame) for n, frame in enumerate(reader))
         audio = reader.info.audio_codec
-    else:
+    elif kind == "template":
         drivings, audio = None, None
-    written = animate_source_video(args, client, analyzer, options, kind, template, drivings, audio, output,
-                                   _progress)
+    try:
+        written = animate_source_video(args, client, analyzer, options, kind, template, drivings, audio, output,
+                                       _progress)
+    finally:
+        if prepare is not None:
+            prepare.close()
     return Summary(output, written, time.perf_counter() - started)
 
 

@@ -10,6 +10,7 @@ they take no part in the smoothing. Memory holds the 256x256 crops and the motio
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 
@@ -57,8 +58,9 @@ def track_source(path, analyzer: FaceAnalyzer, settings: C.CropSettings, max_dim
                  quiet: bool) -> SourceTrack:
     from tqdm import tqdm
     boxes, crops, eyes, lips, face, info, size = [], [], [], [], None, None, None
-    with tqdm(desc="source video: faces", unit="frame", disable=quiet, dynamic_ncols=True) as progress:
-        for info, frame in source_frames(path, max_dim):
+    with tqdm(desc="source video: faces", unit="frame", disable=quiet, dynamic_ncols=True) as progress, \
+            contextlib.closing(source_frames(path, max_dim)) as frames:
+        for info, frame in frames:
             if limit is not None and len(boxes) >= limit:
                 break
             size = frame.shape[1::-1]
@@ -121,18 +123,12 @@ def animate_source_video(args, client: LivePortraitClient, analyzer: FaceAnalyze
     # frames written: the source frames up to the count-th frame with a face
     face_frames = [i for i, box in enumerate(track.boxes) if box is not None][:count]
     last = face_frames[-1] + 1
-    audio = None
     choice = SV.audio_source(driving_audio is not None, track.audio_codec is not None)
-    if choice == "driving":
-        audio, codec = args.driving, driving_audio
-    elif choice == "source":
-        audio, codec = args.source, track.audio_codec
-    else:
-        codec = None
+    audio = {"driving": args.driving, "source": args.source, None: None}[choice]
     first = SourceInput(crop=track.crops[0], options={**options, "source_video": True},
                         eye_ratio=track.eye_ratios[0], lip_ratio=track.lip_ratios[0])
     size = track.size if args.paste_back else (C.CROP_SIZE, C.CROP_SIZE)
-    writer = media.VideoWriter(output, size, track.fps, audio_from=audio, audio_codec=codec)
+    writer = media.VideoWriter(output, size, track.fps, audio_from=audio)
     progress = progress_factory(last, args.quiet)
     written = 0
     try:
@@ -152,19 +148,18 @@ def animate_source_video(args, client: LivePortraitClient, analyzer: FaceAnalyze
                                       last=k == count - 1)
                 k += 1
             results = {r.number: r.image for r in stream.finish()}
-        for i, (_, frame) in enumerate(source_frames(args.source, args.source_max_dim)):
-            if i >= last:
-                break
-            if i in sent:
-                if sent[i] not in results:
-                    raise RequestFailed(f"source frame {i} got no answer")
-                frame = C.PasteBack(frame, track.boxes[i])(results.pop(sent[i])) if args.paste_back \
-                    else results.pop(sent[i])
-            elif not args.paste_back:
-                frame = np.zeros((C.CROP_SIZE, C.CROP_SIZE, 3), np.uint8)
-            writer.write(frame)
-            written += 1
-            progress.update(1)
+        with contextlib.closing(source_frames(args.source, args.source_max_dim)) as frames:
+            for i, (_, frame) in zip(range(last), frames):
+                if i in sent:
+                    if sent[i] not in results:
+                        raise RequestFailed(f"source frame {i} got no answer")
+                    frame = C.PasteBack(frame, track.boxes[i])(results.pop(sent[i])) if args.paste_back \
+                        else results.pop(sent[i])
+                elif not args.paste_back:
+                    frame = np.zeros((C.CROP_SIZE, C.CROP_SIZE, 3), np.uint8)
+                writer.write(frame)
+                written += 1
+                progress.update(1)
         writer.close()
     except BaseException:
         writer.abort()
