@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import inspect
 import math
+import os
 import shutil
 import tempfile
 import threading
@@ -36,6 +37,8 @@ from .status import StatusMonitor, default_metrics_url
 from .templates import TemplateError, load_template
 
 SOURCE_SUFFIXES = [*media.IMAGE_SUFFIXES, ".mp4", ".mov", ".avi", ".mkv", ".webm"]
+# no usage reports to Gradio's servers from a page that serves loopback by default (read when gradio is imported)
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 DRIVING_SUFFIXES = [".mp4", ".mov", ".avi", ".mkv", ".webm", ".png", ".jpg", ".jpeg", ".bmp", ".webp", ".npz", ".pkl"]
 USER_ERRORS = (media.MediaError, NoFaceError, TemplateError, ServerUnavailable, ServerMismatch, RequestFailed,
                FileNotFoundError, ValueError)

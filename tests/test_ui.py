@@ -22,9 +22,10 @@ from liveportrait_triton import spec
 from liveportrait_triton.client import media
 from liveportrait_triton.serve import free_port
 
-gr = pytest.importorskip("gradio", reason="the `ui` extra (gradio) is not installed")
+from liveportrait_triton.client import ui  # noqa: E402  (imports gradio only when used)
+
+pytest.importorskip("gradio", reason="the `ui` extra (gradio) is not installed")
 gradio_client = pytest.importorskip("gradio_client", reason="gradio_client is not installed")
-from liveportrait_triton.client import ui  # noqa: E402  (needs gradio)
 
 pytestmark = pytest.mark.server
 
