@@ -13,6 +13,7 @@ result video first) and `/edit` (portrait, then every editing control with its d
 
 import argparse
 import dataclasses
+import importlib.util
 import inspect
 import math
 import os
@@ -608,10 +609,8 @@ def launch(app: App, host: str, port: int, block: bool = True):
 
 
 def run(args) -> int:
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
-        print("error: the web interface needs the `ui` extra (gradio); see README \"Web interface\"")
+    if importlib.util.find_spec("gradio") is None:
+        print("error: the web interface needs gradio (scripts/install.sh installs it); see README \"Web interface\"")
         return 1
     if args.max_upload_mb <= 0 or args.max_driving_seconds <= 0 or args.max_live_sessions < 1 or args.live_fps <= 0:
         print("error: limits and --live-fps must be positive")

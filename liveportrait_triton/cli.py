@@ -17,7 +17,7 @@ COMMANDS = {
     "animate": ("liveportrait_triton.client.animate", "animate a portrait with a driving video/image/template"),
     "edit": ("liveportrait_triton.client.edit_cli", "edit a portrait's pose and expression (retargeting controls)"),
     "template": ("liveportrait_triton.client.template_cli", "extract a motion template (.npz) from a video"),
-    "ui": ("liveportrait_triton.client.ui", "web interface (Gradio) on a running server: animate, live webcam"),
+    "ui": ("liveportrait_triton.client.ui", "web interface (Gradio) on a running server: animate, edit, live webcam"),
     "bench": ("liveportrait_triton.benchmarks.cli", "run the benchmarks (in-process, server, perf_analyzer)"),
     "demo": ("liveportrait_triton.demo", "end-to-end demo: weights, export, serve, animate a built-in portrait"),
 }

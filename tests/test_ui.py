@@ -129,7 +129,7 @@ def test_gradio_client_animate_and_edit(page_url, media_files):
     assert_changed(unchanged, turned, "the edit")
 
 
-def test_uploads_only_and_limits(page_url, media_files, tmp_path):
+def test_uploads_only_and_limits(page_url, media_files):
     """Paths outside Gradio's upload folder are refused; driving clips over the duration limit too."""
     _, app = page_url
     settings = {c.name: c.default for c in ui.ANIMATE_CONTROLS}
