@@ -123,6 +123,11 @@ def test_gradio_client_animate_and_edit(page_url, media_files):
     assert comparison is None and media.probe_video(video)["frames"] == DRIVING_FRAMES
 
     portrait = gradio_client.handle_file(str(media_files["portrait"]))
+    # image driving: an image comes back (third output), no video
+    video, comparison, image, download, _ = client.predict(portrait, portrait, api_name="/animate")
+    assert video is None and comparison is None and download is not None
+    assert cv2.imread(image).shape == (512, 512, 3)
+
     unchanged = cv2.imread(client.predict(portrait, api_name="/edit"))
     turned = cv2.imread(client.predict(portrait, yaw=20.0, smile=0.8, api_name="/edit"))
     assert unchanged.shape == turned.shape == (512, 512, 3)
