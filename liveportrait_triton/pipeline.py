@@ -16,6 +16,7 @@ import numpy as np
 
 from . import keypoints as K
 from . import spec
+from .arrays import batch_item, concatenate, is_torch, nbytes
 from .config import NUM_KP
 from .lip_array import LIP_ARRAY
 
@@ -36,6 +37,13 @@ def run_concurrently(runner: Runner, calls: list[tuple[str, dict[str, np.ndarray
     return [runner.run(model, inputs) for model, inputs in calls]
 
 
+def to_host(runner: Runner, model: str, name: str, value) -> np.ndarray:
+    """A runner's output as a NumPy array on the host, through the runner where it keeps outputs on a device
+    (`to_host`, e.g. BLS on a GPU, which counts the copy)."""
+    runner_to_host = getattr(runner, "to_host", None)
+    return runner_to_host(model, name, value) if runner_to_host is not None else np.asarray(value)
+
+
 class InputError(ValueError):
     """A request that cannot be served as sent (the caller's fault)."""
 
@@ -48,8 +56,12 @@ def crop_to_input(crops: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.transpose(crops.astype(np.float32) / np.float32(255.0), (0, 3, 1, 2)))
 
 
-def image_to_uint8(images: np.ndarray) -> np.ndarray:
-    """(B, 3, H, W) float in [0, 1] -> (B, H, W, 3) uint8, truncating like the official parse_output."""
+def image_to_uint8(images):
+    """(B, 3, H, W) float in [0, 1] -> (B, H, W, 3) uint8, truncating like the official parse_output; a torch
+    tensor is converted where it lives (so that only uint8 leaves a device)."""
+    if is_torch(images):
+        import torch
+        return (images.permute(0, 2, 3, 1).clamp(0, 1) * 255).clamp(0, 255).to(torch.uint8)
     out = np.clip(np.transpose(np.asarray(images), (0, 2, 3, 1)), 0, 1)
     return np.clip(out * 255, 0, 255).astype(np.uint8)
 
@@ -103,7 +115,7 @@ class DrivingFrame:
 class StreamState:
     """What one sequence keeps between frames: the source's features and keypoints, options and anchors."""
     options: dict
-    feature_volume: np.ndarray          # (1, C, D, 64, 64)
+    feature_volume: np.ndarray          # (1, C, D, 64, 64), where the runner keeps it (host or device)
     source: K.MotionInfo
     x_s: np.ndarray                     # (1, 21, 3)
     source_eye_ratio: np.ndarray | None = None   # (1, 2)
@@ -115,7 +127,7 @@ class StreamState:
 
     @property
     def nbytes(self) -> int:
-        return int(self.feature_volume.nbytes)
+        return nbytes(self.feature_volume)
 
 
 class Animator:
@@ -145,7 +157,7 @@ class Animator:
                 raise InputError("eye_retargeting is on but the START request has no source_eye_ratio")
             if opts["lip_retargeting"] and lip is None:
                 raise InputError("lip_retargeting is on but the START request has no source_lip_ratio")
-            states.append(StreamState(options=opts, feature_volume=np.ascontiguousarray(volume[i:i + 1]),
+            states.append(StreamState(options=opts, feature_volume=batch_item(volume, i),
                                       source=src, x_s=x_s[i:i + 1], source_eye_ratio=eye, source_lip_ratio=lip,
                                       anchor=src if opts["anchor"] == "source" else None))
         return states
@@ -203,16 +215,17 @@ class Animator:
         return K.apply_driving_multiplier(x_s, x, o["driving_multiplier"])
 
     def render(self, volumes: np.ndarray, x_s: np.ndarray, x_d: np.ndarray) -> np.ndarray:
-        """W then G on a batch -> (B, 512, 512, 3) uint8."""
+        """W then G on a batch -> (B, 512, 512, 3) uint8 on the host. The volumes and W's output stay where the
+        runner keeps them; only the uint8 image is brought to the host."""
         warped = self.runner.run(spec.WARPING, {"feature_volume": volumes, "kp_source": x_s, "kp_driving": x_d})
         image = self.runner.run(spec.GENERATOR, {"warped_feature": warped["warped_feature"]})["image"]
-        return image_to_uint8(image)
+        return to_host(self.runner, spec.GENERATOR, "image", image_to_uint8(image))
 
     def animate(self, states: list[StreamState], frames: list[DrivingFrame]) -> list[np.ndarray]:
         """One driving frame for each of several streams (a stream may appear once per call)."""
         drivings = self.driving_motion(frames)
         x_d = [self.driving_keypoints(s, d, f) for s, d, f in zip(states, drivings, frames)]
-        images = self.render(np.concatenate([s.feature_volume for s in states]),
+        images = self.render(concatenate([s.feature_volume for s in states]),
                              np.concatenate([s.x_s for s in states]), np.concatenate(x_d))
         for s in states:
             s.frames_done += 1

@@ -15,6 +15,7 @@ byte, so the committed files can never drift from the spec.
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 from pathlib import Path
 
@@ -26,6 +27,8 @@ TEMPLATES = Path(__file__).parent / "model_repository_templates"
 SUBNETWORK_ADAPTER = TEMPLATES / "onnx_subnetwork" / "model.py"
 PIPELINE_ADAPTER = TEMPLATES / "liveportrait" / "model.py"
 ONNX_FILENAME = "model.onnx"
+BLS_TENSOR_PATHS = ("numpy", "torch-cpu", "torch-gpu")     # read by backend.bls (which imports no server code here)
+DEFAULT_BLS_TENSORS = {"local": "numpy", "ngc": "torch-gpu"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +42,9 @@ class ServingOptions:
     sequence_idle_timeout_s: int = 300              # state of a stream idle this long is freed
     pipeline_instances: int = 1
     ort_intra_op_threads: int = 0                   # 0: ONNX Runtime's default (all cores)
+    # where the pipeline keeps tensors between sub-networks (backend.bls.TENSOR_PATHS); None: by target, NumPy
+    # on the host for local, device-resident torch tensors on the GPU for ngc
+    bls_tensors: str | None = None
 
     def __post_init__(self):
         if not 1 <= self.submodel_max_batch_size <= spec.MAX_BATCH_SIZE:
@@ -49,6 +55,26 @@ class ServingOptions:
             raise ValueError("sequence_idle_timeout_s must be >= 1")
         if self.pipeline_instances < 1 or self.ort_intra_op_threads < 0:
             raise ValueError("pipeline_instances must be >= 1 and ort_intra_op_threads >= 0")
+        if self.bls_tensors not in (None, *BLS_TENSOR_PATHS):
+            raise ValueError(f"bls_tensors must be one of {list(BLS_TENSOR_PATHS)}")
+
+
+def python_shm_bytes(config: str = "full", max_batch_size: int = spec.MAX_BATCH_SIZE) -> int:
+    """Shared-memory region size of the Python backend: the largest batch of the largest tensor any served model
+    passes (the full networks' feature volume: 16 x 8 MiB), so that a whole batched tensor fits without growing
+    the region; also its growth step. Rounded up to whole MiB."""
+    models = [*spec.submodel_specs(config).values(), spec.PIPELINE_SPEC]
+    largest = max(t.nbytes for m in models for t in (*m.inputs, *m.outputs))
+    mib = 2 ** 20
+    return -(-largest * max_batch_size // mib) * mib
+
+
+def repository_network_config(repository_dir: str | Path) -> str:
+    """The network configuration a rendered repository serves (its pipeline config's `network_config`)."""
+    path = Path(repository_dir) / spec.PIPELINE / "config.pbtxt"
+    text = path.read_text() if path.is_file() else ""
+    found = re.search(r'key: "network_config"\s*value: \{ string_value: "([^"]+)" \}', text)
+    return found.group(1) if found else "full"
 
 
 def _header(target: str, config: str) -> str:
@@ -126,7 +152,8 @@ def render_pipeline_config(target: str, config: str, options: ServingOptions = S
             + _tensors("input", spec.PIPELINE_SPEC.inputs) + _tensors("output", spec.PIPELINE_SPEC.outputs)
             + _instances(options.pipeline_instances, "KIND_CPU")
             + _parameters({"network_config": config,
-                           "sequence_idle_timeout_s": str(options.sequence_idle_timeout_s)}))
+                           "sequence_idle_timeout_s": str(options.sequence_idle_timeout_s),
+                           "bls_tensors": options.bls_tensors or DEFAULT_BLS_TENSORS[target]}))
 
 
 def ngc_platform(repository_dir: str | Path | None, model: str, platform: str | None) -> str:
