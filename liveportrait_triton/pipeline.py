@@ -242,23 +242,27 @@ class TorchRunner:
 
     def run(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self._torch
-        n = self.networks
         t = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in inputs.items()}
         with torch.no_grad():
-            if model == spec.APPEARANCE:
-                out = {"feature_volume": n.appearance_feature_extractor(t["image"])}
-            elif model == spec.MOTION:
-                out = n.motion_extractor(t["image"])
-            elif model == spec.WARPING:
-                w = n.warping_module(t["feature_volume"], t["kp_source"], t["kp_driving"])
-                out = {"warped_feature": w["out"], "occlusion_map": w["occlusion_map"]}
-            elif model == spec.GENERATOR:
-                out = {"image": n.spade_generator(t["warped_feature"])}
-            elif model in (spec.STITCHING, spec.RETARGET_EYE, spec.RETARGET_LIP):
-                out = {"delta": mlp_forward(n, model, t)}
-            else:
-                raise KeyError(f"unknown model {model!r}")
+            out = torch_forward(self.networks, model, t)
         return {k: v.numpy() for k, v in out.items()}
+
+
+def torch_forward(networks, model: str, t: dict) -> dict:
+    """One served sub-network's forward on torch tensors, outputs named by the spec."""
+    n = networks
+    if model == spec.APPEARANCE:
+        return {"feature_volume": n.appearance_feature_extractor(t["image"])}
+    if model == spec.MOTION:
+        return n.motion_extractor(t["image"])
+    if model == spec.WARPING:
+        w = n.warping_module(t["feature_volume"], t["kp_source"], t["kp_driving"])
+        return {"warped_feature": w["out"], "occlusion_map": w["occlusion_map"]}
+    if model == spec.GENERATOR:
+        return {"image": n.spade_generator(t["warped_feature"])}
+    if model in (spec.STITCHING, spec.RETARGET_EYE, spec.RETARGET_LIP):
+        return {"delta": mlp_forward(n, model, t)}
+    raise KeyError(f"unknown model {model!r}")
 
 
 def mlp_forward(networks, model: str, t: dict):
