@@ -45,6 +45,12 @@ class ServingOptions:
     # where the pipeline keeps tensors between sub-networks (backend.bls.TENSOR_PATHS); None: by target, NumPy
     # on the host for local, device-resident torch tensors on the GPU for ngc
     bls_tensors: str | None = None
+    # local target: the sub-networks' runtime, `onnxruntime` (model.onnx) or `torch` (our PyTorch modules from the
+    # official checkpoints in weights_dir on torch_device, torch_cuda.TorchCudaRunner)
+    subnetwork_runtime: str = "onnxruntime"
+    weights_dir: str = ""
+    torch_device: str = "cuda"
+    torch_precision: str = "fp16"
 
     def __post_init__(self):
         if not 1 <= self.submodel_max_batch_size <= spec.MAX_BATCH_SIZE:
@@ -57,6 +63,10 @@ class ServingOptions:
             raise ValueError("pipeline_instances must be >= 1 and ort_intra_op_threads >= 0")
         if self.bls_tensors not in (None, *BLS_TENSOR_PATHS):
             raise ValueError(f"bls_tensors must be one of {list(BLS_TENSOR_PATHS)}")
+        if self.subnetwork_runtime not in ("onnxruntime", "torch"):
+            raise ValueError("subnetwork_runtime must be onnxruntime or torch")
+        if self.subnetwork_runtime == "torch" and not self.weights_dir:
+            raise ValueError("the torch sub-network runtime needs weights_dir (official checkpoint layout)")
 
 
 def python_shm_bytes(config: str = "full", max_batch_size: int = spec.MAX_BATCH_SIZE) -> int:
@@ -110,8 +120,15 @@ def render_submodel_config(model: spec.ModelSpec, target: str, config: str, plat
     if target == "local":
         runtime = 'backend: "python"\n'
         instances = _instances(1, "KIND_CPU")
-        params = _parameters({"network_config": config, "onnx_file": ONNX_FILENAME,
-                              "intra_op_threads": str(options.ort_intra_op_threads)})
+        if options.subnetwork_runtime == "torch":
+            torch_params = {"network_config": config, "runtime": "torch", "weights_dir": options.weights_dir,
+                            "device": options.torch_device, "precision": options.torch_precision}
+            if options.torch_device.startswith("cuda"):      # inputs arrive in GPU memory, as BLS sends them
+                torch_params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
+            params = _parameters(torch_params)
+        else:
+            params = _parameters({"network_config": config, "onnx_file": ONNX_FILENAME,
+                                  "intra_op_threads": str(options.ort_intra_op_threads)})
     elif target == "ngc":
         if platform not in PLATFORMS:
             raise ValueError(f"ngc platform must be one of {sorted(PLATFORMS)}, got {platform!r}")

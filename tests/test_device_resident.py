@@ -159,13 +159,17 @@ def test_unknown_tensor_path_is_refused(tiny_networks):
 # -- the CPU device-resident path on the real bundled server ----------------------------------------------------
 
 @pytest.mark.server
-def test_served_torch_tensor_path_matches_in_process(tiny_repository, tmp_path, tiny_networks, source_crops,
-                                                     driving_crops):
-    """torch tensors through the real stub's DLPack (pb_utils.Tensor.from_dlpack / torch.from_dlpack) on CPU."""
+def test_served_torch_path_matches_in_process(tiny_repository, tiny_weights_dir, tmp_path, tiny_networks,
+                                              source_crops, driving_crops):
+    """The GPU serving configuration with CPU for the GPU: torch tensors through the real stub's DLPack
+    (pb_utils.Tensor.from_dlpack / torch.from_dlpack) and sub-networks on the torch runtime (TorchCudaRunner)."""
     from test_server import frame_of, stream
     from liveportrait_triton.serve import TritonServer
-    repository = rendered_copy(tiny_repository, tmp_path / "repository", bls_tensors="torch-cpu")
+    repository = rendered_copy(tiny_repository, tmp_path / "repository", bls_tensors="torch-cpu",
+                               subnetwork_runtime="torch", weights_dir=str(tiny_weights_dir), torch_device="cpu",
+                               torch_precision="fp32")
     assert 'string_value: "torch-cpu"' in (repository / spec.PIPELINE / "config.pbtxt").read_text()
+    assert 'string_value: "torch"' in (repository / spec.WARPING / "config.pbtxt").read_text()
     animator = Animator(TorchRunner(tiny_networks))
     [state] = animator.register_sources([source_crops["s1"]], [spec.parse_options({})])
     want = [animator.animate([state], [DrivingFrame(crop=f)])[0] for f in driving_crops]

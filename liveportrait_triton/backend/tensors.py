@@ -34,6 +34,11 @@ def backend_torch(tensor):
     return torch.from_dlpack(tensor)
 
 
+def backend_value(tensor):
+    """A request's input where it lies: NumPy in CPU memory, torch on the GPU (inputs of a GPU sub-network)."""
+    return backend_array(tensor) if tensor.is_cpu() else backend_torch(tensor)
+
+
 def backend_tensor(pb_utils, name: str, value):
     """A `pb_utils.Tensor` over a NumPy array or a torch tensor (CPU or GPU), passed through DLPack (no copy of a
     C-contiguous value).
