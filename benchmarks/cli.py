@@ -1,7 +1,8 @@
-"""`liveportrait-triton bench`: time the per-frame pipeline in-process and through Triton, run perf_analyzer on every
-sub-network (batch sweep) and on the `liveportrait` sequence model (concurrency sweep), and write CSV, markdown and
-PNG plots with the machine and versions. `--runtime-choice` instead times every local CPU runtime candidate per
-sub-network (benchmarks/results/runtime_choice.md).
+"""`liveportrait-triton bench`: time the per-frame pipeline in-process (PyTorch eager and the served kinds) and
+through Triton, every sub-network against the machine's GEMM rate, run perf_analyzer on every sub-network (batch
+sweep) and on the `liveportrait` sequence model (concurrency sweep), and write CSV, markdown and PNG plots with the
+machine and versions. `--runtime-choice` instead times every runtime kind per sub-network and writes the winners
+into the choice file that `export` renders (benchmarks/results/runtime_choice.md).
 
 Everything runs on real inputs: a source portrait and frames of a driving video, cropped to 256x256.
 """
@@ -366,7 +367,7 @@ def _time_modules(args, networks, repository, samples, notes: list) -> list:
             stats = Stats.of([w / calls for w in wall])
             rows.append(report.Row("module", kind, model, count=args.module_repeats * calls,
                                    items_per_s=1e3 / stats.mean_ms, mean_ms=stats.mean_ms, p50_ms=stats.p50_ms,
-                                   p95_ms=stats.p95_ms, p99_ms=stats.p99_ms, gflop=work / 1e9,
+                                   p95_ms=stats.p95_ms, p99_ms=stats.p99_ms, flop=work,
                                    gemm_fraction=work / (stats.p50_ms / 1e3) / rate))
             _log(_describe(rows[-1]) + f", {work / 1e9:.2f} GFLOP, {rows[-1].gemm_fraction:.0%} of the GEMM rate")
             del runner

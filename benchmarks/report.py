@@ -29,8 +29,8 @@ class Row:
     compute_ms: float = float("nan")
     mean_batch: float = float("nan")   # composing models: inferences per execution
     pa_reported_per_s: float = float("nan")   # perf_analyzer's own throughput (window rounded up; see perf_analyzer)
-    gflop: float = float("nan")               # module rows: conv + linear work of one call
-    gemm_fraction: float = float("nan")       # module rows: GFLOP / p50 as a share of the measured GEMM rate
+    flop: float = float("nan")                # module rows: conv + linear work of one call
+    gemm_fraction: float = float("nan")       # module rows: flop / p50 as a share of the measured GEMM rate
 
 
 def machine_info(triton_version: str | None = None, perf_analyzer_version: str | None = None) -> dict[str, str]:
@@ -121,9 +121,9 @@ def targets(rows: list[Row], served_runner: str) -> list[str]:
         lines.append(f"- Served vs the same runtimes ({served_runner}) called in-process, one stream: "
                      f"{served / same:.3f}x the in-process time (the cost of Triton, BLS and copies).")
     modules = {r.model: r for r in rows if r.section == "module" and r.runner == "torch"}
-    rate = [r.gflop / (r.p50_ms / 1e3) / r.gemm_fraction for r in rows if r.section == "module" and r.gemm_fraction]
+    rate = [r.flop / (r.p50_ms / 1e3) / r.gemm_fraction for r in rows if r.section == "module" and r.gemm_fraction]
     if served is not None and rate and all(m in modules for m in PER_FRAME_MODULES):
-        floor_ms = sum(modules[m].gflop for m in PER_FRAME_MODULES) / rate[0] * 1e3
+        floor_ms = sum(modules[m].flop for m in PER_FRAME_MODULES) / rate[0] * 1e3
         lines.append(f"- fp32 floor per frame (conv + linear GFLOP of M, stitching, W, G / the GEMM rate): "
                      f"{floor_ms / 1e3:.2f} s; served frame {served / floor_ms:.2f}x the floor; goal within 1.3x: "
                      f"**{'met' if served <= 1.3 * floor_ms else 'not met'}**.")
@@ -172,8 +172,8 @@ def markdown(rows: list[Row], machine: dict[str, str], command: str, served_runn
         torch_module = {r.model: r.p50_ms for r in modules if r.runner == "torch"}
         for r in modules:
             speed = _fmt(torch_module[r.model] / r.p50_ms, 2) if r.model in torch_module else ""
-            out.append(f"| {r.model} | {r.runner} | {r.count} | {_fmt(r.p50_ms, 2)} | {_fmt(r.gflop, 3)} | "
-                       f"{_fmt(r.gflop / (r.p50_ms / 1e3), 1)} | {_fmt(100 * r.gemm_fraction, 1)} | {speed} |")
+            out.append(f"| {r.model} | {r.runner} | {r.count} | {_fmt(r.p50_ms, 2)} | {r.flop / 1e9:.3g} | "
+                       f"{r.flop / 1e9 / (r.p50_ms / 1e3):.3g} | {_fmt(100 * r.gemm_fraction, 1)} | {speed} |")
 
     pipeline = [r for r in rows if r.section == "pa_pipeline"]
     if pipeline:

@@ -68,8 +68,9 @@ def parity(outputs: dict, reference: dict, model: str) -> dict[str, tuple]:
 
 def compare_runtimes(weights_dir, config: str, repository, samples: dict[str, list[dict]], models, kinds, batches,
                      threads: int, budget_s: float = 10.0, flops: dict | None = None,
-                     gemm_gflops: float = float("nan")) -> list[RuntimeResult]:
-    """Time every (model, kind, batch) on recorded real inputs, with parity against PyTorch eager.
+                     gemm_rate: float = float("nan")) -> list[RuntimeResult]:
+    """Time every (model, kind, batch) on recorded real inputs, with parity against PyTorch eager; `flops`
+    ({model: conv + linear FLOPs per item}) and `gemm_rate` (FLOP/s) give each result its share of the rate.
 
     Each kind runs in a fresh process (like each served sub-network in its own Python-backend stub), so no other
     runtime's thread pool (TBB, ONNX Runtime, OpenMP) is alive to compete for the cores or skew its timing.
@@ -86,7 +87,7 @@ def compare_runtimes(weights_dir, config: str, repository, samples: dict[str, li
             reference = outputs
         for r in measured:
             r.gflop = (flops or {}).get(r.model, float("nan")) * r.batch / 1e9
-            r.gemm_gflops = gemm_gflops / 1e9
+            r.gemm_gflops = gemm_rate / 1e9
             if (r.model, r.batch) in outputs and (r.model, r.batch) in reference:
                 r.parity = parity(outputs[(r.model, r.batch)], reference[(r.model, r.batch)], r.model)
             print(format_row(r), flush=True)
@@ -218,7 +219,7 @@ def csv_rows(results: list[RuntimeResult]) -> list[dict]:
                      "mean_ms": s and round(s.mean_ms, 3), "cpu_ms": round(r.cpu_ms, 3), "calls": s and s.count,
                      "speedup_vs_torch": round(ratio[(r.model, r.kind, r.batch)], 3)
                      if (r.model, r.kind, r.batch) in ratio else None,
-                     "setup_s": round(r.setup_s, 2), "gflop": round(r.gflop, 4),
+                     "setup_s": round(r.setup_s, 2), "flop": round(r.gflop * 1e9) if r.gflop == r.gflop else None,
                      "fraction_of_gemm": round(r.fraction_of_gemm, 4), "parity_ok": r.parity_ok,
                      "max_abs_diff": max((d for d, *_ in r.parity.values()), default=None)
                      if r.parity else None, "error": r.error})

@@ -67,10 +67,11 @@ def parse_runtime_overrides(items: list[str]) -> dict[str, str]:
     return out
 
 
-def models_at_once(model: str, options: "ServingOptions") -> int:
-    """How many sub-network executions may run at the same time as one of `model` (its threads share the cores
-    with theirs): each pipeline instance runs its sub-networks one after another, except F and M together."""
-    return options.pipeline_instances * (2 if model in (spec.APPEARANCE, spec.MOTION) else 1)
+def models_at_once(options: "ServingOptions") -> int:
+    """How many sub-network executions may run at the same time (their threads share the cores): each pipeline
+    instance runs its sub-networks one after another per driving frame. (F and M run together only on a stream's
+    START, once per stream: sizing them for that would halve M's threads on every frame.)"""
+    return options.pipeline_instances
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +134,7 @@ def render_submodel_config(model: spec.ModelSpec, target: str, config: str, plat
         runtime = 'backend: "python"\n'
         instances = _instances(1, "KIND_CPU")
         params = _parameters({"network_config": config, "runtime": runtime_kind, "threads": str(options.threads),
-                              "models_at_once": str(models_at_once(model.name, options))})
+                              "models_at_once": str(models_at_once(options))})
     elif target == "ngc":
         if platform not in PLATFORMS:
             raise ValueError(f"ngc platform must be one of {sorted(PLATFORMS)}, got {platform!r}")

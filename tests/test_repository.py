@@ -58,13 +58,13 @@ def test_runtime_overrides_and_their_errors():
 
 
 def test_threads_are_shared_by_the_models_that_run_at_once():
-    """F and M run together in a pipeline execution, the others one at a time; more pipeline instances, more
-    models at once. An explicit thread count is rendered as given."""
+    """A pipeline instance runs its sub-networks one at a time per frame; more pipeline instances, more models at
+    once. An explicit thread count is rendered as given."""
     def parameters(name, **serving):
         rendered = repository.render_repository("local", "tiny", options=repository.ServingOptions(**serving))
         pb = parse(rendered[f"{name}/config.pbtxt"])
         return pb.parameters["threads"].string_value, pb.parameters["models_at_once"].string_value
-    assert parameters(spec.APPEARANCE) == ("0", "2") and parameters(spec.WARPING) == ("0", "1")
+    assert parameters(spec.MOTION) == ("0", "1") and parameters(spec.WARPING) == ("0", "1")
     assert parameters(spec.WARPING, pipeline_instances=2) == ("0", "2")
     assert parameters(spec.GENERATOR, threads=3) == ("3", "1")
 
