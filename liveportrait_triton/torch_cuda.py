@@ -24,7 +24,6 @@ import torch
 
 from . import spec
 from .arrays import is_torch
-from .pipeline import torch_forward
 
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 WARMUP_CALLS = 3                    # eager calls before a capture (cuDNN algorithm choice, lazy initialisation)
@@ -56,11 +55,9 @@ class TorchCudaRunner:
         self.device = torch.device(device)
         self.precision = precision
         self.autocast_dtype = PRECISIONS[precision]
+        from .export.served import served_models
         self.specs = spec.submodel_specs(networks.params)
-        self.networks = networks
-        for name in ("appearance_feature_extractor", "motion_extractor", "warping_module", "spade_generator",
-                     "stitching", "eye", "lip"):
-            getattr(networks, name).to(self.device)
+        self.served = {name: model.eval().to(self.device) for name, model in served_models(networks).items()}
         self.graphs_unavailable = graphs_unavailable(self.device)
         self.graph_batch_sizes = frozenset() if self.graphs_unavailable else frozenset(graph_batch_sizes)
         self.graphs: dict[tuple[str, int], _Captured] = {}
@@ -91,7 +88,7 @@ class TorchCudaRunner:
         # cache_enabled=False: autocast's weight-cast cache must not outlive a graph capture
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                                                     enabled=enabled, cache_enabled=False):
-            out = torch_forward(self.networks, model, tensors)
+            out = self.served[model].named_outputs(tensors)
         want = {t.name: getattr(torch, str(t.numpy_dtype)) for t in self.specs[model].outputs}
         return {name: out[name].to(dtype) for name, dtype in want.items()}
 

@@ -1,8 +1,9 @@
-"""Triton Python-backend adapter of one LivePortrait sub-network (the same file for every one): ONNX Runtime, or
-our PyTorch modules (on a GPU: inputs and outputs stay in GPU memory), as the config's `runtime` says.
+"""Triton Python-backend adapter of one LivePortrait sub-network (the same file for every one).
 
-Generated into the repository by liveportrait_triton.repository; the logic (config and artefact checks, NaN/Inf
-refusal, batching across requests) is liveportrait_triton.backend.subnetwork.
+Generated into the repository by liveportrait_triton.repository; the logic (config checks, the runtime kind its
+`runtime` parameter names, NaN/Inf refusal, batching across requests) is
+liveportrait_triton.backend.subnetwork (`runtime: torch` serves our PyTorch modules; its GPU inputs stay on the
+GPU).
 """
 import json
 from pathlib import Path
