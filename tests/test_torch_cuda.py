@@ -54,7 +54,7 @@ def test_fp32_runner_on_cpu_equals_the_in_process_reference(tiny_networks):
         got, want = runner.run(model, inputs), reference.run(model, inputs)
         assert sorted(got) == sorted(model_spec.output_names), model
         for name in model_spec.output_names:
-            assert isinstance(got[name], np.ndarray) and got[name].dtype == np.float32
+            assert isinstance(got[name], np.ndarray) and got[name].dtype == model_spec.output(name).numpy_dtype
             np.testing.assert_array_equal(got[name], want[name], err_msg=f"{model}.{name}")
         # torch tensors in: torch tensors out, on the runner's device
         torch_out = runner.run(model, {k: torch.from_numpy(v) for k, v in inputs.items()})
