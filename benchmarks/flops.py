@@ -1,8 +1,8 @@
 """How close a runtime comes to the machine's limit: the convolution and linear FLOPs of each sub-network per call,
 and the machine's fp32 GEMM rate measured with torch matmul, so a time becomes a fraction of that rate.
 
-FLOPs count 2 per multiply-add of every Conv1d/2d/3d (and transposed) and Linear layer, as they run on the given
-inputs (forward hooks); the rest (normalisation, activations, the warping module's grid sample and keypoint
+FLOPs count 2 per multiply-add of every convolution (nn.Conv*, transposed ones, and the generator's spectral-norm
+convolutions) and Linear layer, as they run on the given inputs (forward hooks); the rest (normalisation, activations, the warping module's grid sample and keypoint
 Gaussians) is memory traffic more than arithmetic and is left out, which is why such modules stay below the rate.
 """
 from __future__ import annotations
@@ -19,23 +19,23 @@ def layer_flops(networks, model_spec, inputs: dict[str, np.ndarray]) -> float:
     from torch import nn
 
     from ..export.served import ServedModel
+    from ..networks.blocks import SpectralNormConv2d
     served = ServedModel(networks, model_spec).eval()
     total = [0.0]
 
-    def conv(module, _inputs, output):
-        per_output = module.in_channels // module.groups * math.prod(module.kernel_size)
-        if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
-            per_output = module.out_channels // module.groups * math.prod(module.kernel_size)
-            total[0] += 2.0 * _inputs[0].numel() * per_output
+    def conv(module, inputs, output):
+        weight = module.weight     # (out, in / groups, *kernel); transposed: (in, out / groups, *kernel)
+        if isinstance(module, nn.modules.conv._ConvTransposeNd):
+            total[0] += 2.0 * inputs[0].numel() * math.prod(weight.shape[1:])
         else:
-            total[0] += 2.0 * output.numel() * per_output
+            total[0] += 2.0 * output.numel() * math.prod(weight.shape[1:])
 
     def linear(module, _inputs, output):
         total[0] += 2.0 * output.numel() * module.in_features
 
     hooks = []
     for module in served.modules():
-        if isinstance(module, nn.modules.conv._ConvNd):
+        if isinstance(module, (nn.modules.conv._ConvNd, SpectralNormConv2d)):   # the latter: G's folded convs
             hooks.append(module.register_forward_hook(conv))
         elif isinstance(module, nn.Linear):
             hooks.append(module.register_forward_hook(linear))
