@@ -1,9 +1,9 @@
 """Per-stream animation logic, independent of where the networks run.
 
 A `Runner` executes one served sub-network on a batch (`run(model, {input: array}) -> {output: array}`, names
-from `spec`). `TorchRunner` runs our PyTorch modules in-process, `OnnxRunner` runs exported ONNX files with
-ONNX Runtime, and the Triton pipeline model wraps BLS calls in the same interface. `Animator` holds the logic of
-the official per-frame block: source registration (F and M once), then for each driving frame M (or a motion
+from `spec`). `TorchRunner` runs our PyTorch modules in-process and `OnnxRunner` the exported ONNX files, both
+built by the runtime layer (`runtimes.py`); the Triton pipeline model wraps BLS calls in the same interface.
+`Animator` holds the logic of the official per-frame block: source registration (F and M once), then for each driving frame M (or a motion
 template frame) -> keypoint maths -> stitching / retargeting MLPs -> W -> G, batched across streams.
 """
 from __future__ import annotations
@@ -17,7 +17,8 @@ import numpy as np
 from . import editing
 from . import keypoints as K
 from . import source_video as SV
-from . import spec
+from . import runtimes, spec
+from .arrays import batch_item, concatenate, nbytes
 from .config import NUM_KP
 from .lip_array import LIP_ARRAY
 
@@ -38,6 +39,13 @@ def run_concurrently(runner: Runner, calls: list[tuple[str, dict[str, np.ndarray
     return [runner.run(model, inputs) for model, inputs in calls]
 
 
+def to_host(runner: Runner, model: str, name: str, value) -> np.ndarray:
+    """A runner's output as a NumPy array on the host, through the runner where it keeps outputs on a device
+    (`to_host`, e.g. BLS on a GPU, which counts the copy)."""
+    runner_to_host = getattr(runner, "to_host", None)
+    return runner_to_host(model, name, value) if runner_to_host is not None else np.asarray(value)
+
+
 class InputError(ValueError):
     """A request that cannot be served as sent (the caller's fault)."""
 
@@ -48,12 +56,6 @@ def crop_to_input(crops: np.ndarray) -> np.ndarray:
     if crops.ndim == 3:
         crops = crops[None]
     return np.ascontiguousarray(np.transpose(crops.astype(np.float32) / np.float32(255.0), (0, 3, 1, 2)))
-
-
-def image_to_uint8(images: np.ndarray) -> np.ndarray:
-    """(B, 3, H, W) float in [0, 1] -> (B, H, W, 3) uint8, truncating like the official parse_output."""
-    out = np.clip(np.transpose(np.asarray(images), (0, 2, 3, 1)), 0, 1)
-    return np.clip(out * 255, 0, 255).astype(np.uint8)
 
 
 def check_crop(name: str, crop) -> np.ndarray:
@@ -115,7 +117,7 @@ class Edit:
 class StreamState:
     """What one sequence keeps between frames: the source's features and keypoints, options and anchors."""
     options: dict
-    feature_volume: np.ndarray          # (1, C, D, 64, 64)
+    feature_volume: np.ndarray          # (1, C, D, 64, 64), where the runner keeps it (host or device)
     source: K.MotionInfo
     x_s: np.ndarray                     # (1, 21, 3)
     source_eye_ratio: np.ndarray | None = None   # (1, 2)
@@ -127,7 +129,7 @@ class StreamState:
 
     @property
     def nbytes(self) -> int:
-        return int(self.feature_volume.nbytes)
+        return nbytes(self.feature_volume)
 
 
 class Animator:
@@ -157,7 +159,7 @@ class Animator:
                 raise InputError("eye_retargeting is on but the START request has no source_eye_ratio")
             if opts["lip_retargeting"] and lip is None:
                 raise InputError("lip_retargeting is on but the START request has no source_lip_ratio")
-            states.append(StreamState(options=opts, feature_volume=np.ascontiguousarray(volume[i:i + 1]),
+            states.append(StreamState(options=opts, feature_volume=batch_item(volume, i),
                                       source=src, x_s=x_s[i:i + 1], source_eye_ratio=eye, source_lip_ratio=lip,
                                       anchor=src if opts["anchor"] == "source" else None))
         return states
@@ -250,10 +252,12 @@ class Animator:
         return x
 
     def render(self, volumes: np.ndarray, x_s: np.ndarray, x_d: np.ndarray) -> np.ndarray:
-        """W then G on a batch -> (B, 512, 512, 3) uint8."""
+        """W then G on a batch -> (B, 512, 512, 3) uint8 on the host (the served generator ends in the official
+        parse_output). The volumes and W's output stay where the runner keeps them; only the uint8 image is brought
+        to the host."""
         warped = self.runner.run(spec.WARPING, {"feature_volume": volumes, "kp_source": x_s, "kp_driving": x_d})
         image = self.runner.run(spec.GENERATOR, {"warped_feature": warped["warped_feature"]})["image"]
-        return image_to_uint8(image)
+        return to_host(self.runner, spec.GENERATOR, "image", image)
 
     def animate(self, states: list[StreamState], frames: list[DrivingFrame | Edit]) -> list[np.ndarray]:
         """One driving frame or edit for each of several streams (a stream may appear once per call), rendered
@@ -271,7 +275,7 @@ class Animator:
         x_d = [self.edit_keypoints(s, f) if isinstance(f, Edit)
                else self.source_video_keypoints(r, f) if r is not s else self.driving_keypoints(s, d, f)
                for s, r, d, f in zip(states, rendered, drivings, frames)]
-        images = self.render(np.concatenate([r.feature_volume for r in rendered]),
+        images = self.render(concatenate([r.feature_volume for r in rendered]),
                              np.concatenate([r.x_s for r in rendered]), np.concatenate(x_d))
         for s, f in zip(states, frames):
             if not isinstance(f, Edit):
@@ -279,33 +283,13 @@ class Animator:
         return list(images)
 
 
-class TorchRunner:
-    """Runs our PyTorch sub-networks in-process (the parity reference for served results)."""
+class TorchRunner(runtimes.ModelRunner):
+    """Our PyTorch sub-networks in-process (the parity reference for served results): the runtime layer's
+    `torch` kind for every sub-network, on `device`."""
 
-    def __init__(self, networks):
-        import torch
-        self._torch = torch
-        self.networks = networks
-
-    def run(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        torch = self._torch
-        n = self.networks
-        t = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in inputs.items()}
-        with torch.no_grad():
-            if model == spec.APPEARANCE:
-                out = {"feature_volume": n.appearance_feature_extractor(t["image"])}
-            elif model == spec.MOTION:
-                out = n.motion_extractor(t["image"])
-            elif model == spec.WARPING:
-                w = n.warping_module(t["feature_volume"], t["kp_source"], t["kp_driving"])
-                out = {"warped_feature": w["out"], "occlusion_map": w["occlusion_map"]}
-            elif model == spec.GENERATOR:
-                out = {"image": n.spade_generator(t["warped_feature"])}
-            elif model in (spec.STITCHING, spec.RETARGET_EYE, spec.RETARGET_LIP):
-                out = {"delta": mlp_forward(n, model, t)}
-            else:
-                raise KeyError(f"unknown model {model!r}")
-        return {k: v.numpy() for k, v in out.items()}
+    def __init__(self, networks, device: str = "cpu", threads: int | None = None):
+        super().__init__(runtimes.create_runner("torch", networks.params, networks=networks, device=device,
+                                                threads=threads).runners)
 
 
 def mlp_forward(networks, model: str, t: dict):
@@ -319,23 +303,10 @@ def mlp_forward(networks, model: str, t: dict):
     return networks.lip(torch.cat([kp, t["lip_ratio"]], 1))
 
 
-class OnnxRunner:
-    """Runs exported `<repository>/<model>/1/model.onnx` files with ONNX Runtime (CPU), bound by name."""
+class OnnxRunner(runtimes.ModelRunner):
+    """Exported `<repository>/<model>/1/model.onnx` files in-process, on the runtime layer's ONNX kinds
+    (`kind` for all, or {model: kind}; default ONNX Runtime)."""
 
-    def __init__(self, repository: str | Path, threads: int | None = None):
-        import onnxruntime as ort
-        self.sessions = {}
-        for model in spec.SUBMODELS:
-            path = Path(repository) / model / "1" / "model.onnx"
-            if not path.is_file():
-                raise FileNotFoundError(f"{path} not found: run `liveportrait-triton export` first")
-            opts = ort.SessionOptions()
-            if threads:
-                opts.intra_op_num_threads = threads
-            self.sessions[model] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-    def run(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        session = self.sessions[model]
-        names = [o.name for o in session.get_outputs()]
-        feeds = {i.name: np.ascontiguousarray(inputs[i.name], dtype=np.float32) for i in session.get_inputs()}
-        return dict(zip(names, session.run(names, feeds)))
+    def __init__(self, repository: str | Path, config: str | dict, kind: str | dict[str, str] = "onnxruntime",
+                 threads: int | None = None):
+        super().__init__(runtimes.create_runner(kind, config, repository=repository, threads=threads).runners)
