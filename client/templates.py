@@ -123,7 +123,7 @@ def safe_unpickle(data: bytes):
     except TemplateError:
         raise
     except Exception as exc:        # truncated or corrupt files raise many different exception types
-        raise TemplateError(f"not a readable pickle: {type(exc).__name__}: {exc}") from None
+        raise TemplateError(f"not a readable pickle: {type(exc).__name__}: {exc}") from exc
     _refuse_object_arrays(value)
     return value
 

@@ -13,8 +13,8 @@ from liveportrait_triton import crop as C
 from liveportrait_triton import spec
 from liveportrait_triton.cli import main
 from liveportrait_triton.client import media
-from liveportrait_triton.client.client import (AsyncLivePortraitClient, DrivingInput, LivePortraitClient, SourceInput,
-                                               new_sequence_id)
+from liveportrait_triton.client.client import (AnimationStream, AsyncLivePortraitClient, DrivingInput, LivePortraitClient,
+                                               ServerUnavailable, SourceInput, new_sequence_id)
 from liveportrait_triton.client.faces import MediapipeFaceAnalyzer
 from liveportrait_triton.client.templates import load_template
 
@@ -201,3 +201,27 @@ def test_stream_unary_and_asyncio_agree(tiny_server, client):
     # a single request is a whole image-driven sequence
     image = client.animate_image(SourceInput(crop, {"driving_type": "image"}), drivings[0])
     assert image.shape == (512, 512, 3) and image.dtype == np.uint8
+
+
+class StreamThatCannotReopen(AnimationStream):
+    """A stream whose reconnections fail at opening (the first open works) against a healthy server."""
+
+    def _open(self) -> None:
+        if getattr(self, "_attempt", -1) >= 0:
+            from tritonclient.utils import InferenceServerException
+            raise InferenceServerException("stream refused")
+        super()._open()
+
+
+def test_reconnection_gives_up_when_the_server_is_healthy_but_the_stream_cannot_open(tiny_server, client):
+    """The reconnect loop is bounded by --retry even when every health check passes (it used to spin forever)."""
+    import time
+    from tritonclient.utils import InferenceServerException
+    stream = StreamThatCannotReopen(client, SourceInput(np.zeros((256, 256, 3), np.uint8)), retry_s=2)
+    began = time.monotonic()
+    with pytest.raises(ServerUnavailable, match="answers health checks but the stream could not be reopened within 2 s"
+                       ) as failed:
+        stream._connection_lost(InferenceServerException("Socket closed"))
+    assert time.monotonic() - began < 10
+    assert isinstance(failed.value.__cause__, InferenceServerException)
+    stream.close()

@@ -14,7 +14,7 @@ from conftest import ASSETS
 from liveportrait_triton import spec
 from liveportrait_triton.cli import main
 from liveportrait_triton.client import media
-from liveportrait_triton.client.client import ServerMismatch, _compare
+from liveportrait_triton.client.client import LivePortraitClient, RequestFailed, ServerMismatch, _compare, build_request
 from liveportrait_triton.client.smoothing import MotionSmoother, OneEuroFilter
 from liveportrait_triton.keypoints import rotation_matrix
 from liveportrait_triton.pipeline import MotionFrame
@@ -241,3 +241,37 @@ def test_metadata_comparison():
     wrong_type = [dict(t, datatype="FP16") if t["name"] == "image" else t for t in outputs]
     with pytest.raises(ServerMismatch, match="FP16"):
         _compare("output", wrong_type, spec.PIPELINE_SPEC.outputs, True, "liveportrait")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Requests: one builder for every protocol; local mistakes are not disguised as server failures
+
+
+def test_one_request_builder_for_every_protocol():
+    import tritonclient.grpc as grpcclient
+    import tritonclient.grpc.aio as aioclient
+    import tritonclient.http as httpclient
+    tensors = {"source": np.zeros((256, 256, 3), np.uint8), "source_eye_ratio": [0.3, 0.31]}
+    for module in (grpcclient, httpclient, aioclient):
+        request = build_request(module, spec.PIPELINE, tensors, request_id="0:start", sequence_id=7, start=True,
+                                options={"stitching": False})
+        shapes = {i.name(): (i.shape(), i.datatype()) for i in request["inputs"]}
+        assert shapes == {"source": ([1, 256, 256, 3], "UINT8"), "source_eye_ratio": ([1, 2], "FP32")}
+        assert [o.name() for o in request["outputs"]] == list(spec.PIPELINE_SPEC.output_names)
+        assert (request["sequence_id"], request["sequence_start"], request["sequence_end"]) == (7, True, False)
+        assert request["parameters"] == {"stitching": False} and request["request_id"] == "0:start"
+    motion = spec.submodel_specs()[spec.MOTION]
+    batch = build_request(grpcclient, spec.MOTION, {"image": np.zeros((3, 3, 256, 256), np.float32)},
+                          model_spec=motion, batched=True)
+    assert batch["inputs"][0].shape() == [3, 3, 256, 256] and "sequence_id" not in batch
+
+
+def test_a_wrong_input_is_a_local_error_and_a_refusal_keeps_its_cause():
+    from tritonclient.utils import InferenceServerException
+    client = LivePortraitClient(UNREACHABLE, check=False)
+    with pytest.raises(ValueError, match="input 'source': expected shape \\[256, 256, 3\\], got \\[10, 10, 3\\]"):
+        client.infer({"source": np.zeros((10, 10, 3), np.uint8)}, 1, start=True)
+    with pytest.raises(RequestFailed) as failed:
+        client.infer({"source": np.zeros((256, 256, 3), np.uint8)}, 1, start=True)
+    assert isinstance(failed.value.__cause__, InferenceServerException)
+    client.close()
