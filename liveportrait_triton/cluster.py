@@ -124,6 +124,16 @@ def render_proxy_config(replicas: LoopbackReplicas | DnsReplicas, *, bind_host: 
     return "\n".join(lines)
 
 
+KUBERNETES_REPLICAS = DnsReplicas("liveportrait-triton.${POD_NAMESPACE}.svc.cluster.local", slots=8)
+"""The Triton pods of deploy/k8s: the headless Service's A records; one slot per replica the HPA may run."""
+
+
+def kubernetes_proxy_config() -> str:
+    """The rendering held by deploy/k8s/router.yaml (ConfigMap liveportrait-router, key haproxy.cfg)."""
+    return render_proxy_config(KUBERNETES_REPLICAS, bind_host="0.0.0.0", grpc_port=DEFAULT_PORTS["grpc"],
+                               http_port=DEFAULT_PORTS["http"], check_interval_s=2.0)
+
+
 def _server_lines(replicas: LoopbackReplicas | DnsReplicas, kind: str) -> list[str]:
     """The replicas of a `kind` ('grpc' or 'http') back end, each health-checked on its HTTP port."""
     # gRPC goes to the replicas over HTTP/2 cleartext; its check asks the HTTP/1 port (check-proto h1)
@@ -147,7 +157,8 @@ def parse_proxy_log(text: str) -> list[dict[str, str]]:
 
 
 def find_proxy() -> Path:
-    found = shutil.which("haproxy") or next((p for p in ("/usr/sbin/haproxy",) if Path(p).is_file()), None)
+    """The installed haproxy binary (Debian puts it in /usr/sbin, which a user's PATH may lack)."""
+    found = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin")
     if not found:
         raise ClusterError("HAProxy is not installed: `apt-get install haproxy` (scripts/install.sh does it)")
     return Path(found)

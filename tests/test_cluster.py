@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import shutil
 import signal
 import subprocess
 import threading
@@ -24,10 +23,18 @@ import pytest
 
 from conftest import assert_images_close, rendered_copy
 from liveportrait_triton import spec
-from liveportrait_triton.cluster import (DnsReplicas, LocalCluster, LoopbackReplicas, STREAM_IDLE_TIMEOUT_S,
-                                         parse_proxy_log, render_proxy_config)
+from liveportrait_triton.cluster import (STREAM_IDLE_TIMEOUT_S, ClusterError, DnsReplicas, LocalCluster,
+                                         LoopbackReplicas, find_proxy, parse_proxy_log, render_proxy_config)
 
-HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.path.isfile("/usr/sbin/haproxy") else None)
+
+def _installed_proxy() -> str | None:
+    try:
+        return str(find_proxy())
+    except ClusterError:
+        return None
+
+
+HAPROXY = _installed_proxy()
 needs_haproxy = pytest.mark.skipif(HAPROXY is None, reason="HAProxy is not installed (scripts/install.sh "
                                                            "installs the Debian package haproxy)")
 INFERENCE_PATHS = ("/inference.GRPCInferenceService/ModelInfer", "/inference.GRPCInferenceService/ModelStreamInfer")
@@ -336,3 +343,47 @@ def test_a_killed_replica_moves_only_its_streams(cluster, source_crops, driving_
     for sid in doomed:
         for got, want in zip(outcome[sid][0], outcome[calm][0]):
             assert_images_close(got.image, want.image, f"stream {sid} frame {got.number} after the failover")
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of running processes that contain `text`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").replace("\0", " ")
+        except OSError:
+            continue
+        if text in argv and entry.isdigit() and int(entry) != os.getpid():
+            found.append(argv)
+    return found
+
+
+@pytest.mark.server
+@needs_haproxy
+def test_cluster_command_serves_one_address_and_sigterm_leaves_nothing(tiny_repository, tmp_path):
+    import sys
+    from liveportrait_triton.client.client import LivePortraitClient
+    from liveportrait_triton.serve import free_port
+    repository = rendered_copy(tiny_repository, tmp_path / "repository", ort_intra_op_threads=1)
+    grpc_port, http_port = free_port(), free_port()
+    command = subprocess.Popen([sys.executable, "-m", "liveportrait_triton", "cluster", "--repository", str(repository),
+                                "--replicas", "2", "--grpc-port", str(grpc_port), "--http-port", str(http_port),
+                                "--log-dir", str(tmp_path / "logs")], stdout=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in command.stdout:
+            lines.append(line)
+            if line.startswith("Ctrl-C"):
+                break
+        printed = "".join(lines)
+        assert f"GRPC    127.0.0.1:{grpc_port}" in printed, printed
+        assert len(processes_mentioning(str(repository))) >= 2 * (len(spec.SUBMODELS) + 2)   # servers and stubs
+        with LivePortraitClient(f"127.0.0.1:{grpc_port}") as client:
+            client.check_model(spec.PIPELINE)       # raises unless the proxy reaches a replica with the model
+        command.send_signal(signal.SIGTERM)
+        assert command.wait(timeout=120) == 0
+    finally:
+        if command.poll() is None:
+            command.kill()
+    assert processes_mentioning(str(repository)) == [] and processes_mentioning(str(tmp_path / "logs")) == []
