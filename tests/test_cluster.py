@@ -3,8 +3,8 @@
 Units: the rendered proxy configuration (both renderings are accepted by the real HAProxy when it is installed),
 the proxy-log parser, and the session header on every request the client builds. Real processes (3 tiny replicas
 and HAProxy on loopback, one cluster for the module): 12 concurrent sequences (sync and asyncio gRPC streams,
-unary gRPC requests) each answered by one replica, every replica used, per-replica statistics that add up; the same
-frames without the header fail; perf_analyzer through the proxy counts the frames it counts directly; then one
+unary gRPC and HTTP requests) each answered by one replica, every replica used, per-replica statistics that add up; a frame
+whose header hashes elsewhere than its START's is refused; perf_analyzer through the proxy counts the frames it counts directly; then one
 replica is killed mid-run: only its streams reconnect (`retry_s`), with every frame once, equal to the others.
 """
 from __future__ import annotations
@@ -37,7 +37,8 @@ def _installed_proxy() -> str | None:
 HAPROXY = _installed_proxy()
 needs_haproxy = pytest.mark.skipif(HAPROXY is None, reason="HAProxy is not installed (scripts/install.sh "
                                                            "installs the Debian package haproxy)")
-INFERENCE_PATHS = ("/inference.GRPCInferenceService/ModelInfer", "/inference.GRPCInferenceService/ModelStreamInfer")
+INFERENCE_PATHS = ("/inference.GRPCInferenceService/ModelInfer", "/inference.GRPCInferenceService/ModelStreamInfer",
+                   f"/v2/models/{spec.PIPELINE}/infer")
 LOOPBACK = LoopbackReplicas({f"replica{i}": ("127.0.0.1", 9001 + 10 * i, 9000 + 10 * i) for i in range(3)})
 DNS = DnsReplicas("liveportrait-triton.${POD_NAMESPACE}.svc.cluster.local", slots=8)
 
@@ -180,10 +181,10 @@ def test_every_sequence_stays_on_one_replica_and_all_replicas_serve(cluster, sou
                                                    SourceInput)
     source = SourceInput(source_crops["s0"])
     drivings = [DrivingInput(crop=c) for c in driving_crops[:FRAMES]]
-    kinds = ["stream"] * 6 + ["unary"] * 3 + ["async"] * 3     # 12 sequences, all at once
+    kinds = ["stream"] * 6 + ["unary"] * 2 + ["http"] + ["async"] * 3     # 12 sequences, all at once
     # requests the server counts per sequence: a stream sends START, the frames and an empty END; a unary
     # sequence sends START with the first frame, then the others, the last one ending it
-    requests_per_sequence = {"stream": FRAMES + 2, "async": FRAMES + 2, "unary": FRAMES}
+    requests_per_sequence = {"stream": FRAMES + 2, "async": FRAMES + 2, "unary": FRAMES, "http": FRAMES}
     results: dict[int, list[np.ndarray]] = {}
     errors: list[BaseException] = []
     before, log_start = pipeline_requests(cluster), len(parse_proxy_log(cluster.proxy_log()))
@@ -196,7 +197,8 @@ def test_every_sequence_stays_on_one_replica_and_all_replicas_serve(cluster, sou
                         return [r.image async for r in client.animate(source, drivings, sequence_id=sequence_id)]
                 results[sequence_id] = asyncio.run(animate())
                 return
-            with LivePortraitClient(cluster.grpc_url) as client:
+            url, protocol = (cluster.http_url, "http") if kind == "http" else (cluster.grpc_url, "grpc")
+            with LivePortraitClient(url, protocol=protocol) as client:
                 if kind == "stream":
                     with client.stream(source, max_in_flight=2, sequence_id=sequence_id) as stream:
                         for driving in drivings:
@@ -238,22 +240,38 @@ def test_every_sequence_stays_on_one_replica_and_all_replicas_serve(cluster, sou
             assert_images_close(got, want, f"sequence {sid} frame {number}")
 
 
+def placements(cluster, sessions: list[int]) -> dict[int, str]:
+    """Where each session hashes now: any request carrying the header goes where the session's frames would."""
+    from liveportrait_triton.client.client import LivePortraitClient, session_headers
+    log_start = len(parse_proxy_log(cluster.proxy_log()))
+    with LivePortraitClient(cluster.grpc_url, check=False) as probe:
+        for sid in sessions:
+            probe._client.is_model_ready(spec.PIPELINE, headers=session_headers(sid))
+    wait_for_log(cluster, log_start + len(sessions))
+    return {int(e["session"]): e["server"] for e in parse_proxy_log(cluster.proxy_log())[log_start:]
+            if e["path"].endswith("/ModelReady") and e["session"] != "-"}
+
+
 @pytest.mark.server
 @pytest.mark.slow
-def test_without_the_session_header_a_unary_sequence_breaks(cluster, source_crops, driving_crops):
-    """Control: the proxy spreads header-less requests round robin, so the frame misses the START's replica."""
+def test_the_header_not_the_connection_chooses_the_replica(cluster, source_crops, driving_crops):
+    """Control: on one client connection, a frame whose header hashes to another replica than its START's is
+    refused there (that replica never saw the sequence), so the header is what keeps a sequence together."""
     from tritonclient.utils import InferenceServerException
-    from liveportrait_triton.client.client import DrivingInput, LivePortraitClient, SourceInput
+    from liveportrait_triton.client.client import DrivingInput, LivePortraitClient, SourceInput, session_headers
+    placed = placements(cluster, SEQUENCE_IDS)
+    first = SEQUENCE_IDS[0]
+    elsewhere = next(sid for sid in SEQUENCE_IDS if placed[sid] != placed[first])
     source, driving = SourceInput(source_crops["s0"]), DrivingInput(crop=driving_crops[0])
     with LivePortraitClient(cluster.grpc_url) as client:
         start = client.request(source.tensors(), sequence_id=77, start=True)
         frame = client.request(driving.tensors(), sequence_id=77, end=True)
-        for request in (start, frame):
-            del request["headers"]
+        start["headers"], frame["headers"] = session_headers(first), session_headers(elsewhere)
         client._client.infer(**start)
-        # the replica that gets the frame never saw the sequence's START
         with pytest.raises(InferenceServerException, match="must specify the START flag"):
             client._client.infer(**frame)
+        frame["headers"] = session_headers(first)       # where the START went: accepted
+        assert client._client.infer(**frame).as_numpy("image").shape == (1, spec.OUTPUT_SIZE, spec.OUTPUT_SIZE, 3)
 
 
 @pytest.mark.server
@@ -286,17 +304,10 @@ def test_perf_analyzer_through_the_proxy_counts_the_frames_it_counts_directly(cl
 def test_a_killed_replica_moves_only_its_streams(cluster, source_crops, driving_crops):
     """Runs last in the module: it kills a replica. Its streams reconnect through the proxy (START with the source
     again, anchor replayed) on a live replica and finish with every frame once; the others never notice."""
-    from liveportrait_triton.client.client import DrivingInput, LivePortraitClient, SourceInput, session_headers
+    from liveportrait_triton.client.client import DrivingInput, LivePortraitClient, SourceInput
     source = SourceInput(source_crops["s0"])
     drivings = [DrivingInput(crop=driving_crops[i % len(driving_crops)]) for i in range(KILL_FRAMES)]
-    # where each session hashes now: any request carrying the header goes where the session's frames would
-    log_start = len(parse_proxy_log(cluster.proxy_log()))
-    with LivePortraitClient(cluster.grpc_url, check=False) as probe:
-        for sid in SEQUENCE_IDS:
-            probe._client.is_model_ready(spec.PIPELINE, headers=session_headers(sid))
-    wait_for_log(cluster, log_start + STREAMS)
-    placed = {int(e["session"]): e["server"] for e in parse_proxy_log(cluster.proxy_log())[log_start:]
-              if e["path"].endswith("/ModelReady") and e["session"] != "-"}
+    placed = placements(cluster, SEQUENCE_IDS)
     victim = placed[SEQUENCE_IDS[0]]
     doomed = {sid for sid, replica in placed.items() if replica == victim}
     assert 0 < len(doomed) < STREAMS
