@@ -70,8 +70,8 @@ def render_proxy_config(replicas: LoopbackReplicas | DnsReplicas, *, bind_host: 
     header consistently over the replicas that answer Triton's readiness check; one log line per request.
 
     A replica is out after 2 failed checks (`check_interval_s` apart; a refused connection fails at once, a check
-    may take 3 s on a busy machine) and back after 1 success; a request that
-    cannot connect is retried and redispatched to a live replica. Requests without the header are spread round
+    may take 3 s on a busy machine) and back after 1 success; a request that cannot connect is retried and
+    redispatched to a live replica. Requests without the header are spread round
     robin (the fallback of `balance hdr`): fine for sequences of one request. Statistics requests go to the first
     healthy replica, so that a tool diffing two snapshots (perf_analyzer) reads one server's counters.
     """
