@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
 # Install LivePortrait-Triton and everything it needs into a virtual environment (default: ./.venv).
-# Idempotent: re-running only installs what is missing. Usage: scripts/install.sh [VENV_DIR]
+# Idempotent: re-running only installs what is missing. Needs no root (HAProxy, for the cluster command, is
+# apt-installed only when running as root or with sudo; without it the cluster tests skip).
+# Usage: scripts/install.sh [--with-perf-analyzer] [VENV_DIR]
+#   --with-perf-analyzer  also install perf_analyzer for benchmarks (scripts/install_perf_analyzer.sh: apt-get of
+#                         libb64-0d, so root or sudo); the demo and the client never use it
 set -euo pipefail
 cd "$(dirname "$0")/.."
+PERF_ANALYZER=0
+if [ "${1:-}" = "--with-perf-analyzer" ]; then PERF_ANALYZER=1; shift; fi
 VENV=${1:-${LP_VENV:-.venv}}
 PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
 
@@ -33,10 +39,12 @@ if ! command -v haproxy >/dev/null && [ ! -x /usr/sbin/haproxy ]; then
          "tests need it (apt-get install haproxy)"
   fi
 fi
-if [ -f scripts/install_perf_analyzer.sh ]; then
-  echo "[install] perf_analyzer"
+if [ "$PERF_ANALYZER" = 1 ]; then
+  echo "[install] perf_analyzer (benchmarks)"
   bash scripts/install_perf_analyzer.sh --python "$VENV/bin/python"
 fi
-"$VENV/bin/python" -c "import importlib.util, liveportrait_triton, torch, onnxruntime, tritonclient.grpc, mediapipe
+"$VENV/bin/python" -c "import importlib.util, liveportrait_triton, torch, onnxruntime, tritonclient.grpc
+from liveportrait_triton.client.faces import import_mediapipe_solutions
+import_mediapipe_solutions()
 assert importlib.util.find_spec('pytriton'), 'nvidia-pytriton missing'
 print('[install] ok: torch', torch.__version__, '| onnxruntime', onnxruntime.__version__)"
