@@ -144,9 +144,9 @@ SEQUENCE_IDS = [1000 + k for k in range(STREAMS)]
 def cluster(tiny_repository, tmp_path_factory):
     if HAPROXY is None:
         pytest.skip("HAProxy is not installed (scripts/install.sh installs the Debian package haproxy)")
-    # one ONNX Runtime thread per model: three replicas share two cores
+    # one thread per sub-network: three replicas share two cores
     repository = rendered_copy(tiny_repository, tmp_path_factory.mktemp("repository_cluster"),
-                               ort_intra_op_threads=1)
+                               threads=1)
     with LocalCluster(repository, REPLICAS, log_dir=tmp_path_factory.mktemp("cluster")) as running:
         yield running
 
@@ -376,7 +376,7 @@ def test_cluster_command_serves_one_address_and_sigterm_leaves_nothing(tiny_repo
     import sys
     from liveportrait_triton.client.client import LivePortraitClient
     from liveportrait_triton.serve import free_port
-    repository = rendered_copy(tiny_repository, tmp_path / "repository", ort_intra_op_threads=1)
+    repository = rendered_copy(tiny_repository, tmp_path / "repository", threads=1)
     grpc_port, http_port = free_port(), free_port()
     command = subprocess.Popen([sys.executable, "-m", "liveportrait_triton", "cluster", "--repository", str(repository),
                                 "--replicas", "2", "--grpc-port", str(grpc_port), "--http-port", str(http_port),
