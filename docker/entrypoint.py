@@ -41,20 +41,12 @@ from pathlib import Path
 
 from gpu_sharing import PROFILES_DIR, Profile, ProfileError, assemble
 from liveportrait_triton.config import CONFIGS
-from liveportrait_triton.serve import ADMIN_HEADER, DEFAULT_PORTS, PYTHON_SHM_BYTES, RESTRICTED_APIS
+from liveportrait_triton.serve import ADMIN_HEADER, DEFAULT_PORTS, triton_command as build_triton_command
 from liveportrait_triton.weights import BASE_FILES, STITCHING_FILE
 
 CLI = "liveportrait-triton"
 PRECISIONS = ("fp32", "fp16")
 DEFAULT_PROFILE = PROFILES_DIR / "one-gpu-2-pipelines.yaml"
-# Largest HTTP request body accepted (where Triton has --http-max-input-size). A START request is a 196 KiB crop
-# (about 1 MiB as JSON); 16 MiB leaves room for binary batches of a few frames and nothing more.
-HTTP_MAX_INPUT_BYTES = 16 * 2 ** 20
-# Inference response objects kept per gRPC stream (where Triton has --grpc-max-response-pool-size): bounds the
-# memory a client that stops reading can pin; the client keeps at most a few frames in flight.
-GRPC_MAX_RESPONSE_POOL = 64
-CONDITIONAL_FLAGS = {"--http-max-input-size": str(HTTP_MAX_INPUT_BYTES),
-                     "--grpc-max-response-pool-size": str(GRPC_MAX_RESPONSE_POOL)}
 
 
 class SetupError(RuntimeError):
@@ -286,34 +278,14 @@ def supported_flags(tritonserver: str) -> set[str]:
 
 def triton_command(repository: Path, settings: Settings, gpu_count: int, tritonserver: str = "tritonserver",
                    flags: set[str] | None = None) -> list[str]:
-    """tritonserver argv: secure defaults, GPU memory pools, request limits where this Triton supports them."""
-    restricted = ",".join(RESTRICTED_APIS)
+    """tritonserver argv (the one builder, `liveportrait_triton.serve.triton_command`): secure defaults, GPU
+    memory pools, request limits where this Triton supports them."""
     key = settings.admin_key or secrets.token_urlsafe(32)      # unknown to anyone: the restricted APIs are off
-    flags = supported_flags(tritonserver) if flags is None else flags
-    command = [
-        tritonserver,
-        f"--model-repository={repository}",
-        "--model-control-mode=none",
-        "--disable-auto-complete-config",
-        "--strict-readiness=true",
-        "--exit-on-error=true",
-        "--exit-timeout-secs=30",
-        f"--http-port={DEFAULT_PORTS['http']}",
-        f"--grpc-port={DEFAULT_PORTS['grpc']}",
-        f"--metrics-port={DEFAULT_PORTS['metrics']}",
-        "--allow-metrics=true",
-        f"--allow-gpu-metrics={'true' if gpu_count else 'false'}",
-        "--allow-sagemaker=false",
-        "--allow-vertex-ai=false",
-        f"--http-restricted-api={restricted}:{ADMIN_HEADER}={key}",
-        f"--grpc-restricted-protocol={restricted}:{ADMIN_HEADER}={key}",
-        f"--backend-config=python,shm-default-byte-size={PYTHON_SHM_BYTES}",
-        f"--backend-config=python,shm-growth-byte-size={PYTHON_SHM_BYTES}",
-        "--log-verbose=0",
-    ]
-    command += [f"--cuda-memory-pool-byte-size={gpu}:{settings.cuda_pool_mib * 2 ** 20}" for gpu in range(gpu_count)]
-    command += [f"{flag}={value}" for flag, value in CONDITIONAL_FLAGS.items() if flag in flags]
-    return command + list(settings.extra_triton_args)
+    return build_triton_command(
+        tritonserver, repository, network_config=settings.network_config, admin_key=key, gpu_count=gpu_count,
+        cuda_pool_bytes=settings.cuda_pool_mib * 2 ** 20, exit_timeout_s=30,
+        supported_flags=supported_flags(tritonserver) if flags is None else flags,
+        extra_args=settings.extra_triton_args)
 
 
 @dataclasses.dataclass

@@ -16,6 +16,7 @@ import numpy as np
 
 from . import keypoints as K
 from . import runtimes, spec
+from .arrays import batch_item, concatenate, nbytes
 from .config import NUM_KP
 from .lip_array import LIP_ARRAY
 
@@ -34,6 +35,13 @@ def run_concurrently(runner: Runner, calls: list[tuple[str, dict[str, np.ndarray
     if run_many is not None:
         return run_many(calls)
     return [runner.run(model, inputs) for model, inputs in calls]
+
+
+def to_host(runner: Runner, model: str, name: str, value) -> np.ndarray:
+    """A runner's output as a NumPy array on the host, through the runner where it keeps outputs on a device
+    (`to_host`, e.g. BLS on a GPU, which counts the copy)."""
+    runner_to_host = getattr(runner, "to_host", None)
+    return runner_to_host(model, name, value) if runner_to_host is not None else np.asarray(value)
 
 
 class InputError(ValueError):
@@ -97,7 +105,7 @@ class DrivingFrame:
 class StreamState:
     """What one sequence keeps between frames: the source's features and keypoints, options and anchors."""
     options: dict
-    feature_volume: np.ndarray          # (1, C, D, 64, 64)
+    feature_volume: np.ndarray          # (1, C, D, 64, 64), where the runner keeps it (host or device)
     source: K.MotionInfo
     x_s: np.ndarray                     # (1, 21, 3)
     source_eye_ratio: np.ndarray | None = None   # (1, 2)
@@ -109,7 +117,7 @@ class StreamState:
 
     @property
     def nbytes(self) -> int:
-        return int(self.feature_volume.nbytes)
+        return nbytes(self.feature_volume)
 
 
 class Animator:
@@ -139,7 +147,7 @@ class Animator:
                 raise InputError("eye_retargeting is on but the START request has no source_eye_ratio")
             if opts["lip_retargeting"] and lip is None:
                 raise InputError("lip_retargeting is on but the START request has no source_lip_ratio")
-            states.append(StreamState(options=opts, feature_volume=np.ascontiguousarray(volume[i:i + 1]),
+            states.append(StreamState(options=opts, feature_volume=batch_item(volume, i),
                                       source=src, x_s=x_s[i:i + 1], source_eye_ratio=eye, source_lip_ratio=lip,
                                       anchor=src if opts["anchor"] == "source" else None))
         return states
@@ -197,15 +205,18 @@ class Animator:
         return K.apply_driving_multiplier(x_s, x, o["driving_multiplier"])
 
     def render(self, volumes: np.ndarray, x_s: np.ndarray, x_d: np.ndarray) -> np.ndarray:
-        """W then G on a batch -> (B, 512, 512, 3) uint8 (the served generator ends in the official parse_output)."""
+        """W then G on a batch -> (B, 512, 512, 3) uint8 on the host (the served generator ends in the official
+        parse_output). The volumes and W's output stay where the runner keeps them; only the uint8 image is brought
+        to the host."""
         warped = self.runner.run(spec.WARPING, {"feature_volume": volumes, "kp_source": x_s, "kp_driving": x_d})
-        return self.runner.run(spec.GENERATOR, {"warped_feature": warped["warped_feature"]})["image"]
+        image = self.runner.run(spec.GENERATOR, {"warped_feature": warped["warped_feature"]})["image"]
+        return to_host(self.runner, spec.GENERATOR, "image", image)
 
     def animate(self, states: list[StreamState], frames: list[DrivingFrame]) -> list[np.ndarray]:
         """One driving frame for each of several streams (a stream may appear once per call)."""
         drivings = self.driving_motion(frames)
         x_d = [self.driving_keypoints(s, d, f) for s, d, f in zip(states, drivings, frames)]
-        images = self.render(np.concatenate([s.feature_volume for s in states]),
+        images = self.render(concatenate([s.feature_volume for s in states]),
                              np.concatenate([s.x_s for s in states]), np.concatenate(x_d))
         for s in states:
             s.frames_done += 1

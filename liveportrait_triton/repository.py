@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -29,6 +30,8 @@ TEMPLATES = Path(__file__).parent / "model_repository_templates"
 SUBNETWORK_ADAPTER = TEMPLATES / "subnetwork" / "model.py"
 PIPELINE_ADAPTER = TEMPLATES / "liveportrait" / "model.py"
 ONNX_FILENAME = "model.onnx"
+BLS_TENSOR_PATHS = ("numpy", "torch-cpu", "torch-gpu")     # read by backend.bls (which imports no server code here)
+DEFAULT_BLS_TENSORS = {"local": "numpy", "ngc": "torch-gpu"}
 RUNTIME_CHOICE_FILE = Path(__file__).parent / "runtime_choice.json"
 # Kinds a served sub-network of a target can run: the local Python-backend models run the exported file (the
 # torch kind would need the PyTorch weights in the repository, which export does not write).
@@ -85,6 +88,15 @@ class ServingOptions:
     sequence_idle_timeout_s: int = 300              # state of a stream idle this long is freed
     pipeline_instances: int = 1
     threads: int = 0                                # per sub-network; 0: the cores / models_at_once, at load
+    # where the pipeline keeps tensors between sub-networks (backend.bls.TENSOR_PATHS); None: by target, NumPy
+    # on the host for local, device-resident torch tensors on the GPU for ngc
+    bls_tensors: str | None = None
+    # local target: the sub-networks' runtime, `onnxruntime` (model.onnx) or `torch` (our PyTorch modules from the
+    # official checkpoints in weights_dir on torch_device, torch_cuda.TorchCudaRunner)
+    subnetwork_runtime: str = "onnxruntime"
+    weights_dir: str = ""
+    torch_device: str = "cuda"
+    torch_precision: str = "fp16"
 
     def __post_init__(self):
         if not 1 <= self.submodel_max_batch_size <= spec.MAX_BATCH_SIZE:
@@ -95,6 +107,30 @@ class ServingOptions:
             raise ValueError("sequence_idle_timeout_s must be >= 1")
         if self.pipeline_instances < 1 or self.threads < 0:
             raise ValueError("pipeline_instances must be >= 1 and threads >= 0")
+        if self.bls_tensors not in (None, *BLS_TENSOR_PATHS):
+            raise ValueError(f"bls_tensors must be one of {list(BLS_TENSOR_PATHS)}")
+        if self.subnetwork_runtime not in ("onnxruntime", "torch"):
+            raise ValueError("subnetwork_runtime must be onnxruntime or torch")
+        if self.subnetwork_runtime == "torch" and not self.weights_dir:
+            raise ValueError("the torch sub-network runtime needs weights_dir (official checkpoint layout)")
+
+
+def python_shm_bytes(config: str = "full", max_batch_size: int = spec.MAX_BATCH_SIZE) -> int:
+    """Shared-memory region size of the Python backend: the largest batch of the largest tensor any served model
+    passes (the full networks' feature volume: 16 x 8 MiB), so that a whole batched tensor fits without growing
+    the region; also its growth step. Rounded up to whole MiB."""
+    models = [*spec.submodel_specs(config).values(), spec.PIPELINE_SPEC]
+    largest = max(t.nbytes for m in models for t in (*m.inputs, *m.outputs))
+    mib = 2 ** 20
+    return -(-largest * max_batch_size // mib) * mib
+
+
+def repository_network_config(repository_dir: str | Path) -> str:
+    """The network configuration a rendered repository serves (its pipeline config's `network_config`)."""
+    path = Path(repository_dir) / spec.PIPELINE / "config.pbtxt"
+    text = path.read_text() if path.is_file() else ""
+    found = re.search(r'key: "network_config"\s*value: \{ string_value: "([^"]+)" \}', text)
+    return found.group(1) if found else "full"
 
 
 def _header(target: str, config: str) -> str:
@@ -128,13 +164,20 @@ def render_submodel_config(model: spec.ModelSpec, target: str, config: str, plat
                            options: ServingOptions = ServingOptions(), runtime_kind: str = "onnxruntime") -> str:
     """config.pbtxt of one sub-network: Python backend on `runtime_kind` (local) or a native platform (ngc)."""
     if target == "local":
-        if runtime_kind not in SERVED_KINDS["local"]:
+        if runtime_kind not in SERVED_KINDS["local"] and options.subnetwork_runtime != "torch":
             raise ValueError(f"{model.name}: runtime {runtime_kind!r} is not servable on the local target "
                              f"(choose from {list(SERVED_KINDS['local'])})")
         runtime = 'backend: "python"\n'
         instances = _instances(1, "KIND_CPU")
-        params = _parameters({"network_config": config, "runtime": runtime_kind, "threads": str(options.threads),
-                              "models_at_once": str(models_at_once(options))})
+        if options.subnetwork_runtime == "torch":
+            torch_params = {"network_config": config, "runtime": "torch", "weights_dir": options.weights_dir,
+                            "device": options.torch_device, "precision": options.torch_precision}
+            if options.torch_device.startswith("cuda"):      # inputs arrive in GPU memory, as BLS sends them
+                torch_params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
+            params = _parameters(torch_params)
+        else:
+            params = _parameters({"network_config": config, "runtime": runtime_kind,
+                                  "threads": str(options.threads), "models_at_once": str(models_at_once(options))})
     elif target == "ngc":
         if platform not in PLATFORMS:
             raise ValueError(f"ngc platform must be one of {sorted(PLATFORMS)}, got {platform!r}")
@@ -175,7 +218,8 @@ def render_pipeline_config(target: str, config: str, options: ServingOptions = S
             + _tensors("input", spec.PIPELINE_SPEC.inputs) + _tensors("output", spec.PIPELINE_SPEC.outputs)
             + _instances(options.pipeline_instances, "KIND_CPU")
             + _parameters({"network_config": config,
-                           "sequence_idle_timeout_s": str(options.sequence_idle_timeout_s)}))
+                           "sequence_idle_timeout_s": str(options.sequence_idle_timeout_s),
+                           "bls_tensors": options.bls_tensors or DEFAULT_BLS_TENSORS[target]}))
 
 
 def ngc_platform(repository_dir: str | Path | None, model: str, platform: str | None) -> str:

@@ -103,9 +103,11 @@ class SubnetworkRunner:
 
 
 def create_subnetwork(kind: str, model_spec: spec.ModelSpec, *, artefact: str | os.PathLike | bytes | None = None,
-                      networks=None, device: str = "cpu", threads: int | None = None) -> SubnetworkRunner:
+                      networks=None, device: str = "cpu", threads: int | None = None,
+                      precision: str = "fp32") -> SubnetworkRunner:
     """A runner of `model_spec` on `kind`: ONNX kinds need `artefact` (the model.onnx path), `tensorrt` a
-    model.plan (path or bytes), `torch` the loaded `networks` (weights.Networks). RuntimeLoadError otherwise."""
+    model.plan (path or bytes), `torch` the loaded `networks` (weights.Networks; on a CUDA device in `precision`,
+    fp16 being the official default, with CUDA graphs: torch_cuda). RuntimeLoadError otherwise."""
     if kind not in KINDS:
         raise RuntimeLoadError(f"unknown runtime {kind!r}; choose one of {list(KINDS)}")
     threads = threads or default_threads()
@@ -113,7 +115,7 @@ def create_subnetwork(kind: str, model_spec: spec.ModelSpec, *, artefact: str | 
         if networks is None:
             raise RuntimeLoadError(f"runtime 'torch' runs our PyTorch modules: pass networks=load_networks(...) "
                                    f"for {model_spec.name!r}")
-        forward, session = _torch_forward(networks, model_spec, device, threads)
+        forward, session = _torch_forward(networks, model_spec, device, threads, precision)
         return SubnetworkRunner(kind, model_spec, device, threads, forward, session)
     if kind == "tensorrt":
         forward, session = _tensorrt_forward(model_spec, artefact)
@@ -165,9 +167,18 @@ def _check_names(model_spec: spec.ModelSpec, inputs, outputs, what: str) -> None
                                f"{model_spec.output_names}")
 
 
-def _torch_forward(networks, model_spec: spec.ModelSpec, device: str, threads: int):
-    """The torch kind: the served module on `device` (moved there in place), inference mode."""
+def _torch_forward(networks, model_spec: spec.ModelSpec, device: str, threads: int, precision: str = "fp32"):
+    """The torch kind: the served module on `device` (moved there in place), inference mode; on CUDA the
+    PyTorch-CUDA runtime (torch_cuda.TorchCudaRunner: autocast in `precision`, CUDA graphs per batch size)."""
     import torch
+    if device.startswith("cuda"):
+        from .torch_cuda import TorchCudaRunner
+        runner = TorchCudaRunner(networks, device, precision)
+
+        def forward_cuda(arrays: list[np.ndarray]) -> list[np.ndarray]:
+            outputs = runner.run(model_spec.name, dict(zip(model_spec.input_names, arrays)))
+            return [outputs[name] for name in model_spec.output_names]
+        return forward_cuda, runner
 
     from .export.served import ServedModel
     torch.set_num_threads(threads)

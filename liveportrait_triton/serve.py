@@ -42,7 +42,63 @@ GRPC_ADMIN_HEADER = f"triton-grpc-protocol-{ADMIN_HEADER}"     # the same over g
 PYTHON_BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
 STUB_NAME = "triton_python_backend_stub"
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
-PYTHON_SHM_BYTES = 64 * 1024 * 1024     # per Python-backend model: a batch of full-size feature volumes fits
+# Largest HTTP request body accepted (where Triton has --http-max-input-size). A START request is a 196 KiB crop
+# (about 1 MiB as JSON); 16 MiB leaves room for binary batches of a few frames and nothing more.
+HTTP_MAX_INPUT_BYTES = 16 * 2 ** 20
+# Inference response objects kept per gRPC stream (where Triton has --grpc-max-response-pool-size): bounds the
+# memory a client that stops reading can pin; the client keeps at most a few frames in flight.
+GRPC_MAX_RESPONSE_POOL = 64
+CONDITIONAL_FLAGS = {"--http-max-input-size": str(HTTP_MAX_INPUT_BYTES),
+                     "--grpc-max-response-pool-size": str(GRPC_MAX_RESPONSE_POOL)}
+
+
+def triton_command(binary: str | Path, repository: str | Path, *, network_config: str, admin_key: str,
+                   ports: dict[str, int] = DEFAULT_PORTS, host: str | None = None,
+                   backend_dir: str | Path | None = None, shm_prefix: str | None = None, gpu_count: int = 0,
+                   cuda_pool_bytes: int = 0, exit_timeout_s: int = 30, log_verbose: int = 0,
+                   supported_flags: set[str] = frozenset(), extra_args: tuple[str, ...] = ()) -> list[str]:
+    """The tritonserver argv, for the bundled server (`TritonServer`) and the GPU image (`docker/entrypoint.py`).
+
+    Secure defaults: no model control, strict readiness, SageMaker and Vertex AI off, the restricted APIs behind
+    `admin_key`. The Python backend's shared-memory regions follow from the spec (`python_shm_bytes` of the
+    network configuration). `host` binds every endpoint to one address (default: all); `backend_dir` and
+    `shm_prefix` are the bundled server's; one CUDA memory pool of `cuda_pool_bytes` per GPU; the flags of
+    CONDITIONAL_FLAGS only where this Triton lists them in `supported_flags`.
+    """
+    from .repository import python_shm_bytes
+    restricted = ",".join(RESTRICTED_APIS)
+    shm = python_shm_bytes(network_config)
+    command = [
+        str(binary),
+        f"--model-repository={repository}",
+        "--model-control-mode=none",
+        "--disable-auto-complete-config",
+        "--strict-readiness=true",
+        "--exit-on-error=true",
+        f"--exit-timeout-secs={exit_timeout_s}",
+    ]
+    for kind in ("http", "grpc", "metrics"):
+        if host is not None:
+            command.append(f"--{kind}-address={host}")
+        command.append(f"--{kind}-port={ports[kind]}")
+    command += [
+        "--allow-metrics=true",
+        f"--allow-gpu-metrics={'true' if gpu_count else 'false'}",
+        "--allow-sagemaker=false",
+        "--allow-vertex-ai=false",
+        f"--http-restricted-api={restricted}:{ADMIN_HEADER}={admin_key}",
+        f"--grpc-restricted-protocol={restricted}:{ADMIN_HEADER}={admin_key}",
+        f"--backend-config=python,shm-default-byte-size={shm}",
+        f"--backend-config=python,shm-growth-byte-size={shm}",
+        f"--log-verbose={log_verbose}",
+    ]
+    if backend_dir is not None:
+        command.append(f"--backend-directory={backend_dir}")
+    if shm_prefix is not None:
+        command.append(f"--backend-config=python,shm-region-prefix-name={shm_prefix}")
+    command += [f"--cuda-memory-pool-byte-size={gpu}:{cuda_pool_bytes}" for gpu in range(gpu_count)]
+    command += [f"{flag}={value}" for flag, value in CONDITIONAL_FLAGS.items() if flag in supported_flags]
+    return command + list(extra_args)
 
 
 class ServerError(RuntimeError):
@@ -207,28 +263,11 @@ class TritonServer:
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def command(self, install: TritonInstallation, backend_dir: Path) -> list[str]:
-        restricted = ",".join(RESTRICTED_APIS)
-        return [
-            str(install.binary),
-            f"--model-repository={self.repository}",
-            f"--backend-directory={backend_dir}",
-            "--model-control-mode=none",
-            "--strict-readiness=true",
-            "--exit-on-error=true",
-            "--disable-auto-complete-config",
-            f"--http-address={self.host}", f"--http-port={self.ports['http']}",
-            f"--grpc-address={self.host}", f"--grpc-port={self.ports['grpc']}",
-            f"--metrics-address={self.host}", f"--metrics-port={self.ports['metrics']}",
-            "--allow-gpu-metrics=false",
-            f"--http-restricted-api={restricted}:{ADMIN_HEADER}={self.admin_key}",
-            f"--grpc-restricted-protocol={restricted}:{ADMIN_HEADER}={self.admin_key}",
-            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
-            f"--backend-config=python,shm-default-byte-size={PYTHON_SHM_BYTES}",
-            f"--backend-config=python,shm-growth-byte-size={PYTHON_SHM_BYTES}",
-            "--exit-timeout-secs=20",
-            f"--log-verbose={self.log_verbose}",
-            *self.extra_args,
-        ]
+        from .repository import repository_network_config
+        return triton_command(install.binary, self.repository, network_config=repository_network_config(self.repository),
+                              admin_key=self.admin_key, ports=self.ports, host=self.host, backend_dir=backend_dir,
+                              shm_prefix=self.shm_prefix, exit_timeout_s=20, log_verbose=self.log_verbose,
+                              extra_args=self.extra_args)
 
     def environment(self, install: TritonInstallation) -> dict[str, str]:
         """This interpreter's bin directory first on PATH (the stub's Python finds this venv through it), and

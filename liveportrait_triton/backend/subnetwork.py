@@ -1,4 +1,5 @@
-"""One served sub-network: its artefact on the runtime kind its config names, checked against the spec, batched
+"""One served sub-network: its artefact on the runtime kind its config names (or, with `runtime: torch`, our
+PyTorch modules from a weights directory on a device, tensors kept there), checked against the spec, batched
 across requests."""
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import runtimes, spec
+from ..arrays import concatenate, is_torch
 from ..repository import SERVED_KINDS
 from .model_config import ConfigError, check_model_config, config_parameter
 from .outcomes import Failure
@@ -59,20 +61,24 @@ class Subnetwork:
         kind = config_parameter(model_config, "runtime")
         return cls.load(specs[name], kind, version_dir, thread_count(model_config))
 
+    def _run(self, feeds: dict) -> dict:
+        return self.runner.run(feeds)
+
     def run_requests(self, requests: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
         """Concatenate the requests' inputs along the batch axis, run once, split the outputs back per request."""
         sizes = [int(r[self.spec.inputs[0].name].shape[0]) for r in requests]
-        feeds = {t.name: np.concatenate([r[t.name] for r in requests]) if len(requests) > 1 else requests[0][t.name]
+        feeds = {t.name: concatenate([r[t.name] for r in requests]) if len(requests) > 1 else requests[0][t.name]
                  for t in self.spec.inputs}
-        outputs = self.runner.run(feeds)
-        bounds = np.cumsum(sizes)[:-1]
-        split = {name: np.split(array, bounds) for name, array in outputs.items()}
+        outputs = self._run(feeds)
+        bounds = np.cumsum(sizes)[:-1].tolist()
+        split = {name: (array.tensor_split(bounds) if is_torch(array) else np.split(array, bounds))
+                 for name, array in outputs.items()}
         return [{name: split[name][i] for name in self.spec.output_names} for i in range(len(requests))]
 
     def non_finite_inputs(self, request: dict[str, np.ndarray]) -> list[str]:
         """Names of the request's float inputs holding NaN or Inf (the networks would return garbage for them)."""
-        return [t.name for t in self.spec.inputs
-                if t.numpy_dtype.kind == "f" and not np.isfinite(request[t.name]).all()]
+        return [t.name for t in self.spec.inputs if t.numpy_dtype.kind == "f" and not bool(
+            (request[t.name].isfinite() if is_torch(request[t.name]) else np.isfinite(request[t.name])).all())]
 
     def serve_requests(self, requests: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray] | "Failure"]:
         """One outcome per request: its outputs, or a Failure. Requests with NaN/Inf inputs are refused alone
@@ -94,3 +100,43 @@ class Subnetwork:
             for i, result in zip(valid, results):
                 outcomes[i] = result
         return outcomes
+
+
+class TorchSubnetwork(Subnetwork):
+    """One served sub-network on our PyTorch modules (torch_cuda.TorchCudaRunner: a CUDA device in fp16 with CUDA
+    graphs, or the CPU), weights from the official checkpoint layout; torch tensors in and out stay on its device."""
+
+    def __init__(self, model_spec: spec.ModelSpec, runner):
+        self.spec = model_spec
+        self.runner = runner
+
+    @classmethod
+    def from_config(cls, model_config: dict, version_dir: str | Path) -> "TorchSubnetwork":
+        """Parameters: weights_dir (official layout), device (cuda, cuda:N or cpu), precision (fp32/fp16/bf16)."""
+        from ..torch_cuda import PRECISIONS, TorchCudaRunner
+        from ..weights import load_networks
+        name = model_config.get("name")
+        network_config = config_parameter(model_config, "network_config")
+        specs = spec.submodel_specs(network_config)
+        if name not in specs:
+            raise ConfigError(f"{name!r} is not a served sub-network; expected one of {list(specs)}")
+        check_model_config(model_config, specs[name])
+        precision = config_parameter(model_config, "precision", "fp16")
+        if precision not in PRECISIONS:
+            raise ConfigError(f"model {name!r}: precision must be one of {list(PRECISIONS)}")
+        weights = Path(config_parameter(model_config, "weights_dir"))
+        if not weights.is_dir():
+            raise ConfigError(f"model {name!r}: weights_dir {weights} does not exist")
+        networks = load_networks(weights, network_config)
+        return cls(specs[name], TorchCudaRunner(networks, config_parameter(model_config, "device", "cuda"), precision))
+
+    def _run(self, feeds: dict) -> dict:
+        return self.runner.run(self.spec.name, feeds)
+
+
+def subnetwork_from_config(model_config: dict, version_dir: str | Path) -> Subnetwork:
+    """The served sub-network a config.pbtxt asks for: `runtime: torch` (weights on a device) or a kind of the
+    runtime layer running the exported artefact."""
+    if config_parameter(model_config, "runtime", "") == "torch":
+        return TorchSubnetwork.from_config(model_config, version_dir)
+    return Subnetwork.from_config(model_config, version_dir)

@@ -13,7 +13,14 @@ MODES = ("decomposed", "native")
 
 
 def grid_sample_3d(volume: torch.Tensor, grid: torch.Tensor, mode: str = "native") -> torch.Tensor:
-    """Sample volume (N, C, D, H, W) at grid (N, Do, Ho, Wo, 3) holding (x, y, z) in [-1, 1]."""
+    """Sample volume (N, C, D, H, W) at grid (N, Do, Ho, Wo, 3) holding (x, y, z) in [-1, 1].
+
+    Under autocast (reduced precision) the sampling runs in fp32: the corner indices and weights computed from
+    the grid in fp16/bf16 land on wrong or out-of-range voxels (OpenVINO bf16 measured out-of-range gathers).
+    """
+    if torch.is_autocast_enabled(volume.device.type):
+        with torch.autocast(volume.device.type, enabled=False):
+            return grid_sample_3d(volume.float(), grid.float(), mode)
     if mode == "native":
         return F.grid_sample(volume, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     if mode == "decomposed":

@@ -76,7 +76,8 @@ def to_response(outcome):
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
-        self.runner = BlsRunner(pb_utils, config_parameter(config, "network_config"))
+        self.runner = BlsRunner(pb_utils, config_parameter(config, "network_config"),
+                                config_parameter(config, "bls_tensors", "numpy"))
         self.metrics = SequenceMetrics(args["model_name"], args["model_version"])
         self.backend = PipelineBackend.from_config(config, self.runner, self.metrics)
         self.metrics.sequences_changed(0, 0)

@@ -2,7 +2,8 @@
 
 Generated into the repository by liveportrait_triton.repository; the logic (config checks, the runtime kind its
 `runtime` parameter names, NaN/Inf refusal, batching across requests) is
-liveportrait_triton.backend.subnetwork.Subnetwork.
+liveportrait_triton.backend.subnetwork (`runtime: torch` serves our PyTorch modules; its GPU inputs stay on the
+GPU).
 """
 import json
 from pathlib import Path
@@ -10,8 +11,8 @@ from pathlib import Path
 import triton_python_backend_utils as pb_utils
 
 from liveportrait_triton.backend.outcomes import Failure
-from liveportrait_triton.backend.subnetwork import Subnetwork
-from liveportrait_triton.backend.tensors import backend_array, backend_tensor
+from liveportrait_triton.backend.subnetwork import subnetwork_from_config
+from liveportrait_triton.backend.tensors import backend_tensor, backend_value
 
 
 def to_response(outcome):
@@ -27,9 +28,9 @@ def to_response(outcome):
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
-        self.network = Subnetwork.from_config(config, Path(args["model_repository"]) / args["model_version"])
+        self.network = subnetwork_from_config(config, Path(args["model_repository"]) / args["model_version"])
 
     def execute(self, requests):
-        inputs = [{name: backend_array(pb_utils.get_input_tensor_by_name(request, name))
+        inputs = [{name: backend_value(pb_utils.get_input_tensor_by_name(request, name))
                    for name in self.network.spec.input_names} for request in requests]
         return [to_response(outcome) for outcome in self.network.serve_requests(inputs)]
