@@ -127,15 +127,24 @@ def _batch_of(name: str, value, model_spec: spec.ModelSpec, batched: bool) -> np
     return array.reshape((1,) + t.shape)
 
 
+def session_headers(sequence_id: int) -> dict[str, str]:
+    """The header naming a sequence's session (`spec.SESSION_HEADER`): a proxy in front of several replicas
+    hashes it to send every request of the sequence to the replica holding its state (liveportrait_triton.cluster).
+    gRPC sends it as metadata: per request for unary calls, once per stream for a stream."""
+    return {spec.SESSION_HEADER: str(sequence_id)}
+
+
 def build_request(module, model: str, tensors: dict[str, np.ndarray], *, model_spec: spec.ModelSpec = spec.PIPELINE_SPEC,
                   batched: bool = False, request_id: str = "", sequence_id: int = 0, start: bool = False,
-                  end: bool = False, options: dict | None = None) -> dict:
+                  end: bool = False, options: dict | None = None, streamed: bool = False) -> dict:
     """The keyword arguments of one inference request, the same for every call this client makes.
 
     `module` is tritonclient.grpc, tritonclient.http or tritonclient.grpc.aio (each has its own InferInput);
     the result is passed as `**request` to `infer`, `async_stream_infer` or yielded to aio `stream_infer`.
     Pipeline tensors are one item each (a batch dimension of 1 is added); `batched` sub-model tensors already
     carry theirs. Shapes and dtypes come from `model_spec`; a wrong shape raises ValueError before anything is sent.
+    A request of a sequence carries the session header (`session_headers`), unless it is `streamed`: a stream's
+    requests share the metadata the stream was opened with (`start_stream` / `stream_infer(headers=...)`).
     """
     inputs = []
     for name, value in tensors.items():
@@ -149,6 +158,8 @@ def build_request(module, model: str, tensors: dict[str, np.ndarray], *, model_s
         request["request_id"] = request_id
     if sequence_id:
         request.update(sequence_id=sequence_id, sequence_start=start, sequence_end=end)
+        if not streamed:
+            request["headers"] = session_headers(sequence_id)
     if options:
         request["parameters"] = options
     return request
@@ -283,10 +294,12 @@ class LivePortraitClient:
         return PortraitEditor(self, image, **settings)
 
     # -- streaming ------------------------------------------------------------------------------------------
-    def stream(self, source: SourceInput, max_in_flight: int = 4, retry_s: float = 0.0) -> "AnimationStream":
+    def stream(self, source: SourceInput, max_in_flight: int = 4, retry_s: float = 0.0,
+               sequence_id: int | None = None) -> "AnimationStream":
+        """A streamed sequence (see AnimationStream); `sequence_id` defaults to a random one."""
         if self.protocol != "grpc":
             raise ValueError("streaming needs the gRPC protocol")
-        return AnimationStream(self, source, max_in_flight=max_in_flight, retry_s=retry_s)
+        return AnimationStream(self, source, max_in_flight=max_in_flight, retry_s=retry_s, sequence_id=sequence_id)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -315,7 +328,7 @@ class AnimationStream:
     ANSWER_TIMEOUT_S = 600.0        # a full-size frame takes seconds on a CPU; a queue of streams takes longer
 
     def __init__(self, client: LivePortraitClient, source: SourceInput, max_in_flight: int = 4,
-                 retry_s: float = 0.0):
+                 retry_s: float = 0.0, sequence_id: int | None = None):
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be >= 1")
         self.client, self.source, self.max_in_flight, self.retry_s = client, source, max_in_flight, retry_s
@@ -329,18 +342,21 @@ class AnimationStream:
         self._end_number: int | None = None
         self.reconnects = 0
         self._failed_reconnects = 0
-        self._open()
+        self._open(sequence_id)
 
     # -- connection -----------------------------------------------------------------------------------------
-    def _open(self) -> None:
-        """A new gRPC stream and sequence, its START sent (raises TRANSPORT_ERRORS when the stream cannot open)."""
+    def _open(self, sequence_id: int | None = None) -> None:
+        """A new gRPC stream and sequence (`sequence_id`, else a random one), its START sent (raises
+        TRANSPORT_ERRORS when the stream cannot open). The stream carries the sequence's session header, so a
+        proxy sends it to one replica; a reopened stream is a new sequence and goes where the proxy now hashes it."""
         import tritonclient.grpc as grpcclient
         self._grpc = grpcclient.InferenceServerClient(self.client.url)
         self._attempt = getattr(self, "_attempt", -1) + 1
-        self._sequence_id = new_sequence_id()
+        self._sequence_id = sequence_id or new_sequence_id()
         self._expected_index = 0        # the server's frame_index of the next animated frame
         self._closed = False
-        self._grpc.start_stream(callback=functools.partial(self._on_answer, self._attempt))
+        self._grpc.start_stream(callback=functools.partial(self._on_answer, self._attempt),
+                                headers=session_headers(self._sequence_id))
         self._grpc.async_stream_infer(**self._request(self.source.tensors(), "start", start=True,
                                                       options=self.source.options))
 
@@ -352,7 +368,7 @@ class AnimationStream:
                  options: dict | None = None) -> dict:
         """A request of the current sequence; its id `attempt:tag` matches the answer to the frame."""
         return self.client.request(tensors, request_id=f"{self._attempt}:{tag}", sequence_id=self._sequence_id,
-                                   start=start, end=end, options=options)
+                                   start=start, end=end, options=options, streamed=True)
 
     def _server_healthy(self) -> bool:
         """Whether the server is up with the model ready (a failed frame then is a real failure, not a restart)."""
@@ -582,9 +598,9 @@ class AsyncLivePortraitClient:
         _compare("output", metadata.get("outputs", []), spec.PIPELINE_SPEC.outputs, batched, self.model)
 
     def _request(self, tensors: dict, sequence_id: int, request_id: str, start=False, end=False,
-                 options: dict | None = None) -> dict:
+                 options: dict | None = None, streamed: bool = False) -> dict:
         return build_request(self._aio, self.model, tensors, request_id=request_id, sequence_id=sequence_id,
-                             start=start, end=end, options=options)
+                             start=start, end=end, options=options, streamed=streamed)
 
     async def animate_image(self, source: SourceInput, driving: DrivingInput) -> np.ndarray:
         request = self._request({**source.tensors(), **driving.tensors()}, new_sequence_id(), "image", True, True,
@@ -596,31 +612,33 @@ class AsyncLivePortraitClient:
         image = result.as_numpy("image")
         return image.reshape(image.shape[-3:])
 
-    async def animate(self, source: SourceInput, drivings: AsyncIterable[DrivingInput] | Iterable[DrivingInput]
-                      ) -> AsyncIterator[FrameResult]:
-        """Stream a whole sequence; yields results in frame order as they arrive."""
-        sequence_id = new_sequence_id()
+    async def animate(self, source: SourceInput, drivings: AsyncIterable[DrivingInput] | Iterable[DrivingInput],
+                      sequence_id: int | None = None) -> AsyncIterator[FrameResult]:
+        """Stream a whole sequence (`sequence_id`, else a random one) on one gRPC stream carrying its session
+        header; yields results in frame order as they arrive."""
+        sequence_id = sequence_id or new_sequence_id()
         sent: dict[int, float] = {}
 
         async def requests():
-            yield self._request(source.tensors(), sequence_id, "start", start=True, options=source.options)
+            yield self._request(source.tensors(), sequence_id, "start", start=True, options=source.options,
+                                streamed=True)
             number = 0
             if hasattr(drivings, "__aiter__"):
                 async for driving in drivings:
                     sent[number] = time.perf_counter()
-                    yield self._request(driving.tensors(), sequence_id, str(number))
+                    yield self._request(driving.tensors(), sequence_id, str(number), streamed=True)
                     number += 1
             else:
                 for driving in drivings:
                     sent[number] = time.perf_counter()
-                    yield self._request(driving.tensors(), sequence_id, str(number))
+                    yield self._request(driving.tensors(), sequence_id, str(number), streamed=True)
                     number += 1
                     await asyncio.sleep(0)
-            yield self._request({}, sequence_id, "end", end=True)
+            yield self._request({}, sequence_id, "end", end=True, streamed=True)
 
         done: dict[int, FrameResult] = {}
         next_out = 0
-        async for result, error in self._client.stream_infer(requests()):
+        async for result, error in self._client.stream_infer(requests(), headers=session_headers(sequence_id)):
             if error is not None:
                 raise RequestFailed(f"the server failed a frame of sequence {sequence_id}: {_first_line(error)}") \
                     from error

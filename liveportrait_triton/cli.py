@@ -14,6 +14,7 @@ COMMANDS = {
     "export": ("liveportrait_triton.export.cli", "export sub-networks to ONNX and render the Triton repository"),
     "tensorrt": ("liveportrait_triton.export.tensorrt_cli", "build TensorRT engines from exported ONNX (GPU)"),
     "serve": ("liveportrait_triton.serve", "start the bundled Triton server on a model repository"),
+    "cluster": ("liveportrait_triton.cluster", "start N bundled Triton replicas behind HAProxy (sessions pinned)"),
     "animate": ("liveportrait_triton.client.animate", "animate a portrait with a driving video/image/template"),
     "edit": ("liveportrait_triton.client.edit_cli", "edit a portrait's pose and expression (retargeting controls)"),
     "template": ("liveportrait_triton.client.template_cli", "extract a motion template (.npz) from a video"),

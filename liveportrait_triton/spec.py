@@ -119,6 +119,10 @@ def submodel_specs(config: str | dict = "full") -> dict[str, ModelSpec]:
 
 SEQUENCE_CONTROLS = {"START": "CONTROL_SEQUENCE_START", "END": "CONTROL_SEQUENCE_END",
                      "CORRID": "CONTROL_SEQUENCE_CORRID"}
+# Request header (gRPC metadata) naming a request's session, set by the client to the sequence id on every request
+# of a sequence and on every gRPC stream: proxies in front of several replicas hash it to keep a sequence on the
+# replica that holds its state (liveportrait_triton/cluster.py, deploy/k8s/router.yaml).
+SESSION_HEADER = "x-liveportrait-session"
 
 PIPELINE_SPEC = ModelSpec(PIPELINE, inputs=(
     TensorSpec("source", "UINT8", (SOURCE_SIZE, SOURCE_SIZE, 3), optional=True),     # RGB crop, START only

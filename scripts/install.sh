@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install LivePortrait-Triton and everything it needs into a virtual environment (default: ./.venv).
-# Idempotent: re-running only installs what is missing. Needs no root (as root it also installs Debian's chromium
-# for the browser tests, which skip without it).
+# Idempotent: re-running only installs what is missing. Needs no root (as root, or with passwordless sudo, it also
+# installs the Debian packages of optional parts: chromium for the browser tests, HAProxy for the cluster command;
+# their tests skip without them).
 # Usage: scripts/install.sh [--with-perf-analyzer] [VENV_DIR]
 #   --with-perf-analyzer  also install perf_analyzer for benchmarks (scripts/install_perf_analyzer.sh: apt-get of
 #                         libb64-0d, so root or sudo); the demo and the client never use it
@@ -27,15 +28,26 @@ echo "[install] bundled Triton server and face models (without their dependency 
 # gradio declares pillow<13; the project pins pillow 13.0.0, which the page works with (its other deps: extra `ui`).
 echo "[install] web interface (gradio, without its pillow pin)"
 "${PIP[@]}" install --no-deps "gradio==6.31.0"
-# The browser tests drive Debian's chromium with Playwright (Playwright's own browser download is not used).
-if ! command -v chromium >/dev/null 2>&1; then
-  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-    echo "[install] chromium (apt) for the browser tests"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+# Debian packages of optional parts, installed when missing as root or with passwordless sudo, else only a note:
+# chromium (the browser tests drive it with Playwright; Playwright's own browser download is not used) and HAProxy
+# (the proxy of `liveportrait-triton cluster` and of the Kubernetes router).
+SUDO=(); CAN_APT=no
+if [ "$(id -u)" -eq 0 ]; then CAN_APT=yes; elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
+  SUDO=(sudo); CAN_APT=yes; fi
+command -v apt-get >/dev/null || CAN_APT=no
+APT_UPDATED=no
+apt_install_missing() {   # BINARY PACKAGE WHAT
+  if command -v "$1" >/dev/null || [ -x "/usr/sbin/$1" ] || [ -x "/usr/bin/$1" ]; then return; fi
+  if [ "$CAN_APT" = yes ]; then
+    echo "[install] $2 (Debian package, $3)"
+    [ "$APT_UPDATED" = yes ] || { "${SUDO[@]}" apt-get update -qq; APT_UPDATED=yes; }
+    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
   else
-    echo "[install] chromium not installed and apt-get unavailable (not root?): the browser tests will skip"
+    echo "[install] note: $2 is not installed and this user cannot apt-get it; $3 will skip (apt-get install $2)"
   fi
-fi
+}
+apt_install_missing chromium chromium "the browser tests"
+apt_install_missing haproxy haproxy "the cluster command and its tests"
 if [ "$PERF_ANALYZER" = 1 ]; then
   echo "[install] perf_analyzer (benchmarks)"
   bash scripts/install_perf_analyzer.sh --python "$VENV/bin/python"

@@ -3,12 +3,15 @@
 Every object is validated against the Kubernetes API models of the official Python client (generated from the
 OpenAPI schema: unknown or misspelt fields, wrong types and missing required fields fail). The rest checks what a
 schema cannot: selectors that match pod labels, Service target ports that exist, probes on Triton's health paths,
-GPU limits, the HPA's target and metric, the Prometheus adapter rule behind that metric, and Envoy's ring hash
-over the headless Service on the session header.
+GPU limits, the HPA's target and metric, the Prometheus adapter rule behind that metric, and the HAProxy router:
+its configuration is the rendering of liveportrait_triton.cluster (session-header hashing over the headless
+Service), the one tests/test_cluster.py runs with real replicas.
 """
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import kubernetes.client as k8s
@@ -20,7 +23,7 @@ from liveportrait_triton.serve import DEFAULT_PORTS
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "deploy" / "k8s"
-SESSION_HEADER = "x-liveportrait-session"
+SESSION_HEADER = spec.SESSION_HEADER
 TRITON_HEALTH = {"/v2/health/ready", "/v2/health/live"}
 MODELS = {
     ("apps/v1", "Deployment"): k8s.V1Deployment,
@@ -192,38 +195,37 @@ def test_adapter_rule_reads_triton_queue_time_of_the_gpu_networks():
     assert rule["resources"]["overrides"]["pod"]["resource"] == "pod"
 
 
-def envoy_config() -> dict:
-    return yaml.safe_load(named("ConfigMap", "liveportrait-router")["data"]["envoy.yaml"])
-
-
-def test_router_hashes_the_session_header_over_the_headless_service():
-    config = envoy_config()["static_resources"]
-    clusters = {c["name"]: c for c in config["clusters"]}
+def test_router_is_haproxy_with_the_rendering_the_cluster_tests_run():
+    """The router's haproxy.cfg is render_proxy_config's output for the headless Service (tests/test_cluster.py
+    runs the same function's loopback rendering with real replicas): session-header hashing, health checks."""
+    from liveportrait_triton.cluster import KUBERNETES_REPLICAS, kubernetes_proxy_config
+    config = named("ConfigMap", "liveportrait-router")["data"]["haproxy.cfg"]
+    assert config == kubernetes_proxy_config(), (
+        "deploy/k8s/router.yaml differs from the rendering: paste the output of `python -c \"from "
+        "liveportrait_triton.cluster import kubernetes_proxy_config as k; print(k(), end='')\"` into it")
     triton_ports = container_ports(triton_deployment())
+    assert (KUBERNETES_REPLICAS.grpc_port, KUBERNETES_REPLICAS.http_port) == (triton_ports["grpc"],
+                                                                              triton_ports["http"])
+    headless = named("Service", "liveportrait-triton")["metadata"]["name"]
+    assert KUBERNETES_REPLICAS.hostname.startswith(f"{headless}.${{POD_NAMESPACE}}.svc.")
+    (hpa,) = objects("HorizontalPodAutoscaler")
+    assert KUBERNETES_REPLICAS.slots >= hpa["spec"]["maxReplicas"], "one proxy slot per replica the HPA may run"
+    for kind in ("grpc", "http"):
+        assert f"bind 0.0.0.0:{triton_ports[kind]}" in config and f"backend {kind}_replicas" in config
+    assert config.count(f"balance hdr({SESSION_HEADER})") == 2 and config.count("hash-type consistent") == 2
+
     router = named("Deployment", "liveportrait-router")
-    listener_ports = {}
-    for listener in config["listeners"]:
-        (chain,) = listener["filter_chains"]
-        (manager,) = chain["filters"]
-        (host,) = manager["typed_config"]["route_config"]["virtual_hosts"]
-        for route in host["routes"]:
-            assert route["route"]["hash_policy"] == [{"header": {"header_name": SESSION_HEADER}}]
-            cluster = clusters[route["route"]["cluster"]]
-            assert cluster["lb_policy"] == "RING_HASH" and cluster["type"] == "STRICT_DNS"
-            (endpoints,) = cluster["load_assignment"]["endpoints"]
-            (endpoint,) = endpoints["lb_endpoints"]
-            address = endpoint["endpoint"]["address"]["socket_address"]
-            assert address["address"] == "liveportrait-triton", "the ring must span the headless Service's replicas"
-            assert address["port_value"] == triton_ports[listener["name"]]
-            assert cluster["health_checks"], "a failing replica must leave the ring"
-        listener_ports[listener["name"]] = listener["address"]["socket_address"]["port_value"]
-    assert listener_ports == container_ports(router)
-    grpc = clusters["triton_grpc"]
-    assert "http2_protocol_options" in str(grpc["typed_extension_protocol_options"])
-    assert grpc["health_checks"][0]["grpc_health_check"] == {}
-    assert clusters["triton_http"]["health_checks"][0]["http_health_check"]["path"] == "/v2/health/ready"
+    assert container_ports(router) == {"http": triton_ports["http"], "grpc": triton_ports["grpc"]}
     (container,) = router["spec"]["template"]["spec"]["containers"]
-    assert container["volumeMounts"][0]["mountPath"] + "/envoy.yaml" == container["args"][1]
+    assert container["command"][-1] == container["volumeMounts"][0]["mountPath"] + "/haproxy.cfg"
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    image, tag = container["image"].split(":")
+    assert image == "haproxy"
+    haproxy = shutil.which("haproxy")
+    if haproxy:         # the image runs the HAProxy release the cluster tests ran
+        version = subprocess.run([haproxy, "-v"], capture_output=True, text=True).stdout.split()[2]
+        assert version.split("-")[0] == tag, f"the tests ran HAProxy {version}, the router runs {tag}"
 
 
 def test_deploy_readme_documents_the_routing_and_failover():
