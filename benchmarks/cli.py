@@ -1,7 +1,8 @@
-"""`liveportrait-triton bench`: time the per-frame pipeline in-process and through Triton, run perf_analyzer on every
-sub-network (batch sweep) and on the `liveportrait` sequence model (concurrency sweep), and write CSV, markdown and
-PNG plots with the machine and versions. `--runtime-choice` instead times every local CPU runtime candidate per
-sub-network (benchmarks/results/runtime_choice.md).
+"""`liveportrait-triton bench`: time the per-frame pipeline in-process (PyTorch eager and the served kinds) and
+through Triton, every sub-network against the machine's GEMM rate, run perf_analyzer on every sub-network (batch
+sweep) and on the `liveportrait` sequence model (concurrency sweep), and write CSV, markdown and PNG plots with the
+machine and versions. `--runtime-choice` instead times every runtime kind per sub-network and writes the winners
+into the choice file that `export` renders (benchmarks/results/runtime_choice.md).
 
 Everything runs on real inputs: a source portrait and frames of a driving video, cropped to 256x256.
 """
@@ -22,7 +23,12 @@ from .. import spec
 from ..config import CONFIGS
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
-INPROCESS_RUNNERS = ("torch", "onnx")     # plus any local_runtimes kind
+INPROCESS_RUNNERS = ("torch", "served")     # or any runtimes kind for every sub-network
+
+
+def _choice_file() -> Path:
+    from ..repository import RUNTIME_CHOICE_FILE
+    return RUNTIME_CHOICE_FILE
 
 
 def _int_list(text: str) -> list[int]:
@@ -58,10 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed frames before timing each one-stream run")
     parser.add_argument("--frames", type=int, default=5, help="timed frames of each one-stream run")
     parser.add_argument("--inprocess", type=_name_list, default=list(INPROCESS_RUNNERS), metavar="R[,R...]",
-                        help="in-process runners: torch (our PyTorch modules), onnx (ONNX Runtime as the server's "
-                             "sub-network models run it) and/or a local_runtimes kind for every sub-network "
-                             "(e.g. openvino)")
-    parser.add_argument("--served-runtime", default="onnx", metavar="R",
+                        help="in-process runners: served (each sub-network on the kind the server runs it on) "
+                             "and/or one runtime kind for every sub-network: torch (our PyTorch modules, the "
+                             "eager baseline), onnxruntime, openvino")
+    parser.add_argument("--served-runtime", default="served", metavar="R",
                         help="the in-process runner that uses the served models' runtime (for the 10%% comparison)")
     parser.add_argument("--no-server", action="store_true", help="skip the Triton and perf_analyzer parts")
     parser.add_argument("--server-url", metavar="HOST:PORT",
@@ -74,6 +80,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="perf_analyzer batch sweep of every sub-network")
     parser.add_argument("--submodels", type=_name_list, default=list(spec.SUBMODELS), metavar="M[,M...]",
                         help="sub-networks to sweep")
+    parser.add_argument("--submodel-sweep", action=argparse.BooleanOptionalAction, default=True,
+                        help="perf_analyzer batch sweep of the sub-networks (default on; minutes at full size)")
+    parser.add_argument("--module-repeats", type=int, default=2,
+                        help="timed batch-1 calls of each sub-network on PyTorch and on its served kind, for the "
+                             "FLOP-rate table (0: skip)")
     parser.add_argument("--submodel-requests", type=int, default=3, help="perf_analyzer requests per batch size")
     parser.add_argument("--concurrency", type=_int_list, default=[1, 2, 4, 8], metavar="C[,C...]",
                         help="perf_analyzer concurrency sweep of the pipeline (sequences in flight)")
@@ -88,10 +99,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout-s", type=float, default=3600, help="limit for each perf_analyzer run")
     choice = parser.add_argument_group("runtime choice (--runtime-choice)")
     choice.add_argument("--runtime-choice", action="store_true",
-                        help="instead of the pipeline benchmark: time every local CPU runtime per sub-network "
-                             "with parity against PyTorch, write runtime_choice.md/.csv")
+                        help="instead of the pipeline benchmark: time every runtime kind per sub-network with "
+                             "parity against PyTorch and the fraction of the GEMM rate, write runtime_choice.md/.csv "
+                             "and the winners into --choice-file")
     choice.add_argument("--runtimes", type=_name_list, default=None, metavar="K[,K...]",
-                        help="runtimes to compare (default: every local_runtimes kind that is installed)")
+                        help="runtime kinds to compare (default: every kind that runs on this machine)")
+    choice.add_argument("--choice-file", default=str(_choice_file()), metavar="PATH",
+                        help="where the winners are written for `export` to render (default: the committed "
+                             "liveportrait_triton/runtime_choice.json); 'none' writes no choice")
     choice.add_argument("--runtime-batches", type=_int_list, default=[1], metavar="B[,B...]",
                         help="batch sizes of the runtime comparison")
     choice.add_argument("--runtime-budget-s", type=float, default=10.0,
@@ -186,26 +201,36 @@ def _log(text: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------------------
 def _runtime_choice(args, networks, weights: Path, repository, source, driving, out: Path) -> int:
-    from .. import local_runtimes as LR
+    from .. import runtimes
     from ..pipeline import TorchRunner
-    from . import report, runtime_choice
-    from .inputs import record_submodel_inputs
-    kinds = args.runtimes or [k for k in LR.KINDS if k != "openvino" or _installed("openvino")]
-    unknown = [k for k in kinds if k not in LR.KINDS]
+    from . import flops, report, runtime_choice
+    from .inputs import batch_of, record_submodel_inputs
+    kinds = args.runtimes or runtimes.available_kinds()
+    unknown = [k for k in kinds if k not in runtimes.KINDS]
     if unknown:
-        raise ValueError(f"unknown runtime(s) {unknown}; choose from {list(LR.KINDS)}")
+        raise ValueError(f"unknown runtime(s) {unknown}; choose from {list(runtimes.KINDS)}")
     samples = record_submodel_inputs(TorchRunner(networks), source, driving[:2])
+    specs = spec.submodel_specs(networks.params)
+    work = {m: flops.layer_flops(networks, specs[m], batch_of(samples[m], 1)) for m in args.submodels}
+    rate = flops.gemm_rate(args.threads)
+    _log(f"fp32 GEMM rate on {args.threads} thread(s): {rate / 1e9:.1f} GFLOP/s")
     results = runtime_choice.compare_runtimes(weights, args.config, repository, samples, args.submodels, kinds,
-                                              args.runtime_batches, args.threads, args.runtime_budget_s)
+                                              args.runtime_batches, args.threads, args.runtime_budget_s, work, rate)
     machine = report.machine_info()
     machine["threads"] = str(args.threads)
+    machine["fp32 GEMM rate"] = f"{rate / 1e9:.1f} GFLOP/s (torch matmul 2048^2, {args.threads} thread(s))"
     machine["network config"] = args.config
     machine["weights"] = args.weights or f"synthetic seed {args.synthetic}"
     machine["onnx files"] = _repository_note(args)
     (out / "runtime_choice.md").write_text(runtime_choice.markdown(results, command_line(args), machine))
     _write_dicts(out / "runtime_choice.csv", runtime_choice.csv_rows(results))
-    print(f"winners (batch 1): {runtime_choice.winners(results)}")
+    won = runtime_choice.winners(results)
+    print(f"winners (batch 1): {won}")
     print(f"wrote {out / 'runtime_choice.md'} and {out / 'runtime_choice.csv'}")
+    if args.choice_file != "none":
+        entry = runtime_choice.write_choice(args.choice_file, won)
+        print(f"wrote the local target's choice into {args.choice_file}: {entry} (re-render with "
+              "`liveportrait-triton export`)")
     return 0
 
 
@@ -213,11 +238,6 @@ def _repository_note(args) -> str:
     weights = f"--weights {args.weights}" if args.weights else f"--synthetic {args.synthetic}"
     how = f"`liveportrait-triton export {weights} --config {args.config} --repository DIR --validate-batches 1`"
     return f"{args.repository}, written by {how}" if args.repository else f"exported by the bench: {how}"
-
-
-def _installed(module: str) -> bool:
-    import importlib.util
-    return importlib.util.find_spec(module) is not None
 
 
 def _write_dicts(path: Path, rows: list[dict]) -> None:
@@ -244,11 +264,16 @@ def _pipeline_benchmark(args, networks, repository, source, driving, out: Path, 
         rows.append(_time_inprocess(runner_name, networks, repository, source, driving, args))
         _log(_describe(rows[-1]))
         gc.collect()
+    from ..pipeline import TorchRunner
+    from .inputs import record_submodel_inputs
+    samples = record_submodel_inputs(TorchRunner(networks), source, driving[:2])
+    if args.module_repeats:
+        rows += _time_modules(args, networks, repository, samples, notes)
     versions = {"triton": None, "perf_analyzer": None}
     failed = 0
     try:
         if not args.no_server:
-            failed = _served(args, networks, repository, source, driving, pa, tmp, rows, notes, versions)
+            failed = _served(args, networks, repository, samples, source, driving, pa, tmp, rows, notes, versions)
     finally:     # what was measured is written even when a later step fails
         _write_results(args, rows, notes, versions, out)
     return 1 if failed else 0
@@ -271,17 +296,27 @@ def _describe(row) -> str:
 
 
 def _make_runner(name: str, networks, repository: Path, threads: int):
-    from .. import local_runtimes as LR
-    from ..pipeline import OnnxRunner, TorchRunner
-    if name == "torch":
-        import torch
-        torch.set_num_threads(threads)
-        return TorchRunner(networks)
-    if name == "onnx":
-        return OnnxRunner(repository)
-    if name in LR.KINDS:
-        return LR.create_runner(name, networks=networks, repository=repository, threads=threads)
-    raise ValueError(f"unknown in-process runner {name!r}; choose torch, onnx or one of {list(LR.KINDS)}")
+    """An in-process runner: `served` (each sub-network on the kind the repository's configs serve it on) or one
+    runtime kind for every sub-network."""
+    from .. import runtimes
+    kinds = served_kinds(repository) if name == "served" else name
+    if name != "served" and name not in runtimes.KINDS:
+        raise ValueError(f"unknown in-process runner {name!r}; choose served or one of {list(runtimes.KINDS)}")
+    return runtimes.create_runner(kinds, networks.params, networks=networks, repository=repository, threads=threads)
+
+
+def served_kinds(repository: Path) -> dict[str, str]:
+    """{sub-network: kind} as the repository's config.pbtxt files say (the `runtime` parameter)."""
+    import re
+    kinds = {}
+    for model in spec.SUBMODELS:
+        text = (Path(repository) / model / "config.pbtxt").read_text()
+        found = re.search(r'key: "runtime"\s*value: \{ string_value: "(\w+)" \}', text)
+        if found is None:
+            raise ValueError(f"{repository}/{model}/config.pbtxt has no runtime parameter (not a local-target "
+                             "repository rendered by this version: re-run `liveportrait-triton export`)")
+        kinds[model] = found.group(1)
+    return kinds
 
 
 def _time_inprocess(name: str, networks, repository: Path, source, driving, args):
@@ -306,18 +341,49 @@ def _row(section: str, runner: str, model: str, stats, report):
                       mean_ms=stats.mean_ms, p50_ms=stats.p50_ms, p95_ms=stats.p95_ms, p99_ms=stats.p99_ms)
 
 
-def _served(args, networks, repository, source, driving, pa, tmp: Path, rows: list, notes: list,
+def _time_modules(args, networks, repository, samples, notes: list) -> list:
+    """Every sub-network at batch 1 on PyTorch eager and on the kind the server runs it on, with its counted
+    FLOPs and the fraction of the machine's fp32 GEMM rate (measured here, in the same run) that it reaches."""
+    from .. import runtimes
+    from . import flops, report
+    from .inputs import batch_of
+    from .timing import Stats, time_calls
+    rate = flops.gemm_rate(args.threads)
+    served = served_kinds(repository)
+    specs = spec.submodel_specs(networks.params)
+    notes.append(f"fp32 GEMM rate of this machine: {rate / 1e9:.1f} GFLOP/s (torch matmul 2048x2048, "
+                 f"{args.threads} thread(s), best of repeated runs, measured in this run)")
+    _log(notes[-1])
+    rows = []
+    for model in spec.SUBMODELS:
+        feeds = batch_of(samples[model], 1)
+        work = flops.layer_flops(networks, specs[model], feeds)
+        for kind in dict.fromkeys(("torch", served[model])):
+            runner = runtimes.create_subnetwork(
+                kind, specs[model], networks=networks, threads=args.threads,
+                artefact=None if kind == "torch" else runtimes.artefact_path(repository, model, kind))
+            calls = 1 if work > 1e9 else 50
+            wall, _ = time_calls(lambda: [runner.run(feeds) for _ in range(calls)], 1, args.module_repeats)
+            stats = Stats.of([w / calls for w in wall])
+            rows.append(report.Row("module", kind, model, count=args.module_repeats * calls,
+                                   items_per_s=1e3 / stats.mean_ms, mean_ms=stats.mean_ms, p50_ms=stats.p50_ms,
+                                   p95_ms=stats.p95_ms, p99_ms=stats.p99_ms, flop=work,
+                                   gemm_fraction=work / (stats.p50_ms / 1e3) / rate))
+            _log(_describe(rows[-1]) + f", {work / 1e9:.2f} GFLOP, {rows[-1].gemm_fraction:.0%} of the GEMM rate")
+            del runner
+            gc.collect()
+    return rows
+
+
+def _served(args, networks, repository, samples, source, driving, pa, tmp: Path, rows: list, notes: list,
             versions: dict) -> int:
     """Start the server on the repository; one timed stream, then the perf_analyzer sweeps. A perf_analyzer run
     that fails is noted (in the markdown) and the sweep goes on; returns how many failed."""
-    from ..pipeline import TorchRunner
     from ..serve import TritonServer
     from . import perf_analyzer as P
     from . import report, server_stats
-    from .inputs import record_submodel_inputs
     from .server_stream import stream_frames
     from .timing import Stats
-    samples = record_submodel_inputs(TorchRunner(networks), source, driving[:2])
     data_dir = tmp / "perf_analyzer"
     data_dir.mkdir()
     specs = spec.submodel_specs(networks.params)
@@ -332,7 +398,7 @@ def _served(args, networks, repository, source, driving, pa, tmp: Path, rows: li
         rows.append(_row("server_stream", "triton", spec.PIPELINE, Stats.of(seconds[args.warmup:]), report))
         _log(_describe(rows[-1]))
 
-        for model in args.submodels:
+        for model in args.submodels if args.submodel_sweep else ():
             data = P.write_submodel_data(data_dir / f"{model}.json", specs[model], samples[model])
             for batch in args.batch_sizes:
                 try:

@@ -11,16 +11,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
-# Per-frame time of the official LivePortrait PyTorch modules on the 2-core reference machine
-# (../shared/reference/cpu_baseline.md: M + stitching + W + G, median of three runs 6.6-6.8 s).
-OFFICIAL_TORCH_FRAME_S = 6.7
-
-
 @dataclasses.dataclass
 class Row:
-    """One measurement. `section`: inprocess | server_stream | pa_submodel | pa_pipeline | pa_composing."""
+    """One measurement. `section`: inprocess | module | server_stream | pa_submodel | pa_pipeline | pa_composing."""
     section: str
-    runner: str               # torch / onnx / a local runtime / triton
+    runner: str               # torch / served / a runtime kind / triton
     model: str
     batch: int = 1
     concurrency: int = 1
@@ -34,6 +29,8 @@ class Row:
     compute_ms: float = float("nan")
     mean_batch: float = float("nan")   # composing models: inferences per execution
     pa_reported_per_s: float = float("nan")   # perf_analyzer's own throughput (window rounded up; see perf_analyzer)
+    flop: float = float("nan")                # module rows: conv + linear work of one call
+    gemm_fraction: float = float("nan")       # module rows: flop / p50 as a share of the measured GEMM rate
 
 
 def machine_info(triton_version: str | None = None, perf_analyzer_version: str | None = None) -> dict[str, str]:
@@ -105,26 +102,36 @@ def frame_p50(rows: list[Row], section: str, runner: str | None = None) -> float
     return None
 
 
+PER_FRAME_MODULES = ("motion_extractor", "stitching", "warping_module", "spade_generator")
+
+
 def targets(rows: list[Row], served_runner: str) -> list[str]:
-    """The issue's CPU targets, each stated as met or not met with the numbers behind it."""
+    """The issue's CPU goals, each stated as met or not met with the numbers behind it (all from this run)."""
     lines = []
     served = frame_p50(rows, "server_stream")
+    torch_ms = frame_p50(rows, "inprocess", "torch")
     same = frame_p50(rows, "inprocess", served_runner)
-    if served is not None:
-        goal = OFFICIAL_TORCH_FRAME_S * 1e3 / 1.5
-        lines.append(f"- Served pipeline per frame {served / 1e3:.2f} s (one stream, p50) vs the official PyTorch "
-                     f"code's {OFFICIAL_TORCH_FRAME_S} s: {OFFICIAL_TORCH_FRAME_S * 1e3 / served:.2f}x faster; "
-                     f"target >= 1.5x (<= {goal / 1e3:.2f} s): **{'met' if served <= goal else 'not met'}**.")
-        if same is not None:
-            ratio = served / same
-            lines.append(f"- Served vs the same runtime ({served_runner}) called in-process, one stream: "
-                         f"{ratio:.3f}x the in-process time; target within 10%: "
-                         f"**{'met' if ratio <= 1.10 else 'not met'}**.")
+    if served is not None and torch_ms is not None:
+        ratio = torch_ms / served
+        verdict = "met" if ratio >= 2.0 else "floor met, goal not" if ratio >= 1.5 else "not met"
+        lines.append(f"- Served pipeline per frame {served / 1e3:.2f} s (Triton, one stream, p50) vs PyTorch eager "
+                     f"per frame {torch_ms / 1e3:.2f} s (in-process, M + stitching + W + G, same run): "
+                     f"**{ratio:.2f}x faster**; goal >= 2.0x, floor 1.5x: **{verdict}**.")
+    if served is not None and same is not None:
+        lines.append(f"- Served vs the same runtimes ({served_runner}) called in-process, one stream: "
+                     f"{served / same:.3f}x the in-process time (the cost of Triton, BLS and copies).")
+    modules = {r.model: r for r in rows if r.section == "module" and r.runner == "torch"}
+    rate = [r.flop / (r.p50_ms / 1e3) / r.gemm_fraction for r in rows if r.section == "module" and r.gemm_fraction]
+    if served is not None and rate and all(m in modules for m in PER_FRAME_MODULES):
+        floor_ms = sum(modules[m].flop for m in PER_FRAME_MODULES) / rate[0] * 1e3
+        lines.append(f"- fp32 floor per frame (conv + linear GFLOP of M, stitching, W, G / the GEMM rate): "
+                     f"{floor_ms / 1e3:.2f} s; served frame {served / floor_ms:.2f}x the floor; goal within 1.3x: "
+                     f"**{'met' if served <= 1.3 * floor_ms else 'not met'}**.")
     pipeline = {r.concurrency: r.items_per_s for r in rows if r.section == "pa_pipeline"}
     if 1 in pipeline and 4 in pipeline:
         lines.append(f"- perf_analyzer throughput at concurrency 4: {pipeline[4]:.3f} frames/s vs "
-                     f"{pipeline[1]:.3f} at concurrency 1 ({pipeline[4] / pipeline[1]:.2f}x); target higher: "
-                     f"**{'met' if pipeline[4] > pipeline[1] else 'not met'}**.")
+                     f"{pipeline[1]:.3f} at concurrency 1 ({pipeline[4] / pipeline[1]:.2f}x); goal not below: "
+                     f"**{'met' if pipeline[4] >= pipeline[1] else 'not met'}**.")
     return lines
 
 
@@ -151,6 +158,22 @@ def markdown(rows: list[Row], machine: dict[str, str], command: str, served_runn
             vs_same = _fmt(r.p50_ms / same_ms, 3) if same_ms else ""
             out.append(f"| {how} | {r.runner} | {r.count} | {_fmt(r.items_per_s, 3)} | {_fmt(r.mean_ms)} | "
                        f"{_fmt(r.p50_ms)} | {_fmt(r.p95_ms)} | {_fmt(r.p99_ms)} | {vs_torch} | {vs_same} |")
+
+    modules = [r for r in rows if r.section == "module"]
+    if modules:
+        out += ["", "## Per sub-network, batch 1: PyTorch eager and the served kind, vs the machine's GEMM rate", "",
+                "GFLOP: convolution and linear work of one call, counted from the layers (benchmarks/flops.py); "
+                "% of GEMM: GFLOP / p50 as a share of the fp32 GEMM rate measured in this run (see the notes). "
+                "What a module does besides convolutions (normalisation, activations, W's grid sample and "
+                "keypoint Gaussians) costs time but no counted FLOPs, so memory-bound modules stay far below the "
+                "rate.", "",
+                "| sub-network | runtime | calls | p50 ms | GFLOP | GFLOP/s | % of GEMM | vs torch |",
+                "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        torch_module = {r.model: r.p50_ms for r in modules if r.runner == "torch"}
+        for r in modules:
+            speed = _fmt(torch_module[r.model] / r.p50_ms, 2) if r.model in torch_module else ""
+            out.append(f"| {r.model} | {r.runner} | {r.count} | {_fmt(r.p50_ms, 2)} | {r.flop / 1e9:.3g} | "
+                       f"{r.flop / 1e9 / (r.p50_ms / 1e3):.3g} | {_fmt(100 * r.gemm_fraction, 1)} | {speed} |")
 
     pipeline = [r for r in rows if r.section == "pa_pipeline"]
     if pipeline:

@@ -1,16 +1,19 @@
-"""Which CPU runtime serves each sub-network of the local target: every candidate of `local_runtimes`, timed side by
-side on the same real inputs, with parity against PyTorch eager.
+"""Which runtime kind serves each sub-network of a target: every kind of the runtime layer (runtimes.py), timed side
+by side on the same real inputs, with parity against PyTorch eager and the fraction of the machine's GEMM rate.
 
-A candidate wins a sub-network when it has the lowest median latency at batch 1 among the candidates whose outputs
-stay within the export's tolerances of PyTorch eager (`local_runtimes.parity`).
+A servable kind wins a sub-network when it has the lowest median latency at batch 1 among the kinds whose outputs
+pass the export's validation rule against PyTorch eager (export/validate.py `output_difference`). The winners are
+written to the choice file that `export` renders (liveportrait_triton/runtime_choice.json).
 """
 from __future__ import annotations
 
 import dataclasses
 import gc
+import json
 import time
+from pathlib import Path
 
-from .. import local_runtimes as LR
+from .. import repository, runtimes
 from .inputs import batch_of
 from .timing import Stats, time_calls
 
@@ -25,6 +28,15 @@ class RuntimeResult:
     setup_s: float = 0.0                                  # session creation: load, trace/freeze or compile
     parity: dict = dataclasses.field(default_factory=dict)   # output -> (max abs diff, bound, ok)
     error: str | None = None
+    gflop: float = float("nan")                             # conv + linear work of one call
+    gemm_gflops: float = float("nan")                       # the machine's fp32 GEMM rate, same run
+
+    @property
+    def fraction_of_gemm(self) -> float:
+        """The rate this call reaches (counted FLOPs / p50) as a fraction of the GEMM rate."""
+        if self.stats is None:
+            return float("nan")
+        return self.gflop / (self.stats.p50_ms / 1e3) / self.gemm_gflops
 
     @property
     def parity_ok(self) -> bool:
@@ -44,9 +56,21 @@ def repeats_for(first_call_s: float, budget_s: float, minimum: int = 3, maximum:
     return int(min(maximum, max(minimum, budget_s // max(first_call_s, 1e-6))))
 
 
+def parity(outputs: dict, reference: dict, model: str) -> dict[str, tuple]:
+    """{output: (max abs diff, bound, ok)} by the export's validation rule (uint8: level and share of values)."""
+    from ..export.validate import UINT8_SHARE_DIFFERING, output_difference
+    result = {}
+    for name, want in reference.items():
+        diff, bound, share = output_difference(model, name, outputs[name], want)
+        result[name] = (diff, bound, diff <= bound and (share is None or share <= UINT8_SHARE_DIFFERING))
+    return result
+
+
 def compare_runtimes(weights_dir, config: str, repository, samples: dict[str, list[dict]], models, kinds, batches,
-                     threads: int, budget_s: float = 10.0) -> list[RuntimeResult]:
-    """Time every (model, kind, batch) on recorded real inputs, with parity against PyTorch eager.
+                     threads: int, budget_s: float = 10.0, flops: dict | None = None,
+                     gemm_rate: float = float("nan")) -> list[RuntimeResult]:
+    """Time every (model, kind, batch) on recorded real inputs, with parity against PyTorch eager; `flops`
+    ({model: conv + linear FLOPs per item}) and `gemm_rate` (FLOP/s) give each result its share of the rate.
 
     Each kind runs in a fresh process (like each served sub-network in its own Python-backend stub), so no other
     runtime's thread pool (TBB, ONNX Runtime, OpenMP) is alive to compete for the cores or skew its timing.
@@ -62,8 +86,10 @@ def compare_runtimes(weights_dir, config: str, repository, samples: dict[str, li
         if kind == "torch":
             reference = outputs
         for r in measured:
+            r.gflop = (flops or {}).get(r.model, float("nan")) * r.batch / 1e9
+            r.gemm_gflops = gemm_rate / 1e9
             if (r.model, r.batch) in outputs and (r.model, r.batch) in reference:
-                r.parity = LR.parity(outputs[(r.model, r.batch)], reference[(r.model, r.batch)], r.model)
+                r.parity = parity(outputs[(r.model, r.batch)], reference[(r.model, r.batch)], r.model)
             print(format_row(r), flush=True)
         if kind in kinds:
             results += measured
@@ -75,16 +101,19 @@ def measure_kind(kind: str, weights_dir: str, config: str, repository: str, samp
     """In this process: every model on runtime `kind`, one session at a time; (results, {(model, batch): outputs})."""
     import torch
 
+    from .. import spec
     from ..weights import load_networks
     torch.set_num_threads(threads)
-    networks = load_networks(weights_dir, config) if kind in LR.TORCH_KINDS else None
+    networks = load_networks(weights_dir, config) if kind == "torch" else None
+    specs = spec.submodel_specs(config)
     results, outputs = [], {}
     for model in models:
         feeds = {b: batch_of(samples[model], b) for b in batches}
         start = time.perf_counter()
         try:
-            session = LR.create_session(kind, model, networks=networks, threads=threads,
-                                        onnx_path=LR.onnx_file(repository, model))
+            session = runtimes.create_subnetwork(
+                kind, specs[model], networks=networks, threads=threads,
+                artefact=None if kind == "torch" else runtimes.artefact_path(repository, model, kind))
         except Exception as exc:    # a runtime that cannot load this graph is a result, not a crash
             results += [RuntimeResult(model, kind, b, error=f"{type(exc).__name__}: {exc}") for b in batches]
             continue
@@ -109,16 +138,17 @@ def measure_kind(kind: str, weights_dir: str, config: str, repository: str, samp
 def format_row(r: RuntimeResult) -> str:
     if r.stats is None:
         return f"{r.model:30s} {r.kind:20s} b{r.batch}: {r.error}"
-    return (f"{r.model:30s} {r.kind:20s} b{r.batch}: p50 {r.stats.p50_ms:9.2f} ms, cpu {r.cpu_ms:9.2f} ms "
-            f"(n={r.stats.count}, "
-            f"setup {r.setup_s:.1f} s) parity {'ok' if r.parity_ok else 'FAIL'} {r.worst_diff}")
+    return (f"{r.model:30s} {r.kind:12s} b{r.batch}: p50 {r.stats.p50_ms:9.2f} ms, cpu {r.cpu_ms:9.2f} ms "
+            f"(n={r.stats.count}, setup {r.setup_s:.1f} s), {r.gflop:.2f} GFLOP = {r.fraction_of_gemm:.0%} of GEMM, "
+            f"parity {'ok' if r.parity_ok else 'FAIL'} {r.worst_diff}")
 
 
-def winners(results: list[RuntimeResult], batch: int = 1) -> dict[str, str]:
-    """{model: fastest kind at `batch` among those within tolerance of PyTorch}."""
+def winners(results: list[RuntimeResult], batch: int = 1, target: str = "local") -> dict[str, str]:
+    """{model: fastest kind at `batch` among the kinds `target` can serve that pass the validation rule}."""
     best: dict[str, RuntimeResult] = {}
     for r in results:
-        if r.batch == batch and r.parity_ok and r.stats is not None:
+        if (r.batch == batch and r.parity_ok and r.stats is not None
+                and r.kind in repository.SERVED_KINDS[target]):
             if r.model not in best or r.stats.p50_ms < best[r.model].stats.p50_ms:
                 best[r.model] = r
     return {m: r.kind for m, r in best.items()}
@@ -131,33 +161,47 @@ def speedups(results: list[RuntimeResult]) -> dict[tuple[str, str, int], float]:
             for r in results if r.stats and (r.model, r.batch) in torch_p50}
 
 
+def write_choice(path: str | Path, chosen: dict[str, str], target: str = "local") -> dict[str, str]:
+    """Update `target`'s entry of the choice file (the committed one by default) with the measured winners;
+    sub-networks not measured keep their kind. Returns the entry written."""
+    path = Path(path)
+    document = json.loads(path.read_text()) if path.is_file() else {"targets": {}}
+    entry = repository.check_runtimes(target, {**document["targets"].get(target, {}), **chosen})
+    document["targets"][target] = entry
+    path.write_text(json.dumps(document, indent=2) + "\n")
+    return entry
+
+
 def markdown(results: list[RuntimeResult], command: str, machine: dict) -> str:
     """runtime_choice.md: the command, machine, the full table and the winner per sub-network."""
     ratio = speedups(results)
     win = winners(results)
-    lines = ["# CPU runtime per sub-network (local target)", "",
-             "Every candidate of `liveportrait_triton/local_runtimes.py` timed on the same real inputs (recorded "
+    lines = ["# Runtime kind per sub-network (local target)", "",
+             "Every kind of `liveportrait_triton/runtimes.py` timed on the same real inputs (recorded "
              "while the pipeline animated real driving crops); each runtime in a fresh process of its own, one "
              "session at a time (as each served sub-network runs in its own Python-backend process). Parity: max abs difference "
              "from PyTorch eager against the export's per-output bound (worst output shown). "
              "Speed-up: PyTorch eager p50 / this p50. CPU ms: median CPU time of the process per call (all "
              "threads); it leaves out time spent waiting for a core, so other processes on the machine disturb it "
-             "less than wall time (shared caches and memory bandwidth still do).", "",
+             "less than wall time (shared caches and memory bandwidth still do). GFLOP: convolution and linear work "
+             "per call, counted from the layers; % of GEMM: GFLOP / p50 as a share of the fp32 GEMM rate measured "
+             "in the same run (benchmarks/flops.py).", "",
              "Command:", "", "```", command, "```", ""]
     lines += [f"- {k}: {v}" for k, v in machine.items()]
-    lines += ["", "Candidates (`local_runtimes.KINDS`):", ""]
-    lines += [f"- `{k}`: {v}" for k, v in LR.KINDS.items() if any(r.kind == k for r in results)]
-    lines += ["", "| sub-network | runtime | batch | p50 ms | p95 ms | CPU ms | calls | speed-up vs torch | setup s | "
-              "parity |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines += ["", "Kinds (`runtimes.KINDS`):", ""]
+    lines += [f"- `{k}`: {v}" for k, v in runtimes.KINDS.items() if any(r.kind == k for r in results)]
+    lines += ["", "| sub-network | runtime | batch | p50 ms | p95 ms | CPU ms | calls | speed-up vs torch | GFLOP | "
+              "% of GEMM | setup s | parity |",
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in results:
         if r.stats is None:
-            lines.append(f"| {r.model} | {r.kind} | {r.batch} | | | | | | | error: {r.error} |")
+            lines.append(f"| {r.model} | {r.kind} | {r.batch} | | | | | | | | | error: {r.error} |")
             continue
         verdict = ("ok " if r.parity_ok else "FAIL ") + r.worst_diff
         lines.append(f"| {r.model} | {r.kind} | {r.batch} | {r.stats.p50_ms:.2f} | {r.stats.p95_ms:.2f} | "
                      f"{r.cpu_ms:.2f} | {r.stats.count} | {ratio.get((r.model, r.kind, r.batch), float('nan')):.2f} | "
-                     f"{r.setup_s:.1f} | {verdict} |")
-    lines += ["", "## Winner per sub-network (batch 1, within tolerance)", "",
+                     f"{r.gflop:.3g} | {r.fraction_of_gemm:.1%} | {r.setup_s:.1f} | {verdict} |")
+    lines += ["", "## Winner per sub-network (batch 1, servable kinds that pass the validation rule)", "",
               "| sub-network | runtime | p50 ms | speed-up vs torch |", "| --- | --- | ---: | ---: |"]
     p50 = {(r.model, r.kind): r.stats.p50_ms for r in results if r.batch == 1 and r.stats}
     for model, kind in win.items():
@@ -175,7 +219,8 @@ def csv_rows(results: list[RuntimeResult]) -> list[dict]:
                      "mean_ms": s and round(s.mean_ms, 3), "cpu_ms": round(r.cpu_ms, 3), "calls": s and s.count,
                      "speedup_vs_torch": round(ratio[(r.model, r.kind, r.batch)], 3)
                      if (r.model, r.kind, r.batch) in ratio else None,
-                     "setup_s": round(r.setup_s, 2), "parity_ok": r.parity_ok,
+                     "setup_s": round(r.setup_s, 2), "flop": round(r.gflop * 1e9) if r.gflop == r.gflop else None,
+                     "fraction_of_gemm": round(r.fraction_of_gemm, 4), "parity_ok": r.parity_ok,
                      "max_abs_diff": max((d for d, *_ in r.parity.values()), default=None)
                      if r.parity else None, "error": r.error})
     return rows

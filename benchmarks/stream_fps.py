@@ -1,5 +1,5 @@
 """Frames per second of the streaming pipeline: one stream and N concurrent streams, through the Triton server
-and in-process (ONNX Runtime and PyTorch runners), in one run on the same inputs.
+and in-process (PyTorch, and the served runtime kinds), in one run on the same inputs.
 
     python -m liveportrait_triton.benchmarks.stream_fps --repository DIR (--weights DIR | --synthetic 0) \\
         --config full --frames N [--streams 4] [--source IMAGE] [--driving VIDEO] [--csv PATH]
@@ -31,6 +31,7 @@ import numpy as np
 from .. import spec
 from ..config import CONFIGS
 from ..pipeline import Animator, DrivingFrame, OnnxRunner, TorchRunner
+from .cli import served_kinds
 from .inputs import DEFAULT_DRIVING, DEFAULT_SOURCE, read_driving, read_source
 
 
@@ -142,7 +143,7 @@ def through_server(url: str, source: np.ndarray, warm: list[np.ndarray], timed: 
 
 def environment() -> dict[str, str]:
     versions = {}
-    for package in ("torch", "onnxruntime", "nvidia-pytriton", "tritonclient", "numpy"):
+    for package in ("torch", "onnxruntime", "openvino", "nvidia-pytriton", "tritonclient", "numpy"):
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
@@ -222,7 +223,8 @@ def run(args) -> int:
             write_synthetic_weights(weights_dir, args.synthetic, args.config)
         # one runner in memory at a time, and none while the server runs: at full size, batches of 4 take GBs
         runners = {"in-process PyTorch": lambda: TorchRunner(load_networks(weights_dir, args.config)),
-                   "in-process ONNX Runtime": lambda: OnnxRunner(args.repository)}
+                   "in-process served runtimes": lambda: OnnxRunner(args.repository, args.config,
+                                                                     served_kinds(args.repository))}
         for mode, make in runners.items():
             runner = make()
             for streams in sorted({1, args.streams}):

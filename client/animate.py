@@ -28,6 +28,7 @@ from .driving import DrivingCropper
 from .faces import NoFaceError, make_analyzer
 from .multiface import SourceFaces, parse_faces
 from .profiling import StageTimer, server_statistics, statistics_delta
+from .keypoint_overlay import KeypointOverlay
 from .smoothing import MotionSmoother, SmoothingSettings
 from .source_video import animate_source_video
 from .templates import TemplateError, is_template, load_template
@@ -84,6 +85,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "as in the source")
     crop.add_argument("--source-max-dim", type=int, default=1280,
                       help="shrink larger sources to this longer side first (default 1280; 0: never)")
+    crop.add_argument("--draw-keypoints", action="store_true",
+                      help="draw each frame's implicit keypoints (the driving motion applied to the source's "
+                           "canonical keypoints; eyes cyan, lips magenta) over the animated crop; video driving "
+                           "then also runs the served motion extractor per frame")
     crop.add_argument("--face-models", metavar="DIR",
                       help="use the official InsightFace det_10g.onnx + 2d106det.onnx and LivePortrait "
                            "landmark.onnx found in DIR instead of the built-in MediaPipe models")
@@ -263,8 +268,8 @@ def animate(args) -> Summary:
     if source_is_video:
         if kind == "webcam":
             raise ValueError("a source video needs a driving video, image or template, not a camera")
-        if args.comparison or args.faces != "largest" or args.smooth:
-            raise ValueError("--comparison, --faces and --smooth are for source images")
+        if args.comparison or args.faces != "largest" or args.smooth or args.draw_keypoints:
+            raise ValueError("--comparison, --faces, --smooth and --draw-keypoints are for source images")
     check_output(output, "video" if source_is_video else kind)
     comparison = Path(args.comparison) if args.comparison else None
     if comparison is not None:
@@ -301,8 +306,9 @@ def animate(args) -> Summary:
                                          output, started)
         faces = prepare_source(args.source, analyzer, source_settings, args.source_max_dim, even=kind != "image",
                                timer=timer, options=options, faces=args.faces)
-        if len(faces) > 1 and not args.paste_back:
-            raise ValueError(f"--no-paste-back writes one face's crop; {len(faces)} faces were chosen (--faces)")
+        if len(faces) > 1 and (not args.paste_back or args.draw_keypoints):
+            raise ValueError(f"--no-paste-back and --draw-keypoints are for one face; {len(faces)} faces were chosen "
+                             "(--faces)")
         if faces.selection.note and not args.quiet:
             print(f"note: {faces.selection.note}", file=sys.stderr)
         with timer("connect + check server"):
@@ -399,6 +405,7 @@ def _animate_stream(args, client, kind, faces, template, reader, output, compari
     source_crop512 = faces.crop512
     paste = faces.paste if args.paste_back else None
     still = faces.image if paste is not None else source_crop512
+    overlay = KeypointOverlay(client, faces.faces[0].source.crop) if args.draw_keypoints else None
     out_size = (still.shape[1], still.shape[0])
     server_models = [spec.PIPELINE, *spec.SUBMODELS]
     stats_before = server_statistics(client._client, server_models) if args.profile else None
@@ -422,6 +429,9 @@ def _animate_stream(args, client, kind, faces, template, reader, output, compari
                     raise RequestFailed(f"driving frame {prepared.number} got no answer")
                 waiting.popleft()
                 animated = results.pop(number).image if number is not None else None
+                if overlay is not None and animated is not None:
+                    with timer("draw keypoints"):
+                        animated = overlay.draw(animated, overlay.keypoints(prepared.driving))
                 with timer("paste-back"):
                     if animated is None:
                         frame = still

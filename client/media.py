@@ -12,6 +12,7 @@ import os
 import queue
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -123,16 +124,25 @@ class VideoInfo:
 class VideoReader:
     """Iterates a video file's frames as RGB uint8 arrays, decoding one at a time."""
 
+    HEADER_ATTEMPTS = 3
+    HEADER_WAIT_S = 9.5         # imageio-ffmpeg's own wait for ffmpeg's header is 10 s
+
     def __init__(self, path: str | Path):
         import imageio_ffmpeg
         self.path = require_file(path, "driving video")
-        self._frames = imageio_ffmpeg.read_frames(str(self.path), pix_fmt="rgb24")
-        try:
-            meta = next(self._frames)
-        except (OSError, RuntimeError, StopIteration) as exc:
-            self._frames.close()
-            raise MediaError(f"driving video {self.path} is not a video ffmpeg can decode "
-                             f"({str(exc).splitlines()[0]})") from None
+        for attempt in range(self.HEADER_ATTEMPTS):
+            self._frames = imageio_ffmpeg.read_frames(str(self.path), pix_fmt="rgb24")
+            began = time.monotonic()
+            try:
+                meta = next(self._frames)
+                break
+            except (OSError, RuntimeError, StopIteration) as exc:
+                self._frames.close()
+                # imageio-ffmpeg gives ffmpeg 10 s to print the header: on a loaded machine a good file can miss
+                # that, so a failure that took the whole wait is tried again; a file ffmpeg refuses fails at once
+                if time.monotonic() - began < self.HEADER_WAIT_S or attempt == self.HEADER_ATTEMPTS - 1:
+                    raise MediaError(f"driving video {self.path} is not a video ffmpeg can decode "
+                                     f"({str(exc).splitlines()[0]})") from exc
         fps = float(meta.get("fps") or 25.0)
         duration = meta.get("duration")
         count = int(round(duration * fps)) if duration else None

@@ -51,7 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "this export (recorded in export.json; default fp16, where motion_extractor and the S "
                              "MLPs stay fp32). The ONNX files always stay FP32: inputs, outputs and weights")
     parser.add_argument("--validate-batches", type=batch_sizes, default=(1, 3), metavar="B[,B...]",
-                        help="batch sizes at which ONNX Runtime is compared with PyTorch (default 1,3)")
+                        help="batch sizes at which the runtimes are compared with PyTorch (default 1,3)")
+    parser.add_argument("--runtime", action="append", default=[], metavar="MODEL=KIND",
+                        help="serve MODEL on runtime KIND (onnxruntime, openvino, tensorrt) instead of the "
+                             "committed choice for the target (liveportrait_triton/runtime_choice.json); "
+                             "repeatable. Each file is validated on ONNX Runtime and on the kind serving it")
 
 
 def load(args):
@@ -65,17 +69,21 @@ def load(args):
 
 
 def run(args) -> int:
+    from .. import repository   # rendered by the server side of the package
     from ..weights import WeightsError
     from .onnx_export import OPSET, export_repository
     from .validate import ValidationError
     try:
+        overrides = repository.parse_runtime_overrides(args.runtime)
+        chosen = repository.served_runtimes(args.target, overrides) if args.target == "local" else {}
         networks = load(args)
-    except WeightsError as exc:
+    except (WeightsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     started = time.perf_counter()
     try:
-        exported = export_repository(networks, args.repository, args.grid_sample, args.validate_batches)
+        exported = export_repository(networks, args.repository, args.grid_sample, args.validate_batches,
+                                     chosen=chosen)
     except ValidationError as exc:
         print(f"error: export failed validation: {exc}", file=sys.stderr)
         return 1
@@ -85,12 +93,13 @@ def run(args) -> int:
             "opset": OPSET[args.grid_sample],
             "weights": str(Path(args.weights).resolve()) if args.weights else f"synthetic seed {args.synthetic}",
             "tensorrt_precision": args.precision,
-            "validation": [{"batch": c.batch, "max_abs_diff": c.max_abs_diff, "bound": c.bound}
-                           for c in item.comparisons],
+            "runtime": chosen.get(item.model),
+            "validation": [{"runtime": c.kind, "batch": c.batch, "max_abs_diff": c.max_abs_diff, "bound": c.bound,
+                            "share_differing": c.share_differing} for c in item.comparisons],
         }
         (item.path.parent / MANIFEST_FILENAME).write_text(json.dumps(manifest, indent=2) + "\n")
     print(f"exported and validated {len(exported)} models in {time.perf_counter() - started:.0f} s")
-    from .. import repository   # rendered by the server side of the package
-    repository.write_repository_configs(args.repository, target=args.target, config=args.config)
+    repository.write_repository_configs(args.repository, target=args.target, config=args.config,
+                                        runtime_overrides=overrides)
     print(f"wrote Triton configs for target {args.target!r} into {args.repository}")
     return 0

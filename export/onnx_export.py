@@ -16,13 +16,13 @@ import numpy as np
 import onnx
 import torch
 
-from .. import spec
+from .. import runtimes, spec
 from ..networks.grid_sample import MODES as GRID_SAMPLE_MODES
 from ..pipeline import TorchRunner
 from ..weights import Networks
 from .sample_inputs import fraction_inside_grid, sample_inputs
 from .served import ServedModel, served_models
-from .validate import Comparison, ValidationError, check_graph, compare, ort_session
+from .validate import Comparison, ValidationError, check_graph, compare
 
 OPSET = {"decomposed": 17, "native": 20}
 BATCH_AXIS = "batch"
@@ -101,7 +101,7 @@ def declare_inferred_output_shapes(path: str | os.PathLike) -> None:
 
 @dataclasses.dataclass
 class ExportedModel:
-    """One exported and validated file, with the measured ONNX Runtime vs PyTorch differences."""
+    """One exported and validated file, with the measured runtime vs PyTorch differences."""
     model: str
     path: Path
     opset: int
@@ -113,14 +113,23 @@ class ExportedModel:
                  "I/O vs spec ok"]
         for c in self.comparisons:
             diffs = ", ".join(f"{name} {diff:.2e} (bound {c.bound[name]:.0e})" for name, diff in c.max_abs_diff.items())
-            parts.append(f"  batch {c.batch}: max abs diff ORT vs PyTorch: {diffs}")
+            shares = "".join(f", {name} differs in {share:.3%} of values" for name, share in c.share_differing.items())
+            parts.append(f"  {c.kind}, batch {c.batch}: max abs diff vs PyTorch: {diffs}{shares}")
         return "\n".join(parts)
+
+
+def validation_kinds(chosen: str | None) -> tuple[str, ...]:
+    """The runtime kinds an exported file is checked on: ONNX Runtime always, and the kind chosen to serve it
+    when that kind also runs the ONNX file (OpenVINO); TensorRT engines are checked by `liveportrait-triton
+    tensorrt`, and the torch kind is the reference itself."""
+    return ("onnxruntime",) + ((chosen,) if chosen in runtimes.ONNX_KINDS and chosen != "onnxruntime" else ())
 
 
 def export_repository(networks: Networks, repository: str | os.PathLike, grid_sample: str = "decomposed",
                       validate_batches: tuple[int, ...] = (1, 3), models: tuple[str, ...] = spec.SUBMODELS,
-                      log=print) -> list[ExportedModel]:
-    """Export, check and compare every served model into `<repository>/<model>/1/model.onnx`.
+                      chosen: dict[str, str] | None = None, log=print) -> list[ExportedModel]:
+    """Export, check and compare every served model into `<repository>/<model>/1/model.onnx`, on ONNX Runtime
+    and on the kind `chosen` ({model: kind}) to serve it (`validation_kinds`).
 
     PyTorch references use the native F.grid_sample whatever `grid_sample` says, so the comparison also checks
     the decomposed grid sample. A file is moved into place only after it passed (and a model.plan built from an
@@ -152,14 +161,17 @@ def export_repository(networks: Networks, repository: str | os.PathLike, grid_sa
         comparisons = []
         try:
             check_graph(partial, specs[model])
-            session = ort_session(partial)
+            references = []
             for batch in validate_batches:
                 feeds = {k: v[:batch] for k, v in inputs[model].items()}
                 with grid_sample_mode(networks, "native"):
-                    reference = reference_runner.run(model, feeds)
-                comparisons.append(compare(session, specs[model], feeds, reference))
+                    references.append((feeds, reference_runner.run(model, feeds)))
+            for kind in validation_kinds((chosen or {}).get(model)):
+                runner = runtimes.create_subnetwork(kind, specs[model], artefact=partial)
+                comparisons += [compare(runner, feeds, reference) for feeds, reference in references]
+                del runner
             problems = [f for c in comparisons for f in c.failures]
-        except ValidationError as exc:
+        except (ValidationError, runtimes.RuntimeLoadError) as exc:
             problems = [str(exc)]
         os.replace(partial, rejected if problems else final)
         result = ExportedModel(model, rejected if problems else final, opset, comparisons)

@@ -26,6 +26,15 @@ NETWORK_FIELD = {
 }
 
 
+def parse_output(image: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) float -> (B, H, W, 3) uint8 as the official parse_output: clip to [0, 1], x255, truncate.
+
+    The truncation is an explicit floor before the cast, so every runtime truncates (OpenVINO's float-to-integer
+    Convert would otherwise round).
+    """
+    return torch.floor(torch.clamp(image, 0.0, 1.0) * 255.0).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
 class ServedModel(nn.Module):
     """forward(*inputs in spec order) -> tuple of outputs in spec order, for one served model."""
 
@@ -49,7 +58,7 @@ class ServedModel(nn.Module):
             out = net(inputs["feature_volume"], inputs["kp_source"], inputs["kp_driving"])
             return {"warped_feature": out["out"], "occlusion_map": out["occlusion_map"]}
         if name == spec.GENERATOR:
-            return {"image": net(inputs["warped_feature"])}
+            return {"image": parse_output(net(inputs["warped_feature"]))}
         return {"delta": mlp_forward(self, name, inputs)}
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:

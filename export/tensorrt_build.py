@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 
 from .. import spec
-from .validate import TOLERANCES
+from .validate import TOLERANCES, UINT8_LEVELS, output_difference
 
 PRECISIONS = ("fp32", "fp16")
 DEFAULT_OPT_BATCH = 4
@@ -40,15 +40,18 @@ FP32_LAYER_TYPES = {
     spec.WARPING: ("NORMALIZATION", "REDUCE", "SOFTMAX", "UNARY", "GATHER", "SELECT", "ELEMENTWISE"),
     spec.GENERATOR: ("NORMALIZATION", "REDUCE"),
 }
-# Engine vs ONNX Runtime (CPU, FP32) bound per output, as a multiple of max(1, max |reference|) like TOLERANCES.
-# FP32 engines: GPU kernels sum in other orders, so 10x the ONNX Runtime vs PyTorch bound. FP16 engines: these
-# bounds are provisional (not yet measured on a GPU); 1e-2 of an image in [0, 1] is 2.5 grey levels.
+# Engine vs ONNX Runtime (CPU, FP32) bound per float output, as a multiple of max(1, max |reference|) like
+# TOLERANCES. FP32 engines: GPU kernels sum in other orders, so 10x the ONNX Runtime vs PyTorch bound. FP16
+# engines: these bounds are provisional (not yet measured on a GPU). The generator's uint8 image: the export's
+# rule (UINT8_LEVELS) for FP32 engines, FP16_IMAGE_LEVELS grey levels for FP16 ones (also provisional).
 FP32_ENGINE_FACTOR = 10.0
 FP16_ENGINE_TOLERANCES = {
     (spec.APPEARANCE, "feature_volume"): 2e-2,
     (spec.WARPING, "warped_feature"): 3e-2, (spec.WARPING, "occlusion_map"): 1e-2,
-    (spec.GENERATOR, "image"): 1e-2,
 }
+FP16_IMAGE_LEVELS = 3
+# spec dtype -> (TensorRT dtype name, torch dtype name) of engine I/O buffers
+ENGINE_DTYPES = {"FP32": ("float32", "float32"), "UINT8": ("uint8", "uint8")}
 
 
 class TensorRTError(RuntimeError):
@@ -91,7 +94,10 @@ def profile_shapes(model_spec: spec.ModelSpec, opt_batch: int = DEFAULT_OPT_BATC
 
 
 def engine_bound(model: str, output: str, precision: str) -> float:
-    """Allowed max |engine - ONNX Runtime| of one output, relative to max(1, max |reference|)."""
+    """Allowed max |engine - ONNX Runtime| of one output: relative to max(1, max |reference|) for float outputs,
+    in grey levels for the uint8 image."""
+    if (model, output) not in TOLERANCES:       # the uint8 image
+        return float(FP16_IMAGE_LEVELS if precision == "fp16" else UINT8_LEVELS)
     if precision == "fp16" and (model, output) in FP16_ENGINE_TOLERANCES:
         return FP16_ENGINE_TOLERANCES[(model, output)]
     return FP32_ENGINE_FACTOR * TOLERANCES[(model, output)]
@@ -165,7 +171,8 @@ def build_engine(onnx_path: str | os.PathLike, model_spec: spec.ModelSpec, preci
 
 
 class EngineRunner:
-    """Runs one engine on PyTorch CUDA buffers, tensors bound by name."""
+    """Runs one engine on PyTorch CUDA buffers, tensors bound by name: the runtime layer's `tensorrt` kind
+    (build it with runtimes.create_subnetwork("tensorrt", ...))."""
 
     def __init__(self, plan: bytes, model_spec: spec.ModelSpec):
         import torch
@@ -186,7 +193,7 @@ class EngineRunner:
         if got_in != sorted(model_spec.input_names) or got_out != sorted(model_spec.output_names):
             raise TensorRTError(f"{model_spec.name}: engine I/O {got_in} -> {got_out} differs from the spec")
         for t in (*model_spec.inputs, *model_spec.outputs):
-            if self.engine.get_tensor_dtype(t.name) != trt.float32:
+            if self.engine.get_tensor_dtype(t.name) != getattr(trt, ENGINE_DTYPES[t.dtype][0]):
                 raise TensorRTError(f"{model_spec.name}: engine tensor {t.name!r} is "
                                     f"{self.engine.get_tensor_dtype(t.name)}, the spec says {t.dtype}")
 
@@ -195,12 +202,12 @@ class EngineRunner:
         torch = self._torch
         buffers = {}
         for t in self.model_spec.inputs:
-            arr = np.ascontiguousarray(inputs[t.name], dtype=np.float32)
+            arr = np.ascontiguousarray(inputs[t.name], dtype=t.numpy_dtype)
             buffers[t.name] = torch.from_numpy(arr).cuda()
             self.context.set_input_shape(t.name, arr.shape)
         for t in self.model_spec.outputs:
             shape = tuple(self.context.get_tensor_shape(t.name))
-            buffers[t.name] = torch.empty(shape, dtype=torch.float32, device="cuda")
+            buffers[t.name] = torch.empty(shape, dtype=getattr(torch, ENGINE_DTYPES[t.dtype][1]), device="cuda")
         for name, buffer in buffers.items():
             self.context.set_tensor_address(name, buffer.data_ptr())
         torch.cuda.synchronize()   # copies done before the engine's own stream reads the inputs
@@ -249,18 +256,21 @@ class EngineCheck:
                 f"{self.bound[n]:.3g}" for n, d in self.max_abs_diff.items() if not d <= self.bound[n]]
 
 
-def check_engine(runner: EngineRunner, precision: str, inputs: dict[str, np.ndarray],
+def check_engine(runner, precision: str, inputs: dict[str, np.ndarray],
                  reference: dict[str, np.ndarray], repeats: int) -> EngineCheck:
-    """Compare an engine's outputs with ONNX Runtime's on the same inputs, and time it."""
+    """Compare an engine's outputs (runner: a runtimes.SubnetworkRunner of kind tensorrt) with ONNX Runtime's on
+    the same inputs (the export's comparison, engine bounds), and time it."""
+    from .validate import ValidationError
     got = runner.run(inputs)
     model = runner.model_spec.name
     diffs, bounds = {}, {}
     for t in runner.model_spec.outputs:
         want = np.asarray(reference[t.name])
-        if got[t.name].shape != want.shape:
-            raise TensorRTError(f"{model}.{t.name}: engine returned shape {list(got[t.name].shape)}, "
-                                f"ONNX Runtime {list(want.shape)}")
-        diffs[t.name] = float(np.max(np.abs(got[t.name].astype(np.float64) - want)))
-        bounds[t.name] = engine_bound(model, t.name, precision) * max(1.0, float(np.max(np.abs(want))))
+        try:
+            diffs[t.name], export_bound, _ = output_difference(model, t.name, got[t.name], want)
+        except ValidationError as exc:
+            raise TensorRTError(f"engine vs ONNX Runtime: {exc}") from exc
+        scale = 1.0 if want.dtype == np.uint8 else export_bound / TOLERANCES[(model, t.name)]
+        bounds[t.name] = engine_bound(model, t.name, precision) * scale
     batch = next(iter(inputs.values())).shape[0]
-    return EngineCheck(model, batch, diffs, bounds, runner.latency_ms(inputs, repeats))
+    return EngineCheck(model, batch, diffs, bounds, runner.session.latency_ms(inputs, repeats))

@@ -19,9 +19,8 @@ from .cli import MANIFEST_FILENAME, batch_sizes
 from .onnx_export import ENGINE_MANIFEST_FILENAME, PLAN_FILENAME, model_path
 
 REJECTED_PLAN_FILENAME = "model.rejected.plan"
-from .tensorrt_build import (DEFAULT_OPT_BATCH, DEFAULT_WORKSPACE_GIB, PRECISIONS, EngineRunner, TensorRTError,
-                             build_engine, check_engine, engine_precision, import_tensorrt, preflight,
-                             require_cuda_torch)
+from .tensorrt_build import (DEFAULT_OPT_BATCH, DEFAULT_WORKSPACE_GIB, PRECISIONS, TensorRTError, build_engine,
+                             check_engine, engine_precision, import_tensorrt, preflight, require_cuda_torch)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,7 +81,7 @@ def _run(args) -> int:
     print(f"TensorRT {trt.__version__}; engines for {', '.join(args.models)} ({config} config, {requested} "
           f"requested), profile batch 1..{args.max_batch} opt {args.opt_batch}")
     specs = spec.submodel_specs(config)
-    checker = None if args.no_check else _Checker(repository, max(check_batches))
+    checker = None if args.no_check else _Checker(repository, config, max(check_batches))
     failures = []
     for model in args.models:
         precision = engine_precision(model, requested)
@@ -121,18 +120,23 @@ def _run(args) -> int:
 class _Checker:
     """Generated inputs and ONNX Runtime (CPU) references from the repository's own ONNX files."""
 
-    def __init__(self, repository: Path, batch: int):
+    def __init__(self, repository: Path, config: str, batch: int):
         from ..pipeline import OnnxRunner
+        from ..runtimes import RuntimeLoadError
         from .sample_inputs import sample_inputs
         require_cuda_torch()
         try:
-            self.onnx = OnnxRunner(repository)
-        except FileNotFoundError as exc:
+            self.onnx = OnnxRunner(repository, config)
+        except RuntimeLoadError as exc:
             raise TensorRTError(f"{exc}; checking engines needs every model's ONNX file (or pass --no-check)") from exc
         self.inputs = sample_inputs(self.onnx, batch)
 
     def check(self, plan: bytes, model_spec: spec.ModelSpec, precision: str, batches, repeats: int):
-        runner = EngineRunner(plan, model_spec)
+        from ..runtimes import RuntimeLoadError, create_subnetwork
+        try:
+            runner = create_subnetwork("tensorrt", model_spec, artefact=plan)
+        except RuntimeLoadError as exc:
+            raise TensorRTError(str(exc)) from exc
         for batch in batches:
             feeds = {k: v[:batch] for k, v in self.inputs[model_spec.name].items()}
             yield check_engine(runner, precision, feeds, self.onnx.run(model_spec.name, feeds), repeats)

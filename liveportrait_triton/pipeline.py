@@ -1,9 +1,9 @@
 """Per-stream animation logic, independent of where the networks run.
 
 A `Runner` executes one served sub-network on a batch (`run(model, {input: array}) -> {output: array}`, names
-from `spec`). `TorchRunner` runs our PyTorch modules in-process, `OnnxRunner` runs exported ONNX files with
-ONNX Runtime, and the Triton pipeline model wraps BLS calls in the same interface. `Animator` holds the logic of
-the official per-frame block: source registration (F and M once), then for each driving frame M (or a motion
+from `spec`). `TorchRunner` runs our PyTorch modules in-process and `OnnxRunner` the exported ONNX files, both
+built by the runtime layer (`runtimes.py`); the Triton pipeline model wraps BLS calls in the same interface.
+`Animator` holds the logic of the official per-frame block: source registration (F and M once), then for each driving frame M (or a motion
 template frame) -> keypoint maths -> stitching / retargeting MLPs -> W -> G, batched across streams.
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ import numpy as np
 
 from . import editing
 from . import keypoints as K
+from . import runtimes, spec
 from . import source_video as SV
-from . import spec
 from .config import NUM_KP
 from .lip_array import LIP_ARRAY
 
@@ -48,12 +48,6 @@ def crop_to_input(crops: np.ndarray) -> np.ndarray:
     if crops.ndim == 3:
         crops = crops[None]
     return np.ascontiguousarray(np.transpose(crops.astype(np.float32) / np.float32(255.0), (0, 3, 1, 2)))
-
-
-def image_to_uint8(images: np.ndarray) -> np.ndarray:
-    """(B, 3, H, W) float in [0, 1] -> (B, H, W, 3) uint8, truncating like the official parse_output."""
-    out = np.clip(np.transpose(np.asarray(images), (0, 2, 3, 1)), 0, 1)
-    return np.clip(out * 255, 0, 255).astype(np.uint8)
 
 
 def check_crop(name: str, crop) -> np.ndarray:
@@ -250,10 +244,9 @@ class Animator:
         return x
 
     def render(self, volumes: np.ndarray, x_s: np.ndarray, x_d: np.ndarray) -> np.ndarray:
-        """W then G on a batch -> (B, 512, 512, 3) uint8."""
+        """W then G on a batch -> (B, 512, 512, 3) uint8 (the served generator ends in the official parse_output)."""
         warped = self.runner.run(spec.WARPING, {"feature_volume": volumes, "kp_source": x_s, "kp_driving": x_d})
-        image = self.runner.run(spec.GENERATOR, {"warped_feature": warped["warped_feature"]})["image"]
-        return image_to_uint8(image)
+        return self.runner.run(spec.GENERATOR, {"warped_feature": warped["warped_feature"]})["image"]
 
     def animate(self, states: list[StreamState], frames: list[DrivingFrame | Edit]) -> list[np.ndarray]:
         """One driving frame or edit for each of several streams (a stream may appear once per call), rendered
@@ -279,33 +272,13 @@ class Animator:
         return list(images)
 
 
-class TorchRunner:
-    """Runs our PyTorch sub-networks in-process (the parity reference for served results)."""
+class TorchRunner(runtimes.ModelRunner):
+    """Our PyTorch sub-networks in-process (the parity reference for served results): the runtime layer's
+    `torch` kind for every sub-network, on `device`."""
 
-    def __init__(self, networks):
-        import torch
-        self._torch = torch
-        self.networks = networks
-
-    def run(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        torch = self._torch
-        n = self.networks
-        t = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in inputs.items()}
-        with torch.no_grad():
-            if model == spec.APPEARANCE:
-                out = {"feature_volume": n.appearance_feature_extractor(t["image"])}
-            elif model == spec.MOTION:
-                out = n.motion_extractor(t["image"])
-            elif model == spec.WARPING:
-                w = n.warping_module(t["feature_volume"], t["kp_source"], t["kp_driving"])
-                out = {"warped_feature": w["out"], "occlusion_map": w["occlusion_map"]}
-            elif model == spec.GENERATOR:
-                out = {"image": n.spade_generator(t["warped_feature"])}
-            elif model in (spec.STITCHING, spec.RETARGET_EYE, spec.RETARGET_LIP):
-                out = {"delta": mlp_forward(n, model, t)}
-            else:
-                raise KeyError(f"unknown model {model!r}")
-        return {k: v.numpy() for k, v in out.items()}
+    def __init__(self, networks, device: str = "cpu", threads: int | None = None):
+        super().__init__(runtimes.create_runner("torch", networks.params, networks=networks, device=device,
+                                                threads=threads).runners)
 
 
 def mlp_forward(networks, model: str, t: dict):
@@ -319,23 +292,10 @@ def mlp_forward(networks, model: str, t: dict):
     return networks.lip(torch.cat([kp, t["lip_ratio"]], 1))
 
 
-class OnnxRunner:
-    """Runs exported `<repository>/<model>/1/model.onnx` files with ONNX Runtime (CPU), bound by name."""
+class OnnxRunner(runtimes.ModelRunner):
+    """Exported `<repository>/<model>/1/model.onnx` files in-process, on the runtime layer's ONNX kinds
+    (`kind` for all, or {model: kind}; default ONNX Runtime)."""
 
-    def __init__(self, repository: str | Path, threads: int | None = None):
-        import onnxruntime as ort
-        self.sessions = {}
-        for model in spec.SUBMODELS:
-            path = Path(repository) / model / "1" / "model.onnx"
-            if not path.is_file():
-                raise FileNotFoundError(f"{path} not found: run `liveportrait-triton export` first")
-            opts = ort.SessionOptions()
-            if threads:
-                opts.intra_op_num_threads = threads
-            self.sessions[model] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-    def run(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        session = self.sessions[model]
-        names = [o.name for o in session.get_outputs()]
-        feeds = {i.name: np.ascontiguousarray(inputs[i.name], dtype=np.float32) for i in session.get_inputs()}
-        return dict(zip(names, session.run(names, feeds)))
+    def __init__(self, repository: str | Path, config: str | dict, kind: str | dict[str, str] = "onnxruntime",
+                 threads: int | None = None):
+        super().__init__(runtimes.create_runner(kind, config, repository=repository, threads=threads).runners)

@@ -3,8 +3,10 @@
 Two targets share one layout and every tensor name:
 
 - ``local``: the Triton 2.51 bundled in the `nvidia-pytriton` wheel, which has only the Python backend. Each
-  sub-network is a Python-backend model that runs its ONNX file with ONNX Runtime (one generic adapter,
-  `model_repository_templates/onnx_subnetwork/model.py`).
+  sub-network is a Python-backend model (one generic adapter, `model_repository_templates/subnetwork/model.py`)
+  that runs its exported file on the runtime kind of the layer (runtimes.py) named by its `runtime` parameter.
+  That kind comes from the committed per-target choice (`runtime_choice.json`, written by `liveportrait-triton
+  bench --runtime-choice`, which measures every kind), unless `export --runtime MODEL=KIND` overrides it.
 - ``ngc``: the NGC `tritonserver` image. Sub-networks use `onnxruntime_onnx` (model.onnx) or `tensorrt_plan`
   (model.plan) directly.
 
@@ -15,17 +17,61 @@ byte, so the committed files can never drift from the spec.
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
-from . import spec
+from . import runtimes, spec
 
 TARGETS = ("local", "ngc")
 PLATFORMS = {"onnxruntime_onnx": "model.onnx", "tensorrt_plan": "model.plan"}
 TEMPLATES = Path(__file__).parent / "model_repository_templates"
-SUBNETWORK_ADAPTER = TEMPLATES / "onnx_subnetwork" / "model.py"
+SUBNETWORK_ADAPTER = TEMPLATES / "subnetwork" / "model.py"
 PIPELINE_ADAPTER = TEMPLATES / "liveportrait" / "model.py"
 ONNX_FILENAME = "model.onnx"
+RUNTIME_CHOICE_FILE = Path(__file__).parent / "runtime_choice.json"
+# Kinds a served sub-network of a target can run: the local Python-backend models run the exported file (the
+# torch kind would need the PyTorch weights in the repository, which export does not write).
+SERVED_KINDS = {"local": ("onnxruntime", "openvino", "tensorrt")}
+
+
+def runtime_choice(target: str = "local", path: str | Path = RUNTIME_CHOICE_FILE) -> dict[str, str]:
+    """{sub-network: kind} committed for `target` (measured by `liveportrait-triton bench --runtime-choice`)."""
+    choices = json.loads(Path(path).read_text())["targets"]
+    if target not in choices:
+        raise ValueError(f"{path} has no runtime choice for target {target!r} (it has {sorted(choices)})")
+    return check_runtimes(target, choices[target])
+
+
+def check_runtimes(target: str, chosen: dict[str, str]) -> dict[str, str]:
+    """`chosen` if it names a servable kind for every sub-network of `target`, else ValueError naming the fault."""
+    missing = [m for m in spec.SUBMODELS if m not in chosen]
+    unknown = sorted(set(chosen) - set(spec.SUBMODELS))
+    bad = {m: k for m, k in chosen.items() if k not in SERVED_KINDS[target]}
+    if missing or unknown or bad:
+        raise ValueError(f"runtime choice for target {target!r}: " + "; ".join(
+            part for part in (missing and f"no kind for {missing}", unknown and f"unknown sub-networks {unknown}",
+                              bad and f"{bad} not servable (choose from {list(SERVED_KINDS[target])})") if part))
+    return {m: chosen[m] for m in spec.SUBMODELS}
+
+
+def parse_runtime_overrides(items: list[str]) -> dict[str, str]:
+    """['MODEL=KIND', ...] (the `export --runtime` option) -> {model: kind}."""
+    out = {}
+    for item in items:
+        model, sep, kind = item.partition("=")
+        if not sep or model not in spec.SUBMODELS or kind not in runtimes.KINDS:
+            raise ValueError(f"--runtime {item!r}: expected MODEL=KIND with MODEL one of {list(spec.SUBMODELS)} "
+                             f"and KIND one of {list(runtimes.KINDS)}")
+        out[model] = kind
+    return out
+
+
+def models_at_once(options: "ServingOptions") -> int:
+    """How many sub-network executions may run at the same time (their threads share the cores): each pipeline
+    instance runs its sub-networks one after another per driving frame. (F and M run together only on a stream's
+    START, once per stream: sizing them for that would halve M's threads on every frame.)"""
+    return options.pipeline_instances
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +84,7 @@ class ServingOptions:
     max_candidate_sequences: int = 32               # live streams that take part in batching at once
     sequence_idle_timeout_s: int = 300              # state of a stream idle this long is freed
     pipeline_instances: int = 1
-    ort_intra_op_threads: int = 0                   # 0: ONNX Runtime's default (all cores)
+    threads: int = 0                                # per sub-network; 0: the cores / models_at_once, at load
 
     def __post_init__(self):
         if not 1 <= self.submodel_max_batch_size <= spec.MAX_BATCH_SIZE:
@@ -47,8 +93,8 @@ class ServingOptions:
             raise ValueError("max_candidate_sequences must be >= pipeline_max_batch_size >= 1")
         if self.sequence_idle_timeout_s < 1:
             raise ValueError("sequence_idle_timeout_s must be >= 1")
-        if self.pipeline_instances < 1 or self.ort_intra_op_threads < 0:
-            raise ValueError("pipeline_instances must be >= 1 and ort_intra_op_threads >= 0")
+        if self.pipeline_instances < 1 or self.threads < 0:
+            raise ValueError("pipeline_instances must be >= 1 and threads >= 0")
 
 
 def _header(target: str, config: str) -> str:
@@ -79,13 +125,16 @@ def _instances(count: int, kind: str) -> str:
 
 
 def render_submodel_config(model: spec.ModelSpec, target: str, config: str, platform: str | None = None,
-                           options: ServingOptions = ServingOptions()) -> str:
-    """config.pbtxt of one sub-network: Python backend + ONNX Runtime (local) or a native platform (ngc)."""
+                           options: ServingOptions = ServingOptions(), runtime_kind: str = "onnxruntime") -> str:
+    """config.pbtxt of one sub-network: Python backend on `runtime_kind` (local) or a native platform (ngc)."""
     if target == "local":
+        if runtime_kind not in SERVED_KINDS["local"]:
+            raise ValueError(f"{model.name}: runtime {runtime_kind!r} is not servable on the local target "
+                             f"(choose from {list(SERVED_KINDS['local'])})")
         runtime = 'backend: "python"\n'
         instances = _instances(1, "KIND_CPU")
-        params = _parameters({"network_config": config, "onnx_file": ONNX_FILENAME,
-                              "intra_op_threads": str(options.ort_intra_op_threads)})
+        params = _parameters({"network_config": config, "runtime": runtime_kind, "threads": str(options.threads),
+                              "models_at_once": str(models_at_once(options))})
     elif target == "ngc":
         if platform not in PLATFORMS:
             raise ValueError(f"ngc platform must be one of {sorted(PLATFORMS)}, got {platform!r}")
@@ -142,14 +191,19 @@ def ngc_platform(repository_dir: str | Path | None, model: str, platform: str | 
 
 def render_repository(target: str = "local", config: str = "full", platform: str | None = None,
                       options: ServingOptions = ServingOptions(),
-                      repository_dir: str | Path | None = None) -> dict[str, str]:
-    """Every generated file of a repository as {relative path: text} (artefacts such as model.onnx excluded)."""
+                      repository_dir: str | Path | None = None,
+                      runtime_overrides: dict[str, str] | None = None) -> dict[str, str]:
+    """Every generated file of a repository as {relative path: text} (artefacts such as model.onnx excluded).
+
+    Local sub-networks run the committed `runtime_choice(target)`, with `runtime_overrides` ({model: kind})."""
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; choose one of {list(TARGETS)}")
+    kinds = served_runtimes(target, runtime_overrides) if target == "local" else {}
     files = {}
     for name, model in spec.submodel_specs(config).items():
         chosen = ngc_platform(repository_dir, name, platform) if target == "ngc" else None
-        files[f"{name}/config.pbtxt"] = render_submodel_config(model, target, config, chosen, options)
+        files[f"{name}/config.pbtxt"] = render_submodel_config(model, target, config, chosen, options,
+                                                               kinds.get(name, "onnxruntime"))
         if target == "local":
             files[f"{name}/1/model.py"] = SUBNETWORK_ADAPTER.read_text()
     files[f"{spec.PIPELINE}/config.pbtxt"] = render_pipeline_config(target, config, options)
@@ -157,9 +211,14 @@ def render_repository(target: str = "local", config: str = "full", platform: str
     return files
 
 
+def served_runtimes(target: str, overrides: dict[str, str] | None = None) -> dict[str, str]:
+    """{sub-network: kind} a repository of `target` serves: the committed choice, then `overrides`."""
+    return check_runtimes(target, {**runtime_choice(target), **(overrides or {})})
+
+
 def write_repository_configs(repository_dir: str | Path, target: str = "local", config: str = "full",
-                             platform: str | None = None,
-                             options: ServingOptions = ServingOptions()) -> list[Path]:
+                             platform: str | None = None, options: ServingOptions = ServingOptions(),
+                             runtime_overrides: dict[str, str] | None = None) -> list[Path]:
     """Write every config.pbtxt and Python-backend model.py of a repository; returns the paths written.
 
     The ONNX (or TensorRT) artefacts are not touched: export writes them. On the ngc target a stale local adapter
@@ -167,7 +226,7 @@ def write_repository_configs(repository_dir: str | Path, target: str = "local", 
     """
     root = Path(repository_dir)
     written = []
-    for rel, text in render_repository(target, config, platform, options, root).items():
+    for rel, text in render_repository(target, config, platform, options, root, runtime_overrides).items():
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)

@@ -102,8 +102,9 @@ def submodel_specs(config: str | dict = "full") -> dict[str, ModelSpec]:
         ModelSpec(WARPING, (TensorSpec("feature_volume", "FP32", volume), kp, kp_d), (
             TensorSpec("warped_feature", "FP32", (warped, 64, 64)),
             TensorSpec("occlusion_map", "FP32", (1, 64, 64)))),
+        # the generator ends in the official parse_output: RGB, HWC, uint8 (clip to [0, 1], x255, truncated)
         ModelSpec(GENERATOR, (TensorSpec("warped_feature", "FP32", (warped, 64, 64)),),
-                  (TensorSpec("image", "FP32", (3, OUTPUT_SIZE, OUTPUT_SIZE)),)),
+                  (TensorSpec("image", "UINT8", (OUTPUT_SIZE, OUTPUT_SIZE, 3)),)),
         ModelSpec(STITCHING, (kp, kp_d), (TensorSpec("delta", "FP32", (3 * NUM_KP + 2,)),)),
         ModelSpec(RETARGET_EYE, (kp, TensorSpec("eye_ratio", "FP32", (3,))),
                   (TensorSpec("delta", "FP32", (3 * NUM_KP,)),)),

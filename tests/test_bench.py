@@ -70,8 +70,16 @@ def test_bench_end_to_end(tmp_path, tiny_weights_dir, tiny_repository, tiny_serv
     sections = {}
     for row in rows:
         sections.setdefault(row["section"], []).append(row)
-    assert {r["runner"] for r in sections["inprocess"]} == {"torch", "onnx"}
+    assert {r["runner"] for r in sections["inprocess"]} == {"torch", "served"}
     assert len(sections["server_stream"]) == 1
+    # every sub-network on PyTorch and on its served kind, with counted FLOPs and a share of the GEMM rate
+    from liveportrait_triton.repository import served_runtimes
+    modules = {(r["model"], r["runner"]): r for r in sections["module"]}
+    assert set(modules) == {(m, k) for m, served in served_runtimes("local").items() for k in ("torch", served)}
+    for row in modules.values():
+        assert float(row["flop"]) > 0 and 0 < float(row["gemm_fraction"]) < 5, row
+    generator = {k: float(r["flop"]) for (m, k), r in modules.items() if m == spec.GENERATOR}
+    assert len(set(generator.values())) == 1, "the FLOP count is the layers', whatever the runtime"
     assert {(r["model"], r["batch"]) for r in sections["pa_submodel"]} == {
         (m, b) for m in spec.SUBMODELS for b in ("1", "2")}
     assert [r["concurrency"] for r in sections["pa_pipeline"]] == ["1", "2"]
@@ -86,22 +94,41 @@ def test_bench_end_to_end(tmp_path, tiny_weights_dir, tiny_repository, tiny_serv
     assert rows[0]["cpu"] and rows[0]["torch"] and rows[0]["triton_server"].startswith("2.")
     text = (out / "benchmark.md").read_text()
     assert "liveportrait-triton bench " in text and "--config tiny" in text and "## Targets" in text
-    assert "Served pipeline per frame" in text
+    assert "Served pipeline per frame" in text and "vs PyTorch eager per frame" in text
+    assert "fp32 GEMM rate of this machine" in text and "fp32 floor per frame" in text
+    assert "## Per sub-network, batch 1" in text
     for name in ("throughput_vs_concurrency.png", "latency_by_submodel.png", "submodel_batch_sweep.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "wrote" in done.stdout
 
 
 def test_runtime_choice(tmp_path, tiny_weights_dir, tiny_repository):
+    """Every kind measured with parity and FLOP rate; the winners land in the choice file that export renders
+    (unmeasured sub-networks keep their committed kind)."""
+    import json
+    from liveportrait_triton import repository
     out = tmp_path / "choice"
-    bench("--runtime-choice", "--config", "tiny", "--weights", str(tiny_weights_dir), "--repository",
-          str(tiny_repository), "--source", str(SOURCE), "--driving", str(DRIVING), "--out", str(out),
-          "--runtime-budget-s", "0.2", "--submodels", f"{spec.WARPING},{spec.STITCHING}")
+    choice_file = tmp_path / "runtime_choice.json"
+    choice_file.write_text(repository.RUNTIME_CHOICE_FILE.read_text())
+    done = bench("--runtime-choice", "--config", "tiny", "--weights", str(tiny_weights_dir), "--repository",
+                 str(tiny_repository), "--source", str(SOURCE), "--driving", str(DRIVING), "--out", str(out),
+                 "--runtime-budget-s", "0.2", "--submodels", f"{spec.WARPING},{spec.STITCHING}",
+                 "--choice-file", str(choice_file))
     rows = read_rows(out / "runtime_choice.csv")
-    from liveportrait_triton import local_runtimes as LR
-    kinds = {r["runtime"] for r in rows}
-    assert {"torch", "torchscript", "onnxruntime"} <= kinds <= set(LR.KINDS)
+    assert {r["runtime"] for r in rows} == {"torch", "onnxruntime", "openvino"}
     for row in rows:
         assert row["error"] == "" and row["parity_ok"] == "True", row
+        assert float(row["flop"]) > 0 and float(row["fraction_of_gemm"]) > 0, row
     text = (out / "runtime_choice.md").read_text()
-    assert "## Winner per sub-network" in text and f"| {spec.WARPING} |" in text
+    assert "## Winner per sub-network" in text and f"| {spec.WARPING} |" in text and "% of GEMM" in text
+    written = json.loads(choice_file.read_text())["targets"]["local"]
+    committed = repository.runtime_choice("local")
+    fastest = {}
+    for row in rows:
+        if row["batch"] == "1" and row["runtime"] in repository.SERVED_KINDS["local"]:
+            if row["model"] not in fastest or float(row["p50_ms"]) < fastest[row["model"]][1]:
+                fastest[row["model"]] = (row["runtime"], float(row["p50_ms"]))
+    assert {m: written[m] for m in fastest} == {m: k for m, (k, _) in fastest.items()}
+    assert {m: written[m] for m in committed if m not in fastest} == {m: k for m, k in committed.items()
+                                                                      if m not in fastest}
+    assert "wrote the local target's choice" in done.stdout

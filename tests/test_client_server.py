@@ -239,3 +239,29 @@ def test_reconnection_gives_up_when_the_server_is_healthy_but_the_stream_cannot_
     assert time.monotonic() - began < 10
     assert isinstance(failed.value.__cause__, InferenceServerException)
     stream.close()
+
+
+def test_keypoint_overlay_follows_the_driving_motion(client):
+    """--draw-keypoints: dots only around the projected keypoints, and a head turn moves them."""
+    from liveportrait_triton import keypoints as K
+    from liveportrait_triton.client.keypoint_overlay import KeypointOverlay
+    from liveportrait_triton.pipeline import MotionFrame
+    crop = cv2.resize(read_rgb(SOURCE / "s0.jpg"), (256, 256))
+    overlay = KeypointOverlay(client, crop)
+    info = client.extract_motion(crop[None])
+
+    def frame(yaw):
+        R = K.rotation_matrix(info.pitch, info.yaw + np.float32(yaw), info.roll)[0]
+        return DrivingInput(motion=MotionFrame(R=R, exp=info.exp[0], t=info.t[0], scale=info.scale[0]))
+
+    straight, turned = overlay.keypoints(frame(0.0)), overlay.keypoints(frame(25.0))
+    np.testing.assert_allclose(straight, info.transformed()[0], atol=1e-6)     # no motion: the source's own
+    assert np.abs(turned[:, 0] - straight[:, 0]).max() * 256 > 2               # the turn moves them (pixels)
+    image = np.full((512, 512, 3), 128, np.uint8)
+    drawn = overlay.draw(image, turned)
+    changed = np.argwhere(np.any(drawn != image, axis=2))
+    pixels = (turned[:, :2] + 1) * 256
+    inside = pixels[np.all((pixels >= 0) & (pixels < 512), axis=1)]
+    assert len(changed) > 0 and len(inside) > 0
+    nearest = np.min(np.linalg.norm(changed[:, None, ::-1] - inside[None], axis=2), axis=1)
+    assert nearest.max() <= 8.5          # dots of radius 6 (+ rounding to pixels and anti-aliasing), nothing else

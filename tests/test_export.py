@@ -1,7 +1,8 @@
-"""ONNX export: graphs match the spec, ONNX Runtime (CPU) matches PyTorch, the grid-sample variants agree, and
-the export command fails clearly on bad input.
+"""ONNX export: graphs match the spec, ONNX Runtime and OpenVINO (CPU) match PyTorch, the grid-sample variants
+agree, the generator's uint8 image is the official parse_output, and the export command fails clearly on bad input.
 
-Tolerances: export/validate.py TOLERANCES (max abs diff per output, relative to max(1, max |reference|)).
+Tolerances: export/validate.py `output_difference` (float outputs: TOLERANCES, max abs diff relative to
+max(1, max |reference|); the uint8 image: one level, in at most UINT8_SHARE_DIFFERING of the values).
 """
 from __future__ import annotations
 
@@ -12,13 +13,15 @@ import onnx
 import pytest
 import torch
 
-from liveportrait_triton import spec
+from liveportrait_triton import repository, spec
 from liveportrait_triton.cli import main as cli_main
 from liveportrait_triton.export.onnx_export import OPSET, export_repository, grid_sample_mode, model_path
 from liveportrait_triton.export.sample_inputs import fraction_inside_grid, sample_inputs
-from liveportrait_triton.export.validate import TOLERANCES, ValidationError, check_graph, io_problems
+from liveportrait_triton.export.validate import (UINT8_SHARE_DIFFERING, ValidationError, check_graph, compare,
+                                                 io_problems, output_difference)
 from liveportrait_triton.networks.grid_sample import grid_sample_3d
 from liveportrait_triton.pipeline import OnnxRunner, TorchRunner
+from liveportrait_triton.runtimes import create_subnetwork
 
 BATCHES = (1, 3)
 
@@ -49,10 +52,11 @@ def test_every_model_exported_with_spec_io(tiny_repository):
         assert [o.name for o in graph.output] == specs[model].output_names
 
 
+@pytest.mark.parametrize("kind", ["onnxruntime", "openvino"])
 @pytest.mark.parametrize("batch", BATCHES)
-def test_onnx_runtime_matches_pytorch(tiny_repository, tiny_networks, tiny_inputs, batch):
-    """Independent of the exporter's own check: the pipeline's OnnxRunner against its TorchRunner."""
-    onnx_runner = OnnxRunner(tiny_repository)
+def test_onnx_kinds_match_pytorch(tiny_repository, tiny_networks, tiny_inputs, batch, kind):
+    """Independent of the exporter's own check: the pipeline's OnnxRunner on each kind against its TorchRunner."""
+    onnx_runner = OnnxRunner(tiny_repository, "tiny", kind)
     with grid_sample_mode(tiny_networks, "native"):
         torch_runner = TorchRunner(tiny_networks)
         for model in spec.SUBMODELS:
@@ -61,10 +65,38 @@ def test_onnx_runtime_matches_pytorch(tiny_repository, tiny_networks, tiny_input
             got = onnx_runner.run(model, feeds)
             assert sorted(got) == sorted(want)
             for name, value in want.items():
-                assert got[name].shape == value.shape == (batch, *spec.submodel_specs("tiny")[model].output(name).shape)
-                bound = TOLERANCES[(model, name)] * max(1.0, float(np.abs(value).max()))
-                diff = float(np.abs(got[name] - value).max())
-                assert diff <= bound, f"{model}.{name} batch {batch}: {diff:.3g} > {bound:.3g}"
+                model_output = spec.submodel_specs("tiny")[model].output(name)
+                assert got[name].shape == value.shape == (batch, *model_output.shape)
+                assert got[name].dtype == value.dtype == model_output.numpy_dtype
+                diff, bound, share = output_difference(model, name, got[name], value)
+                assert diff <= bound, f"{kind} {model}.{name} batch {batch}: {diff:.3g} > {bound:.3g}"
+                assert share is None or share <= UINT8_SHARE_DIFFERING, f"{kind} {model}.{name}: {share:.2%}"
+
+
+def test_generator_image_is_the_official_parse_output(tiny_networks, tiny_inputs):
+    """The served G (PyTorch, and its ONNX graph) returns exactly the official rule applied to the float image:
+    HWC, clip to [0, 1], x255, truncated (not rounded) to uint8."""
+    feeds = tiny_inputs[spec.GENERATOR]
+    with torch.no_grad():
+        image = tiny_networks.spade_generator(torch.from_numpy(feeds["warped_feature"])).numpy()
+    official = np.clip(np.clip(np.transpose(image, (0, 2, 3, 1)), 0, 1) * 255, 0, 255).astype(np.uint8)
+    served = TorchRunner(tiny_networks).run(spec.GENERATOR, feeds)["image"]
+    np.testing.assert_array_equal(served, official)
+    assert not np.array_equal(official, np.round(np.clip(np.transpose(image, (0, 2, 3, 1)), 0, 1) * 255))
+
+
+def test_uint8_rule_catches_rounding(tiny_repository, tiny_networks, tiny_inputs):
+    """An image rounded instead of truncated is within one level everywhere, yet fails the share rule."""
+    feeds = tiny_inputs[spec.GENERATOR]
+    runner = create_subnetwork("onnxruntime", spec.submodel_specs("tiny")[spec.GENERATOR],
+                               artefact=model_path(tiny_repository, spec.GENERATOR))
+    with torch.no_grad():
+        image = tiny_networks.spade_generator(torch.from_numpy(feeds["warped_feature"])).numpy()
+    rounded = np.round(np.clip(np.transpose(image, (0, 2, 3, 1)), 0, 1) * 255).astype(np.uint8)
+    comparison = compare(runner, feeds, {"image": rounded})
+    assert comparison.max_abs_diff["image"] <= 1 and comparison.share_differing["image"] > 0.3
+    assert any("differ, more than" in f for f in comparison.failures)
+    assert not compare(runner, feeds, TorchRunner(tiny_networks).run(spec.GENERATOR, feeds)).failures
 
 
 def test_validation_inputs_are_realistic(tiny_inputs):
@@ -180,17 +212,34 @@ def test_cli_export_tiny(tmp_path, capsys):
         assert model_path(tmp_path, model).is_file()
         manifest = json.loads((model_path(tmp_path, model).parent / "export.json").read_text())
         assert manifest["grid_sample"] == "decomposed" and manifest["tensorrt_precision"] == "fp32"
-        assert [v["batch"] for v in manifest["validation"]] == [1, 2]
+        chosen = repository.served_runtimes("local")[model]
+        assert manifest["runtime"] == chosen
+        assert [(v["runtime"], v["batch"]) for v in manifest["validation"]] == [
+            (kind, batch) for kind in dict.fromkeys(("onnxruntime", chosen)) for batch in (1, 2)]
         assert (tmp_path / model / "config.pbtxt").is_file()
+
+
+def test_cli_runtime_override(tmp_path, capsys):
+    """`--runtime MODEL=KIND` renders that kind into the model's config and validates the file on it."""
+    code = cli_main(["export", "--synthetic", "0", "--config", "tiny", "--repository", str(tmp_path),
+                     "--validate-batches", "1", "--runtime", f"{spec.GENERATOR}=openvino"])
+    assert code == 0, capsys.readouterr().err
+    assert 'key: "runtime"\n  value: { string_value: "openvino" }' in (tmp_path / spec.GENERATOR / "config.pbtxt").read_text()
+    manifest = json.loads((model_path(tmp_path, spec.GENERATOR).parent / "export.json").read_text())
+    assert [v["runtime"] for v in manifest["validation"]] == ["onnxruntime", "openvino"]
+    code = cli_main(["export", "--synthetic", "0", "--config", "tiny", "--repository", str(tmp_path / "bad"),
+                     "--runtime", f"{spec.GENERATOR}=torch"])
+    assert code == 2 and "not servable" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_full_size_export(full_networks, tmp_path):
     """Every full-size model exported and validated at batch 1 (batch 3 would add about 40 s of W and G on 2
     cores for no extra coverage: the tiny tests check batch 3 and the batch axis is the same graph)."""
-    exported = export_repository(full_networks, tmp_path, "decomposed", (1,), log=lambda _: None)
+    chosen = repository.served_runtimes("local")
+    exported = export_repository(full_networks, tmp_path, "decomposed", (1,), chosen=chosen, log=lambda _: None)
     assert [e.model for e in exported] == list(spec.SUBMODELS)
     assert model_path(tmp_path, spec.GENERATOR).stat().st_size > 100 * 2 ** 20
     for e in exported:
-        (comparison,) = e.comparisons
-        assert not comparison.failures
+        assert [c.kind for c in e.comparisons] == list(dict.fromkeys(("onnxruntime", chosen[e.model])))
+        assert not [f for c in e.comparisons for f in c.failures]

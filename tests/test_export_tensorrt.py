@@ -12,10 +12,11 @@ from liveportrait_triton.cli import main as cli_main
 from liveportrait_triton.export.onnx_export import export_model, grid_sample_mode, model_path
 from liveportrait_triton.export.sample_inputs import sample_inputs
 from liveportrait_triton.export.served import served_models
-from liveportrait_triton.export.tensorrt_build import (FP16_ENGINE_TOLERANCES, TensorRTError, engine_bound,
-                                                       engine_precision, preflight, profile_shapes,
+from liveportrait_triton.export.tensorrt_build import (FP16_ENGINE_TOLERANCES, FP16_IMAGE_LEVELS, TensorRTError,
+                                                       engine_bound, engine_precision, preflight, profile_shapes,
                                                        require_cuda_torch)
 from liveportrait_triton.pipeline import TorchRunner
+from liveportrait_triton.runtimes import RuntimeLoadError, create_subnetwork
 
 TENSORRT_INSTALLED = importlib.util.find_spec("tensorrt") is not None
 
@@ -45,11 +46,25 @@ def test_precision_policy():
 
 
 def test_every_output_has_engine_bounds():
+    """Float outputs: relative bounds up to 3e-2; the generator's uint8 image: grey levels (1 in FP32)."""
     for model, model_spec in spec.submodel_specs("full").items():
         for t in model_spec.outputs:
             precision = engine_precision(model, "fp16")
-            assert 0 < engine_bound(model, t.name, "fp32") <= engine_bound(model, t.name, precision) <= 3e-2
+            ceiling = FP16_IMAGE_LEVELS if t.dtype == "UINT8" else 3e-2
+            assert 0 < engine_bound(model, t.name, "fp32") <= engine_bound(model, t.name, precision) <= ceiling
+    assert engine_bound(spec.GENERATOR, "image", "fp32") == 1
     assert all(engine_precision(m, "fp16") == "fp16" for m, _ in FP16_ENGINE_TOLERANCES)
+
+
+@pytest.mark.skipif(TENSORRT_INSTALLED, reason="tensorrt is installed here")
+def test_tensorrt_kind_says_what_is_missing(tmp_path):
+    """The runtime layer's tensorrt kind, where TensorRT is absent: a clear load error, not an ImportError."""
+    plan = tmp_path / "model.plan"
+    plan.write_bytes(b"engine")
+    with pytest.raises(RuntimeLoadError, match="tensorrt is not installed"):
+        create_subnetwork("tensorrt", spec.submodel_specs("tiny")[spec.GENERATOR], artefact=plan)
+    with pytest.raises(RuntimeLoadError, match="run `liveportrait-triton tensorrt`"):
+        create_subnetwork("tensorrt", spec.submodel_specs("tiny")[spec.GENERATOR], artefact=tmp_path / "none.plan")
 
 
 @pytest.fixture(scope="module")

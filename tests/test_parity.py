@@ -155,12 +155,12 @@ def chain(full_networks, reference):
 
 @pytest.mark.slow
 def test_warping_and_generator_chain(chain, reference):
-    from liveportrait_triton.pipeline import image_to_uint8
+    from liveportrait_triton.export.served import parse_output
     warped, image = chain
     for key, name in W_OUTPUTS.items():
         assert_matches(reference, name, warped[key], TOL_VOLUME)
     assert_matches(reference, "G_out", image, TOL_IMAGE)
-    assert_matches(reference, "G_out_uint8", image_to_uint8(image), 1)
+    assert_matches(reference, "G_out_uint8", parse_output(torch.from_numpy(image)).numpy(), 1)
 
 
 @pytest.mark.parametrize("mode", ["native", "decomposed"])
@@ -173,12 +173,12 @@ def test_warping_module(full_networks, full_reference, mode):
 
 
 def test_spade_generator(full_networks, full_reference):
-    """G alone on the official W output (full vectors only)."""
-    from liveportrait_triton.pipeline import image_to_uint8
+    """G alone on the official W output (full vectors only), then the served generator's last step."""
+    from liveportrait_triton.export.served import parse_output
     with torch.no_grad():
-        out = full_networks.spade_generator(torch.from_numpy(full_reference["W_out"])).numpy()
-    assert_close(out, full_reference["G_out"], TOL_IMAGE, "G_out")
-    u8 = image_to_uint8(out)
+        out = full_networks.spade_generator(torch.from_numpy(full_reference["W_out"]))
+    assert_close(out.numpy(), full_reference["G_out"], TOL_IMAGE, "G_out")
+    u8 = parse_output(out).numpy()
     assert u8.shape == full_reference["G_out_uint8"].shape
     assert int(np.abs(u8.astype(int) - full_reference["G_out_uint8"].astype(int)).max()) <= 1
 

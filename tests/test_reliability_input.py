@@ -26,7 +26,7 @@ from liveportrait_triton import spec
 from liveportrait_triton.pipeline import InputError
 from liveportrait_triton.backend.outcomes import Failure
 from liveportrait_triton.backend.requests import RawRequest, parse_request
-from liveportrait_triton.backend.subnetwork import OnnxSubnetwork
+from liveportrait_triton.backend.subnetwork import Subnetwork
 
 pytestmark = pytest.mark.server
 
@@ -345,7 +345,7 @@ def test_non_finite_ratios_are_refused_before_any_network_runs():
 
 
 def test_subnetwork_refuses_only_the_requests_with_non_finite_inputs(tiny_repository):
-    network = OnnxSubnetwork(TINY[spec.STITCHING], tiny_repository / spec.STITCHING / "1" / "model.onnx")
+    network = Subnetwork.load(TINY[spec.STITCHING], "onnxruntime", tiny_repository / spec.STITCHING / "1")
     good = {"kp_source": kp(2, 0.1), "kp_driving": kp(2, 0.2)}
     bad = {"kp_source": kp(1), "kp_driving": kp(1, INF)}
     outcomes = network.serve_requests([good, bad, good])

@@ -35,6 +35,40 @@ def test_committed_repository_is_rendered_byte_for_byte():
     assert committed == set(rendered), f"unexpected files: {sorted(committed - set(rendered))}"
 
 
+def test_served_runtimes_are_the_rendered_choice():
+    """Every committed sub-network config runs the kind of the committed choice (runtime_choice.json); a config
+    whose runtime parameter disagrees with it fails here."""
+    choice = repository.runtime_choice("local")
+    assert set(choice) == set(spec.SUBMODELS)
+    for name in spec.SUBMODELS:
+        pb = parse((COMMITTED / name / "config.pbtxt").read_text())
+        assert pb.parameters["runtime"].string_value == choice[name], name
+        assert choice[name] in repository.SERVED_KINDS["local"]
+
+
+def test_runtime_overrides_and_their_errors():
+    rendered = repository.render_repository("local", "tiny", runtime_overrides={spec.WARPING: "onnxruntime"})
+    assert parse(rendered[f"{spec.WARPING}/config.pbtxt"]).parameters["runtime"].string_value == "onnxruntime"
+    assert repository.parse_runtime_overrides([f"{spec.GENERATOR}=openvino"]) == {spec.GENERATOR: "openvino"}
+    for bad in ("spade_generator", "spade_generator=tensorflow", "gen=openvino"):
+        with pytest.raises(ValueError, match="expected MODEL=KIND"):
+            repository.parse_runtime_overrides([bad])
+    with pytest.raises(ValueError, match=r"\{'spade_generator': 'torch'\} not servable"):
+        repository.render_repository("local", "tiny", runtime_overrides={spec.GENERATOR: "torch"})
+
+
+def test_threads_are_shared_by_the_models_that_run_at_once():
+    """A pipeline instance runs its sub-networks one at a time per frame; more pipeline instances, more models at
+    once. An explicit thread count is rendered as given."""
+    def parameters(name, **serving):
+        rendered = repository.render_repository("local", "tiny", options=repository.ServingOptions(**serving))
+        pb = parse(rendered[f"{name}/config.pbtxt"])
+        return pb.parameters["threads"].string_value, pb.parameters["models_at_once"].string_value
+    assert parameters(spec.MOTION) == ("0", "1") and parameters(spec.WARPING) == ("0", "1")
+    assert parameters(spec.WARPING, pipeline_instances=2) == ("0", "2")
+    assert parameters(spec.GENERATOR, threads=3) == ("3", "1")
+
+
 @pytest.mark.parametrize("config", ["full", "tiny"])
 def test_local_configs_match_the_spec(config):
     rendered = repository.render_repository("local", config)

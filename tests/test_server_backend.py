@@ -17,7 +17,7 @@ from liveportrait_triton.backend.outcomes import Failure, FrameResult
 from liveportrait_triton.backend.pipeline_model import PipelineBackend, PipelineCore
 from liveportrait_triton.backend.requests import RawRequest, parse_parameters, parse_request, plan_rounds
 from liveportrait_triton.backend.sequences import FREED_END, FREED_IDLE, SequenceStore
-from liveportrait_triton.backend.subnetwork import OnnxSubnetwork
+from liveportrait_triton.backend.subnetwork import Subnetwork, thread_count
 
 RNG = np.random.default_rng(0)
 
@@ -44,7 +44,7 @@ def stitching_like_onnx(path, weights: np.ndarray, output_name: str = "delta") -
 def test_subnetwork_batches_requests_and_splits_back(tmp_path):
     weights = RNG.standard_normal((126, 65)).astype(np.float32)
     stitching_like_onnx(tmp_path / "model.onnx", weights)
-    net = OnnxSubnetwork(spec.submodel_specs("tiny")[spec.STITCHING], tmp_path / "model.onnx")
+    net = Subnetwork.load(spec.submodel_specs("tiny")[spec.STITCHING], "onnxruntime", tmp_path)
     requests = [{"kp_source": RNG.standard_normal((b, 21, 3)).astype(np.float32),
                  "kp_driving": RNG.standard_normal((b, 21, 3)).astype(np.float32)} for b in (1, 3, 2)]
     outputs = net.run_requests(requests)
@@ -59,10 +59,44 @@ def test_subnetwork_batches_requests_and_splits_back(tmp_path):
 
 def test_subnetwork_refuses_a_graph_that_is_not_the_spec(tmp_path):
     stitching_like_onnx(tmp_path / "model.onnx", np.zeros((126, 65), np.float32), output_name="stitching_delta")
-    with pytest.raises(ConfigError, match=r"outputs \['stitching_delta'\].*\['delta'\]"):
-        OnnxSubnetwork(spec.submodel_specs("tiny")[spec.STITCHING], tmp_path / "model.onnx")
-    with pytest.raises(ConfigError, match="missing.onnx not found"):
-        OnnxSubnetwork(spec.submodel_specs("tiny")[spec.STITCHING], tmp_path / "missing.onnx")
+    for kind in ("onnxruntime", "openvino"):
+        with pytest.raises(ConfigError, match=r"outputs \['stitching_delta'\].*\['delta'\]"):
+            Subnetwork.load(spec.submodel_specs("tiny")[spec.STITCHING], kind, tmp_path)
+    with pytest.raises(ConfigError, match=r"model.plan not found \(runtime 'tensorrt'"):
+        Subnetwork.load(spec.submodel_specs("tiny")[spec.STITCHING], "tensorrt", tmp_path)
+    with pytest.raises(ConfigError, match="model.onnx not found"):
+        Subnetwork.load(spec.submodel_specs("tiny")[spec.STITCHING], "onnxruntime", tmp_path / "missing")
+
+
+def test_subnetwork_config_names_a_servable_runtime(tmp_path):
+    """initialize refuses a runtime parameter that is missing, unknown or not servable, naming the choices."""
+    from liveportrait_triton import repository
+    from test_repository import as_triton_json, parse
+    stitching_like_onnx(tmp_path / "model.onnx", RNG.standard_normal((126, 65)).astype(np.float32))
+    model = spec.submodel_specs("tiny")[spec.STITCHING]
+    config = as_triton_json(parse(repository.render_submodel_config(model, "local", "tiny")))
+    assert Subnetwork.from_config(config, tmp_path).runner.kind == "onnxruntime"
+    for kind in ("tensorflow", "torch"):
+        config["parameters"]["runtime"]["string_value"] = kind
+        with pytest.raises(ConfigError, match=rf"runtime '{kind}' is not servable here; the local target serves "
+                                              r"\['onnxruntime', 'openvino', 'tensorrt'\]"):
+            Subnetwork.from_config(config, tmp_path)
+    del config["parameters"]["runtime"]
+    with pytest.raises(ConfigError, match="no parameter 'runtime'"):
+        Subnetwork.from_config(config, tmp_path)
+
+
+def test_thread_count_shares_the_cores():
+    from liveportrait_triton.runtimes import default_threads
+
+    def config(**parameters):
+        return {"name": spec.WARPING, "parameters": {k: {"string_value": v} for k, v in parameters.items()}}
+    assert thread_count(config(threads="3", models_at_once="2")) == 3
+    assert thread_count(config(threads="0", models_at_once="1")) == default_threads()
+    assert thread_count(config(threads="0", models_at_once=str(4 * default_threads()))) == 1
+    assert thread_count(config(threads="0", models_at_once="2")) == max(1, default_threads() // 2)
+    with pytest.raises(ConfigError, match="threads must be a non-negative integer, got 'many'"):
+        thread_count(config(threads="many"))
 
 
 # -- request checks ------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ def test_stream_fps_measures_every_mode(tiny_repository, tiny_weights_dir, tmp_p
     assert code == 0
     rows = list(csv.DictReader(table.open()))
     modes = {(r["mode"], int(r["streams"])) for r in rows}
-    assert modes == {(m, s) for m in ("in-process PyTorch", "in-process ONNX Runtime", "Triton gRPC streams")
+    assert modes == {(m, s) for m in ("in-process PyTorch", "in-process served runtimes", "Triton gRPC streams")
                      for s in (1, 2)}
     for r in rows:
         assert int(r["frames"]) == int(r["streams"])

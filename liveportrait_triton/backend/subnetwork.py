@@ -1,4 +1,5 @@
-"""One served sub-network: its exported file on a runtime, checked against the spec, batched across requests."""
+"""One served sub-network: its artefact on the runtime kind its config names, checked against the spec, batched
+across requests."""
 from __future__ import annotations
 
 import traceback
@@ -6,51 +7,64 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import spec
+from .. import runtimes, spec
+from ..repository import SERVED_KINDS
 from .model_config import ConfigError, check_model_config, config_parameter
 from .outcomes import Failure
 
 
-class OnnxSubnetwork:
-    """One served sub-network: its ONNX file on ONNX Runtime, checked against the spec, batched across requests."""
+def thread_count(model_config: dict) -> int:
+    """The `threads` parameter, or (0) the cores this process may use shared by `models_at_once` models."""
+    name = model_config.get("name")
+    values = {key: config_parameter(model_config, key, default) for key, default in
+              (("threads", "0"), ("models_at_once", "1"))}
+    for key, value in values.items():
+        if not value.isdigit():
+            raise ConfigError(f"model {name!r}: parameter {key} must be a non-negative integer, got {value!r}")
+    threads, sharing = int(values["threads"]), max(1, int(values["models_at_once"]))
+    return threads or max(1, runtimes.default_threads() // sharing)
 
-    def __init__(self, model_spec: spec.ModelSpec, onnx_path: str | Path, intra_op_threads: int = 0):
-        import onnxruntime as ort
-        path = Path(onnx_path)
-        if not path.is_file():
-            raise ConfigError(f"model {model_spec.name!r}: {path} not found (run `liveportrait-triton export`)")
-        options = ort.SessionOptions()
-        if intra_op_threads:
-            options.intra_op_num_threads = intra_op_threads
-        self.spec = model_spec
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        graph_in = [i.name for i in self.session.get_inputs()]
-        graph_out = [o.name for o in self.session.get_outputs()]
-        if sorted(graph_in) != sorted(model_spec.input_names) or sorted(graph_out) != sorted(model_spec.output_names):
-            raise ConfigError(f"model {model_spec.name!r}: {path.name} has inputs {graph_in} and outputs {graph_out}, "
-                              f"the spec says {model_spec.input_names} and {model_spec.output_names}")
+
+class Subnetwork:
+    """One served sub-network on any kind of the runtime layer: request batching and NaN/Inf refusal."""
+
+    def __init__(self, runner: runtimes.SubnetworkRunner):
+        self.runner = runner
+        self.spec = runner.model_spec
 
     @classmethod
-    def from_config(cls, model_config: dict, version_dir: str | Path) -> "OnnxSubnetwork":
-        """Validate a sub-network's config.pbtxt (Triton's JSON form) and load its ONNX file from version_dir."""
+    def load(cls, model_spec: spec.ModelSpec, kind: str, version_dir: str | Path, threads: int | None = None,
+             target: str = "local") -> "Subnetwork":
+        """The artefact of `kind` in version_dir on that kind; ConfigError naming what does not fit."""
+        if kind not in SERVED_KINDS[target]:
+            raise ConfigError(f"model {model_spec.name!r}: runtime {kind!r} is not servable here; the "
+                              f"{target} target serves {list(SERVED_KINDS[target])} (see repository.py)")
+        path = Path(version_dir) / runtimes.ARTEFACT[kind]
+        if not path.is_file():
+            raise ConfigError(f"model {model_spec.name!r}: {path} not found (runtime {kind!r}; run "
+                              f"`liveportrait-triton export`)")
+        try:
+            return cls(runtimes.create_subnetwork(kind, model_spec, artefact=path, threads=threads))
+        except runtimes.RuntimeLoadError as exc:
+            raise ConfigError(f"model {model_spec.name!r}: {exc}") from exc
+
+    @classmethod
+    def from_config(cls, model_config: dict, version_dir: str | Path) -> "Subnetwork":
+        """Validate a sub-network's config.pbtxt (Triton's JSON form) and load its artefact from version_dir."""
         name = model_config.get("name")
-        network_config = config_parameter(model_config, "network_config")
-        specs = spec.submodel_specs(network_config)
+        specs = spec.submodel_specs(config_parameter(model_config, "network_config"))
         if name not in specs:
             raise ConfigError(f"{name!r} is not a served sub-network; expected one of {list(specs)}")
         check_model_config(model_config, specs[name])
-        threads = config_parameter(model_config, "intra_op_threads", "0")
-        if not threads.isdigit():
-            raise ConfigError(f"model {name!r}: intra_op_threads must be a non-negative integer, got {threads!r}")
-        onnx_file = config_parameter(model_config, "onnx_file")
-        return cls(specs[name], Path(version_dir) / onnx_file, int(threads))
+        kind = config_parameter(model_config, "runtime")
+        return cls.load(specs[name], kind, version_dir, thread_count(model_config))
 
     def run_requests(self, requests: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
         """Concatenate the requests' inputs along the batch axis, run once, split the outputs back per request."""
         sizes = [int(r[self.spec.inputs[0].name].shape[0]) for r in requests]
-        feeds = {t.name: np.ascontiguousarray(np.concatenate([r[t.name] for r in requests]), dtype=t.numpy_dtype)
+        feeds = {t.name: np.concatenate([r[t.name] for r in requests]) if len(requests) > 1 else requests[0][t.name]
                  for t in self.spec.inputs}
-        outputs = dict(zip(self.spec.output_names, self.session.run(self.spec.output_names, feeds)))
+        outputs = self.runner.run(feeds)
         bounds = np.cumsum(sizes)[:-1]
         split = {name: np.split(array, bounds) for name, array in outputs.items()}
         return [{name: split[name][i] for name in self.spec.output_names} for i in range(len(requests))]
@@ -62,8 +76,8 @@ class OnnxSubnetwork:
 
     def serve_requests(self, requests: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray] | "Failure"]:
         """One outcome per request: its outputs, or a Failure. Requests with NaN/Inf inputs are refused alone
-        (caller fault); the others run together; an ONNX Runtime error fails them with the traceback kept as
-        detail for the server log."""
+        (caller fault); the others run together; a runtime error fails them with the traceback kept as detail
+        for the server log."""
         outcomes: list = [None] * len(requests)
         valid = []
         for i, request in enumerate(requests):

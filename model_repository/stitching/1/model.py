@@ -1,7 +1,8 @@
-"""Triton Python-backend adapter of one LivePortrait sub-network on ONNX Runtime (the same file for every one).
+"""Triton Python-backend adapter of one LivePortrait sub-network (the same file for every one).
 
-Generated into the repository by liveportrait_triton.repository; the logic (config and ONNX checks, NaN/Inf
-refusal, batching across requests) is liveportrait_triton.backend.subnetwork.OnnxSubnetwork.
+Generated into the repository by liveportrait_triton.repository; the logic (config checks, the runtime kind its
+`runtime` parameter names, NaN/Inf refusal, batching across requests) is
+liveportrait_triton.backend.subnetwork.Subnetwork.
 """
 import json
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import triton_python_backend_utils as pb_utils
 
 from liveportrait_triton.backend.outcomes import Failure
-from liveportrait_triton.backend.subnetwork import OnnxSubnetwork
+from liveportrait_triton.backend.subnetwork import Subnetwork
 from liveportrait_triton.backend.tensors import backend_array, backend_tensor
 
 
@@ -26,7 +27,7 @@ def to_response(outcome):
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
-        self.network = OnnxSubnetwork.from_config(config, Path(args["model_repository"]) / args["model_version"])
+        self.network = Subnetwork.from_config(config, Path(args["model_repository"]) / args["model_version"])
 
     def execute(self, requests):
         inputs = [{name: backend_array(pb_utils.get_input_tensor_by_name(request, name))

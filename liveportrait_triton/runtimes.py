@@ -1,0 +1,254 @@
+"""The one runtime layer: (sub-network spec, artefact or networks, runtime kind, device, threads) -> a runner.
+
+Everything that runs a sub-network goes through `create_subnetwork`: the served sub-network models
+(backend/subnetwork.py), the in-process pipeline (`pipeline.TorchRunner`, `pipeline.OnnxRunner`), export
+validation, the TensorRT checks and the benchmarks. A `SubnetworkRunner` takes and returns tensors bound by the
+spec's names (`run({input: array}) -> {output: array}`, batch dimension free); `ModelRunner` puts one per
+sub-network behind the `pipeline.Runner` interface, so the same `Animator` runs on any mix of kinds.
+
+Kinds:
+- `onnxruntime`: the exported model.onnx in ONNX Runtime's CPU provider; all graph optimisations, sequential
+  execution, explicit intra-op threads, one inter-op thread, and no spin-waiting of idle pool threads (spinning
+  threads steal the cores the other models' processes need).
+- `openvino`: the exported model.onnx compiled by OpenVINO for CPU in f32 (no bf16 down-casting: it breaks the
+  grid-sample gather indices), latency hint, explicit thread count, threads not pinned to cores.
+- `torch`: our PyTorch modules (export/served.py `ServedModel`, the same call the ONNX export traces), eager, on
+  `device`. `_torch_forward` is the one place that builds it (a CUDA flavour hooks in there).
+- `tensorrt`: a model.plan engine on a CUDA GPU (needs `tensorrt` and a CUDA build of PyTorch; see
+  export/tensorrt_build.py).
+
+`threads=None` means `default_threads()`: every core this process may use. Torch's thread count is process-wide.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import spec
+
+KINDS = {
+    "onnxruntime": "ONNX Runtime CPU, ORT_ENABLE_ALL, sequential, no spinning",
+    "openvino": "OpenVINO CPU, f32, latency hint",
+    "torch": "PyTorch eager (our modules)",
+    "tensorrt": "TensorRT engine (CUDA GPU)",
+}
+ONNX_KINDS = ("onnxruntime", "openvino")      # run the exported model.onnx
+ONNX_FILENAME = "model.onnx"
+PLAN_FILENAME = "model.plan"
+ARTEFACT = {"onnxruntime": ONNX_FILENAME, "openvino": ONNX_FILENAME, "tensorrt": PLAN_FILENAME}
+
+
+class RuntimeLoadError(ValueError):
+    """A runner that cannot be built: unknown kind, missing artefact, a graph that is not the spec, no GPU."""
+
+
+def default_threads() -> int:
+    """The cores this process may run on (its CPU affinity, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:   # not Linux
+        return os.cpu_count() or 1
+
+
+def available_kinds() -> list[str]:
+    """The kinds that can run on this machine (tensorrt only with the package and a CUDA GPU)."""
+    import importlib.util
+    kinds = ["onnxruntime", "torch"]
+    if importlib.util.find_spec("openvino") is not None:
+        kinds.insert(1, "openvino")
+    if importlib.util.find_spec("tensorrt") is not None:
+        import torch
+        if torch.cuda.is_available():
+            kinds.append("tensorrt")
+    return kinds
+
+
+def artefact_path(repository: str | os.PathLike, model: str, kind: str) -> Path:
+    """Where `liveportrait-triton export` (or `tensorrt`) puts the file kind `kind` runs for `model`."""
+    return Path(repository) / model / "1" / ARTEFACT[kind]
+
+
+class SubnetworkRunner:
+    """One sub-network on one runtime kind, tensors bound by spec name."""
+
+    def __init__(self, kind: str, model_spec: spec.ModelSpec, device: str, threads: int,
+                 forward: Callable[[list[np.ndarray]], list[np.ndarray]], session=None):
+        self.kind = kind
+        self.model_spec = model_spec
+        self.device = device
+        self.threads = threads
+        self.session = session     # the runtime's own object (ONNX Runtime session, compiled model, engine, module)
+        self._forward = forward
+
+    @property
+    def model(self) -> str:
+        return self.model_spec.name
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = [n for n in self.model_spec.input_names if n not in inputs]
+        if missing:
+            raise KeyError(f"{self.model}: missing input(s) {missing}; it takes {self.model_spec.input_names}")
+        arrays = [np.ascontiguousarray(inputs[t.name], dtype=t.numpy_dtype) for t in self.model_spec.inputs]
+        if len({a.shape[0] for a in arrays}) != 1:
+            raise ValueError(f"{self.model}: inputs disagree on the batch size: "
+                             f"{ {t.name: a.shape for t, a in zip(self.model_spec.inputs, arrays)} }")
+        for t, a in zip(self.model_spec.inputs, arrays):
+            if a.shape[1:] != t.shape:
+                raise ValueError(f"{self.model}: input {t.name!r} has shape {list(a.shape)}, "
+                                 f"expected [batch, {', '.join(map(str, t.shape))}]")
+        return dict(zip(self.model_spec.output_names, self._forward(arrays)))
+
+
+def create_subnetwork(kind: str, model_spec: spec.ModelSpec, *, artefact: str | os.PathLike | bytes | None = None,
+                      networks=None, device: str = "cpu", threads: int | None = None) -> SubnetworkRunner:
+    """A runner of `model_spec` on `kind`: ONNX kinds need `artefact` (the model.onnx path), `tensorrt` a
+    model.plan (path or bytes), `torch` the loaded `networks` (weights.Networks). RuntimeLoadError otherwise."""
+    if kind not in KINDS:
+        raise RuntimeLoadError(f"unknown runtime {kind!r}; choose one of {list(KINDS)}")
+    threads = threads or default_threads()
+    if kind == "torch":
+        if networks is None:
+            raise RuntimeLoadError(f"runtime 'torch' runs our PyTorch modules: pass networks=load_networks(...) "
+                                   f"for {model_spec.name!r}")
+        forward, session = _torch_forward(networks, model_spec, device, threads)
+        return SubnetworkRunner(kind, model_spec, device, threads, forward, session)
+    if kind == "tensorrt":
+        forward, session = _tensorrt_forward(model_spec, artefact)
+        return SubnetworkRunner(kind, model_spec, "cuda", threads, forward, session)
+    if device != "cpu":
+        raise RuntimeLoadError(f"runtime {kind!r} runs on the CPU here, not on {device!r}")
+    if artefact is None or not Path(artefact).is_file():
+        raise RuntimeLoadError(f"runtime {kind!r} needs the exported ONNX file of {model_spec.name!r}, got "
+                               f"{str(artefact)!r}: run `liveportrait-triton export` first")
+    build = _onnxruntime_forward if kind == "onnxruntime" else _openvino_forward
+    forward, session = build(model_spec, Path(artefact), threads)
+    return SubnetworkRunner(kind, model_spec, device, threads, forward, session)
+
+
+class ModelRunner:
+    """pipeline.Runner over one SubnetworkRunner per sub-network (any mix of kinds)."""
+
+    def __init__(self, runners: dict[str, SubnetworkRunner]):
+        self.runners = runners
+
+    def run(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        runner = self.runners.get(model)
+        if runner is None:
+            raise KeyError(f"no runner for model {model!r}; this one has {sorted(self.runners)}")
+        return runner.run(inputs)
+
+
+def create_runner(choice: str | dict[str, str], config: str | dict, *, networks=None,
+                  repository: str | os.PathLike | None = None, device: str = "cpu",
+                  threads: int | None = None) -> ModelRunner:
+    """A ModelRunner for every served sub-network of network `config`: `choice` is one kind for all, or
+    {model: kind}; artefacts come from `repository` (`<model>/1/model.onnx|plan`)."""
+    kinds = {m: choice for m in spec.SUBMODELS} if isinstance(choice, str) else dict(choice)
+    missing = [m for m in spec.SUBMODELS if m not in kinds]
+    if missing:
+        raise RuntimeLoadError(f"no runtime chosen for {missing}")
+    specs = spec.submodel_specs(config)
+    return ModelRunner({m: create_subnetwork(k, specs[m], networks=networks, device=device, threads=threads,
+                                             artefact=None if repository is None or k == "torch"
+                                             else artefact_path(repository, m, k))
+                        for m, k in kinds.items()})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def _check_names(model_spec: spec.ModelSpec, inputs, outputs, what: str) -> None:
+    if sorted(inputs) != sorted(model_spec.input_names) or sorted(outputs) != sorted(model_spec.output_names):
+        raise RuntimeLoadError(f"model {model_spec.name!r}: {what} has inputs {list(inputs)} and outputs "
+                               f"{list(outputs)}, the spec says {model_spec.input_names} and "
+                               f"{model_spec.output_names}")
+
+
+def _torch_forward(networks, model_spec: spec.ModelSpec, device: str, threads: int):
+    """The torch kind: the served module on `device` (moved there in place), inference mode."""
+    import torch
+
+    from .export.served import ServedModel
+    torch.set_num_threads(threads)
+    served = ServedModel(networks, model_spec).eval().to(device)
+
+    def forward(arrays: list[np.ndarray]) -> list[np.ndarray]:
+        with torch.inference_mode():
+            outputs = served(*(torch.from_numpy(a).to(device) for a in arrays))
+        return [o.cpu().numpy() for o in outputs]
+    return forward, served
+
+
+def _onnxruntime_forward(model_spec: spec.ModelSpec, path: Path, threads: int):
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ONNX Runtime raises its own exception types
+        raise RuntimeLoadError(f"ONNX Runtime cannot load {path}: {exc}") from exc
+    _check_names(model_spec, [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()],
+                 path.name)
+    names = model_spec.output_names
+    input_names = model_spec.input_names
+
+    def forward(arrays: list[np.ndarray]) -> list[np.ndarray]:
+        return session.run(names, dict(zip(input_names, arrays)))
+    return forward, session
+
+
+def _openvino_forward(model_spec: spec.ModelSpec, path: Path, threads: int):
+    import openvino as ov
+    core = ov.Core()
+    config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
+              "INFERENCE_NUM_THREADS": int(threads), "ENABLE_CPU_PINNING": False}
+    try:
+        compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+    except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own
+        raise RuntimeLoadError(f"OpenVINO cannot compile {path}: {exc}") from exc
+    names = set(model_spec.input_names + model_spec.output_names)
+
+    def ports(port_list) -> dict:
+        """{spec name: port}; an OpenVINO port carries several names, one of them the ONNX graph's I/O name."""
+        return {next(iter(sorted(p.get_names() & names)), p.get_any_name()): p for p in port_list}
+    in_ports, out_ports = ports(compiled.inputs), ports(compiled.outputs)
+    _check_names(model_spec, list(in_ports), list(out_ports), path.name)
+    request = compiled.create_infer_request()
+    feed_ports = [in_ports[n] for n in model_spec.input_names]
+    fetch_ports = [out_ports[n] for n in model_spec.output_names]
+
+    def forward(arrays: list[np.ndarray]) -> list[np.ndarray]:
+        request.infer(dict(zip(feed_ports, arrays)))
+        # the request reuses its output buffers on the next call: hand out copies
+        return [request.get_tensor(p).data.copy() for p in fetch_ports]
+    return forward, compiled
+
+
+def _tensorrt_forward(model_spec: spec.ModelSpec, artefact):
+    from .export.tensorrt_build import EngineRunner, TensorRTError, import_tensorrt
+    if artefact is None:
+        raise RuntimeLoadError(f"runtime 'tensorrt' needs the engine (model.plan) of {model_spec.name!r}: run "
+                               "`liveportrait-triton tensorrt` first")
+    if isinstance(artefact, bytes):
+        plan = artefact
+    elif Path(artefact).is_file():
+        plan = Path(artefact).read_bytes()
+    else:
+        raise RuntimeLoadError(f"runtime 'tensorrt': {artefact} not found (run `liveportrait-triton tensorrt`)")
+    try:
+        import_tensorrt()
+        engine = EngineRunner(plan, model_spec)
+    except TensorRTError as exc:
+        raise RuntimeLoadError(str(exc)) from exc
+    names = model_spec.input_names
+
+    def forward(arrays: list[np.ndarray]) -> list[np.ndarray]:
+        outputs = engine.run(dict(zip(names, arrays)))
+        return [outputs[n] for n in model_spec.output_names]
+    return forward, engine

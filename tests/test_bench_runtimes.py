@@ -1,0 +1,88 @@
+"""Every kind of the runtime layer (runtimes.py) on every sub-network (tiny networks): outputs bound by spec name,
+within the export's validation rule of PyTorch eager at batch 1 and 3, a mixed runner animating like PyTorch, FLOPs
+counted from the layers, and clear errors for what cannot run."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from liveportrait_triton import runtimes, spec
+from liveportrait_triton.benchmarks import flops
+from liveportrait_triton.benchmarks.inputs import batch_of, record_submodel_inputs
+from liveportrait_triton.benchmarks.runtime_choice import parity
+from liveportrait_triton.pipeline import Animator, DrivingFrame, TorchRunner
+
+CPU_KINDS = ("torch", "onnxruntime", "openvino")
+TINY = spec.submodel_specs("tiny")
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny_networks, source_crops, driving_crops):
+    """Batches of 3 of what each sub-network sees while the pipeline animates real crops."""
+    samples = record_submodel_inputs(TorchRunner(tiny_networks), source_crops["s0"], driving_crops[:3])
+    return {model: batch_of(samples[model], 3) for model in spec.SUBMODELS}
+
+
+@pytest.mark.parametrize("kind", CPU_KINDS)
+def test_runtime_matches_pytorch(kind, tiny_networks, tiny_repository, inputs):
+    reference = TorchRunner(tiny_networks)
+    for model in spec.SUBMODELS:
+        runner = runtimes.create_subnetwork(
+            kind, TINY[model], networks=tiny_networks, threads=2,
+            artefact=None if kind == "torch" else runtimes.artefact_path(tiny_repository, model, kind))
+        assert runner.model == model and runner.kind == kind and runner.threads == 2
+        for batch in (1, 3):
+            feeds = {k: v[:batch] for k, v in inputs[model].items()}
+            outputs = runner.run(feeds)
+            expected = reference.run(model, feeds)
+            assert list(outputs) == TINY[model].output_names
+            for name, (diff, bound, ok) in parity(outputs, expected, model).items():
+                assert outputs[name].shape == expected[name].shape
+                assert outputs[name].dtype == TINY[model].output(name).numpy_dtype
+                assert ok, f"{kind} {model}.{name} batch {batch}: max abs diff {diff:.2e} > {bound:.1e}"
+
+
+def test_runner_animates_like_pytorch(tiny_networks, tiny_repository, source_crops, driving_crops):
+    """A mixed ModelRunner (the committed local choice) drives the whole Animator; frames match PyTorch within
+    one level."""
+    from liveportrait_triton.repository import served_runtimes
+    images = {}
+    for name, runner in (("torch", TorchRunner(tiny_networks)),
+                         ("served", runtimes.create_runner(served_runtimes("local"), "tiny",
+                                                           repository=tiny_repository))):
+        animator = Animator(runner)
+        [state] = animator.register_sources([source_crops["s0"]], [spec.parse_options({})])
+        images[name] = [animator.animate([state], [DrivingFrame(crop=c)])[0] for c in driving_crops[:2]]
+    for got, want in zip(images["served"], images["torch"]):
+        assert got.dtype == np.uint8 and got.shape == (512, 512, 3)
+        assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+
+
+def test_layer_flops_count_convolutions_and_linears(tiny_networks, inputs):
+    """Counted FLOPs equal the hand count for the stitching MLP and scale with the batch."""
+    feeds = {k: v[:1] for k, v in inputs[spec.STITCHING].items()}
+    linears = [m for m in tiny_networks.stitching.modules() if isinstance(m, torch.nn.Linear)]
+    assert flops.layer_flops(tiny_networks, TINY[spec.STITCHING], feeds) == sum(
+        2 * m.in_features * m.out_features for m in linears)
+    one = flops.layer_flops(tiny_networks, TINY[spec.GENERATOR], {"warped_feature": inputs[spec.GENERATOR]["warped_feature"][:1]})
+    assert one > 0 and flops.layer_flops(tiny_networks, TINY[spec.GENERATOR], inputs[spec.GENERATOR]) == 3 * one
+    assert flops.gemm_rate(1, size=256, seconds=0.05) > 1e8
+
+
+def test_errors_name_the_problem(tiny_networks, tmp_path):
+    with pytest.raises(runtimes.RuntimeLoadError, match="unknown runtime 'tensorflow'"):
+        runtimes.create_subnetwork("tensorflow", TINY[spec.WARPING], networks=tiny_networks)
+    with pytest.raises(runtimes.RuntimeLoadError, match="pass networks="):
+        runtimes.create_subnetwork("torch", TINY[spec.WARPING])
+    with pytest.raises(runtimes.RuntimeLoadError, match="liveportrait-triton export"):
+        runtimes.create_subnetwork("onnxruntime", TINY[spec.WARPING], artefact=tmp_path / "missing.onnx")
+    with pytest.raises(runtimes.RuntimeLoadError, match="runs on the CPU here, not on 'cuda'"):
+        runtimes.create_subnetwork("openvino", TINY[spec.WARPING], artefact=tmp_path / "x.onnx", device="cuda")
+    with pytest.raises(runtimes.RuntimeLoadError, match="no runtime chosen"):
+        runtimes.create_runner({spec.WARPING: "torch"}, "tiny", networks=tiny_networks)
+    runner = runtimes.create_subnetwork("torch", TINY[spec.STITCHING], networks=tiny_networks)
+    with pytest.raises(KeyError, match="missing input"):
+        runner.run({"kp_source": np.zeros((1, 21, 3), np.float32)})
+    with pytest.raises(ValueError, match="expected \\[batch, 21, 3\\]"):
+        runner.run({"kp_source": np.zeros((1, 21, 2), np.float32), "kp_driving": np.zeros((1, 21, 3), np.float32)})
