@@ -268,8 +268,8 @@ def animate(args) -> Summary:
     if source_is_video:
         if kind == "webcam":
             raise ValueError("a source video needs a driving video, image or template, not a camera")
-        if args.comparison or args.faces != "largest" or args.smooth:
-            raise ValueError("--comparison, --faces and --smooth are for source images")
+        if args.comparison or args.faces != "largest" or args.smooth or args.draw_keypoints:
+            raise ValueError("--comparison, --faces, --smooth and --draw-keypoints are for source images")
     check_output(output, "video" if source_is_video else kind)
     comparison = Path(args.comparison) if args.comparison else None
     if comparison is not None:
@@ -306,8 +306,9 @@ def animate(args) -> Summary:
                                          output, started)
         faces = prepare_source(args.source, analyzer, source_settings, args.source_max_dim, even=kind != "image",
                                timer=timer, options=options, faces=args.faces)
-        if len(faces) > 1 and not args.paste_back:
-            raise ValueError(f"--no-paste-back writes one face's crop; {len(faces)} faces were chosen (--faces)")
+        if len(faces) > 1 and (not args.paste_back or args.draw_keypoints):
+            raise ValueError(f"--no-paste-back and --draw-keypoints are for one face; {len(faces)} faces were chosen "
+                             "(--faces)")
         if faces.selection.note and not args.quiet:
             print(f"note: {faces.selection.note}", file=sys.stderr)
         with timer("connect + check server"):
