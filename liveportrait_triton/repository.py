@@ -28,7 +28,7 @@ PLATFORMS = {"onnxruntime_onnx": "model.onnx", "tensorrt_plan": "model.plan"}
 TEMPLATES = Path(__file__).parent / "model_repository_templates"
 SUBNETWORK_ADAPTER = TEMPLATES / "subnetwork" / "model.py"
 PIPELINE_ADAPTER = TEMPLATES / "liveportrait" / "model.py"
-ONNX_FILENAME = "model.onnx"
+ONNX_FILENAME = runtimes.ONNX_FILENAME
 RUNTIME_CHOICE_FILE = Path(__file__).parent / "runtime_choice.json"
 # Kinds a served sub-network of a target can run: the local Python-backend models run the exported file (the
 # torch kind would need the PyTorch weights in the repository, which export does not write).
