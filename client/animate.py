@@ -28,6 +28,7 @@ from .client import (DEFAULT_URL, DrivingInput, LivePortraitClient, RequestFaile
 from .driving import DrivingCropper
 from .faces import NoFaceError, make_analyzer
 from .profiling import StageTimer, server_statistics, statistics_delta
+from .keypoint_overlay import KeypointOverlay
 from .smoothing import MotionSmoother, SmoothingSettings
 from .templates import TemplateError, is_template, load_template
 
@@ -78,6 +79,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="paste the animated face into the full source image (default on; off: the 512x512 crop)")
     crop.add_argument("--source-max-dim", type=int, default=1280,
                       help="shrink larger sources to this longer side first (default 1280; 0: never)")
+    crop.add_argument("--draw-keypoints", action="store_true",
+                      help="draw each frame's implicit keypoints (the driving motion applied to the source's "
+                           "canonical keypoints; eyes cyan, lips magenta) over the animated crop; video driving "
+                           "then also runs the served motion extractor per frame")
     crop.add_argument("--face-models", metavar="DIR",
                       help="use the official InsightFace det_10g.onnx + 2d106det.onnx and LivePortrait "
                            "landmark.onnx found in DIR instead of the built-in MediaPipe models")
@@ -354,11 +359,11 @@ def _animate_stream(args, client, kind, source, image, box, source_crop512, temp
         total = min(total, args.max_frames) if total else args.max_frames
     paste = C.PasteBack(image, box) if args.paste_back else None
     still = image if paste is not None else source_crop512
+    overlay = KeypointOverlay(client, source.crop) if args.draw_keypoints else None
     out_size = (still.shape[1], still.shape[0])
     server_models = [spec.PIPELINE, *spec.SUBMODELS]
     stats_before = server_statistics(client._client, server_models) if args.profile else None
-    writer = media.VideoWriter(output, out_size, fps, audio_from=audio,
-                               audio_codec=reader.info.audio_codec if audio else None)
+    writer = media.VideoWriter(output, out_size, fps, audio_from=audio)
     side = media.VideoWriter(comparison, (3 * C.CROP_SIZE, C.CROP_SIZE), fps) if comparison else None
     progress = _progress(total, args.quiet)
     written, stream = 0, None
@@ -378,6 +383,9 @@ def _animate_stream(args, client, kind, source, image, box, source_crop512, temp
                     raise RequestFailed(f"driving frame {prepared.number} got no answer")
                 waiting.popleft()
                 animated = results.pop(number).image if number is not None else None
+                if overlay is not None and animated is not None:
+                    with timer("draw keypoints"):
+                        animated = overlay.draw(animated, overlay.keypoints(prepared.driving))
                 with timer("paste-back"):
                     if animated is None:
                         frame = still

@@ -23,6 +23,7 @@ import time
 from typing import AsyncIterable, AsyncIterator, Iterable
 
 import numpy as np
+from tritonclient.utils import InferenceServerException
 
 from .. import spec
 from ..keypoints import MotionInfo
@@ -100,13 +101,50 @@ def new_sequence_id() -> int:
     return secrets.randbits(62) + 1
 
 
-def _typed(name: str, value, model_spec: spec.ModelSpec) -> np.ndarray:
-    """One request's value of an input, as the spec's dtype with a batch dimension of 1."""
+TRANSPORT_ERRORS = (InferenceServerException, OSError)
+"""What tritonclient raises when the server refuses a request or cannot be reached (gRPC wraps everything in
+InferenceServerException; HTTP lets the socket's OSError through). Anything else is a bug here and propagates."""
+
+
+def _batch_of(name: str, value, model_spec: spec.ModelSpec, batched: bool) -> np.ndarray:
+    """A request's value of an input as the spec's dtype, with a batch dimension (of 1 unless `batched`)."""
     t = model_spec.input(name)
     array = np.ascontiguousarray(value, dtype=t.numpy_dtype)
+    if batched:
+        if tuple(array.shape[1:]) != tuple(t.shape):
+            raise ValueError(f"input {name!r}: expected shape [B, {', '.join(map(str, t.shape))}], "
+                             f"got {list(array.shape)}")
+        return array
     if array.size != int(np.prod(t.shape)):
         raise ValueError(f"input {name!r}: expected shape {list(t.shape)}, got {list(array.shape)}")
     return array.reshape((1,) + t.shape)
+
+
+def build_request(module, model: str, tensors: dict[str, np.ndarray], *, model_spec: spec.ModelSpec = spec.PIPELINE_SPEC,
+                  batched: bool = False, request_id: str = "", sequence_id: int = 0, start: bool = False,
+                  end: bool = False, options: dict | None = None) -> dict:
+    """The keyword arguments of one inference request, the same for every call this client makes.
+
+    `module` is tritonclient.grpc, tritonclient.http or tritonclient.grpc.aio (each has its own InferInput);
+    the result is passed as `**request` to `infer`, `async_stream_infer` or yielded to aio `stream_infer`.
+    Pipeline tensors are one item each (a batch dimension of 1 is added); `batched` sub-model tensors already
+    carry theirs. Shapes and dtypes come from `model_spec`; a wrong shape raises ValueError before anything is sent.
+    """
+    inputs = []
+    for name, value in tensors.items():
+        array = _batch_of(name, value, model_spec, batched)
+        item = module.InferInput(name, list(array.shape), model_spec.input(name).dtype)
+        item.set_data_from_numpy(array)
+        inputs.append(item)
+    request = {"model_name": model, "inputs": inputs,
+               "outputs": [module.InferRequestedOutput(n) for n in model_spec.output_names]}
+    if request_id:
+        request["request_id"] = request_id
+    if sequence_id:
+        request.update(sequence_id=sequence_id, sequence_start=start, sequence_end=end)
+    if options:
+        request["parameters"] = options
+    return request
 
 
 def _compare(kind: str, served: list[dict], wanted: tuple[spec.TensorSpec, ...], batched: bool, model: str) -> None:
@@ -164,9 +202,9 @@ class LivePortraitClient:
         try:
             live = self._client.is_server_live(client_timeout=self.timeout_s) if self.protocol == "grpc" \
                 else self._client.is_server_live()
-        except Exception as exc:        # grpc/http raise different types for a refused connection
+        except TRANSPORT_ERRORS as exc:        # grpc/http raise different types for a refused connection
             raise ServerUnavailable(f"no Triton server answered at {self.where()} ({_first_line(exc)}); "
-                                    f"{START_HINT}") from None
+                                    f"{START_HINT}") from exc
         if not live:
             raise ServerUnavailable(f"the Triton server at {self.where()} is not live yet; {START_HINT}")
         for model in (self.model, *(models or ())):
@@ -192,26 +230,18 @@ class LivePortraitClient:
         return value if isinstance(value, dict) else {}
 
     # -- unary requests -------------------------------------------------------------------------------------
-    def _inputs(self, tensors: dict[str, np.ndarray], model_spec: spec.ModelSpec) -> list:
-        inputs = []
-        for name, value in tensors.items():
-            array = _typed(name, value, model_spec) if model_spec is spec.PIPELINE_SPEC \
-                else np.ascontiguousarray(value, dtype=model_spec.input(name).numpy_dtype)
-            item = self._module.InferInput(name, list(array.shape), model_spec.input(name).dtype)
-            item.set_data_from_numpy(array)
-            inputs.append(item)
-        return inputs
+    def request(self, tensors: dict[str, np.ndarray], **kwargs) -> dict:
+        """`build_request` for this client's protocol and pipeline model (see there for the keywords)."""
+        return build_request(self._module, self.model, tensors, **kwargs)
 
     def infer(self, tensors: dict[str, np.ndarray], sequence_id: int, start: bool = False, end: bool = False,
               options: dict | None = None) -> tuple[np.ndarray | None, int]:
         """One request of a sequence -> (image or None, frame_index)."""
-        outputs = [self._module.InferRequestedOutput(n) for n in spec.PIPELINE_SPEC.output_names]
+        request = self.request(tensors, sequence_id=sequence_id, start=start, end=end, options=options)
         try:
-            result = self._client.infer(self.model, self._inputs(tensors, spec.PIPELINE_SPEC), outputs=outputs,
-                                        sequence_id=sequence_id, sequence_start=start, sequence_end=end,
-                                        parameters=options or None)
-        except Exception as exc:
-            raise RequestFailed(f"{self.model} request failed: {_first_line(exc)}") from None
+            result = self._client.infer(**request)
+        except TRANSPORT_ERRORS as exc:
+            raise RequestFailed(f"{self.model} request failed: {_first_line(exc)}") from exc
         index = int(result.as_numpy("frame_index").reshape(-1)[0])
         image = result.as_numpy("image")
         return (None if image is None or index < 0 else image.reshape(image.shape[-3:])), index
@@ -228,12 +258,12 @@ class LivePortraitClient:
         """Run the served motion extractor on (B, 256, 256, 3) uint8 RGB crops."""
         from ..pipeline import crop_to_input
         model_spec = spec.submodel_specs()[spec.MOTION]
-        outputs = [self._module.InferRequestedOutput(n) for n in model_spec.output_names]
+        request = build_request(self._module, spec.MOTION, {"image": crop_to_input(crops)}, model_spec=model_spec,
+                                batched=True)
         try:
-            result = self._client.infer(spec.MOTION, self._inputs({"image": crop_to_input(crops)}, model_spec),
-                                        outputs=outputs)
-        except Exception as exc:
-            raise RequestFailed(f"{spec.MOTION} request failed: {_first_line(exc)}") from None
+            result = self._client.infer(**request)
+        except TRANSPORT_ERRORS as exc:
+            raise RequestFailed(f"{spec.MOTION} request failed: {_first_line(exc)}") from exc
         return MotionInfo.from_raw({n: result.as_numpy(n) for n in model_spec.output_names})
 
     # -- streaming ------------------------------------------------------------------------------------------
@@ -287,6 +317,7 @@ class AnimationStream:
 
     # -- connection -----------------------------------------------------------------------------------------
     def _open(self) -> None:
+        """A new gRPC stream and sequence, its START sent (raises TRANSPORT_ERRORS when the stream cannot open)."""
         import tritonclient.grpc as grpcclient
         self._grpc = grpcclient.InferenceServerClient(self.client.url)
         self._attempt = getattr(self, "_attempt", -1) + 1
@@ -294,19 +325,18 @@ class AnimationStream:
         self._expected_index = 0        # the server's frame_index of the next animated frame
         self._closed = False
         self._grpc.start_stream(callback=functools.partial(self._on_answer, self._attempt))
-        self._send_raw(self.source.tensors(), tag="start", start=True, options=self.source.options)
+        self._grpc.async_stream_infer(**self._request(self.source.tensors(), "start", start=True,
+                                                      options=self.source.options))
 
     def _on_answer(self, attempt: int, result, error) -> None:
         """Runs on the gRPC thread; `attempt` tells answers of a broken connection from current ones."""
         self._answers.put((attempt, result, error, time.perf_counter()))
 
-    def _send_raw(self, tensors: dict, tag: str, start: bool = False, end: bool = False,
-                  options: dict | None = None) -> None:
-        inputs = self.client._inputs(tensors, spec.PIPELINE_SPEC)
-        outputs = [self.client._module.InferRequestedOutput(n) for n in spec.PIPELINE_SPEC.output_names]
-        self._grpc.async_stream_infer(self.client.model, inputs, outputs=outputs, request_id=f"{self._attempt}:{tag}",
-                                      sequence_id=self._sequence_id, sequence_start=start, sequence_end=end,
-                                      parameters=options or None)
+    def _request(self, tensors: dict, tag: str, start: bool = False, end: bool = False,
+                 options: dict | None = None) -> dict:
+        """A request of the current sequence; its id `attempt:tag` matches the answer to the frame."""
+        return self.client.request(tensors, request_id=f"{self._attempt}:{tag}", sequence_id=self._sequence_id,
+                                   start=start, end=end, options=options)
 
     def _server_healthy(self) -> bool:
         """Whether the server is up with the model ready (a failed frame then is a real failure, not a restart)."""
@@ -317,45 +347,65 @@ class AnimationStream:
                                                                                              client_timeout=5))
             finally:
                 probe.close()
-        except Exception:       # unreachable
+        except TRANSPORT_ERRORS:        # unreachable
             return False
 
-    def _connection_lost(self, cause) -> None:
+    def _connection_lost(self, cause: BaseException) -> None:
         """Reconnect and resend (retry on), or fail with a clear message."""
         if self.retry_s <= 0:
             self._abort()
             raise RequestFailed(f"lost the connection to {self.client.where()} mid-stream ({_first_line(cause)}); "
-                                f"use --retry SECONDS to reconnect automatically") from None
+                                f"use --retry SECONDS to reconnect automatically") from cause
         self._reconnect(cause)
 
-    def _reconnect(self, cause) -> None:
-        """New connection and sequence: START, replay the anchor frame if it was answered, resend the rest."""
+    RETRY_PAUSE_S = 0.5
+
+    def _wait_for_server(self, deadline: float, cause: BaseException) -> None:
+        """Block until the server is live with the model ready and matching, or raise ServerUnavailable."""
+        while True:
+            try:
+                LivePortraitClient(self.client.url, model=self.client.model, check=True).close()
+                return
+            except (ServerUnavailable, *TRANSPORT_ERRORS):      # down, or up with the models still loading
+                if time.monotonic() > deadline:
+                    self._abort()
+                    raise ServerUnavailable(f"the stream to {self.client.where()} broke ({_first_line(cause)}) "
+                                            f"and the server did not come back within {self.retry_s:g} s") from cause
+            time.sleep(self.RETRY_PAUSE_S)
+
+    def _reconnect(self, cause: BaseException) -> None:
+        """New connection and sequence: START, replay the anchor frame if it was answered, resend the rest.
+
+        Bounded twice: each reconnection gives up at `retry_s` (also when the server answers health checks but
+        the stream cannot be opened), and more than MAX_RECONNECTS_WITHOUT_PROGRESS reconnections without an
+        answered frame in between fail the stream.
+        """
         self._failed_reconnects += 1
         if self._failed_reconnects > self.MAX_RECONNECTS_WITHOUT_PROGRESS:
             self._abort()
-            raise RequestFailed(f"the stream to {self.client.where()} keeps breaking ({_first_line(cause)})")
+            raise RequestFailed(f"the stream to {self.client.where()} keeps breaking ({_first_line(cause)})") \
+                from cause
         deadline = time.monotonic() + self.retry_s
         while True:
             self._close_grpc(cancel=True)
-            while True:
-                try:
-                    LivePortraitClient(self.client.url, model=self.client.model, check=True).close()
-                    break
-                except (ServerUnavailable, ServerMismatch, RequestFailed):
-                    if time.monotonic() > deadline:
-                        raise ServerUnavailable(f"the stream to {self.client.where()} broke ({_first_line(cause)}) "
-                                                f"and the server did not come back within {self.retry_s:g} s") from None
-                    time.sleep(0.5)
+            self._wait_for_server(deadline, cause)
             try:
                 self._open()
                 if self._first is not None and 0 not in self._pending:
-                    self._send_raw(self._first.tensors(), tag="anchor")
+                    self._grpc.async_stream_infer(**self._request(self._first.tensors(), "anchor"))
                 for number in sorted(self._pending):
                     driving, _ = self._pending[number]
                     self._pending[number] = (driving, time.perf_counter())
-                    self._send_raw(driving.tensors(), tag=str(number), end=number == self._end_number)
-            except Exception as exc:        # the new server went away too: try again until the deadline
+                    self._grpc.async_stream_infer(**self._request(driving.tensors(), str(number),
+                                                                  end=number == self._end_number))
+            except TRANSPORT_ERRORS as exc:     # healthy, yet the stream does not open: again, until the deadline
                 cause = exc
+                if time.monotonic() > deadline:
+                    self._abort()
+                    raise ServerUnavailable(f"the server at {self.client.where()} answers health checks but the "
+                                            f"stream could not be reopened within {self.retry_s:g} s "
+                                            f"({_first_line(exc)})") from exc
+                time.sleep(self.RETRY_PAUSE_S)
                 continue
             self.reconnects += 1
             return
@@ -366,7 +416,7 @@ class AnimationStream:
         self._closed = True
         try:
             self._grpc.stop_stream(cancel_requests=cancel)
-        except Exception:           # the connection is gone already
+        except TRANSPORT_ERRORS:        # the connection is gone already
             pass
         self._grpc.close()
 
@@ -384,7 +434,8 @@ class AnimationStream:
                 self._connection_lost(error)        # e.g. in-flight frames fail while the server shuts down
                 return True
             self._abort()
-            raise RequestFailed(f"the server failed a frame of sequence {self._sequence_id}: {_first_line(error)}")
+            raise RequestFailed(f"the server failed a frame of sequence {self._sequence_id}: "
+                                f"{_first_line(error)}") from error
         tag = result.get_response().id.split(":", 1)[1]
         index = int(result.as_numpy("frame_index").reshape(-1)[0])
         if tag in ("start", "end"):
@@ -418,7 +469,7 @@ class AnimationStream:
         """Send the next driving frame (blocks while max_in_flight frames await answers); returns its number."""
         if self._ended:
             raise RuntimeError("the sequence has ended")
-        tensors = driving.tensors()
+        tensors = driving.tensors()     # a bad input raises here, before anything is sent
         while len(self._pending) >= self.max_in_flight:
             if not self._handle(block=True, timeout_s=self.ANSWER_TIMEOUT_S):
                 self._abort()
@@ -430,9 +481,10 @@ class AnimationStream:
         self._next_number += 1
         if last:
             self._end_number = number
+        request = self._request(tensors, str(number), end=last)
         try:
-            self._send_raw(tensors, tag=str(number), end=last)
-        except Exception as exc:        # the stream is gone: the frame is pending and is resent on reconnection
+            self._grpc.async_stream_infer(**request)
+        except TRANSPORT_ERRORS as exc:     # the stream is gone: the frame is pending and is resent on reconnection
             self._connection_lost(exc)
         self._ended = last
         return number
@@ -453,9 +505,10 @@ class AnimationStream:
                                     f"within {self.ANSWER_TIMEOUT_S:g} s")
             out.extend(self._drain())
         if not self._ended:
+            request = self._request({}, "end", end=True)
             try:
-                self._send_raw({}, tag="end", end=True)
-            except Exception:       # the sequence is freed by the server's idle timeout instead
+                self._grpc.async_stream_infer(**request)
+            except TRANSPORT_ERRORS:        # the sequence is freed by the server's idle timeout instead
                 pass
             self._ended = True
         self._close_grpc()
@@ -501,9 +554,9 @@ class AsyncLivePortraitClient:
     async def check_server(self) -> None:
         try:
             live = await self._client.is_server_live()
-        except Exception as exc:
+        except TRANSPORT_ERRORS as exc:
             raise ServerUnavailable(f"no Triton server answered at grpc://{self.url} ({_first_line(exc)}); "
-                                    f"{START_HINT}") from None
+                                    f"{START_HINT}") from exc
         if not live or not await self._client.is_model_ready(self.model):
             raise ServerUnavailable(f"model {self.model!r} is not ready at grpc://{self.url}")
         metadata = await self._client.get_model_metadata(self.model, as_json=True)
@@ -514,23 +567,16 @@ class AsyncLivePortraitClient:
 
     def _request(self, tensors: dict, sequence_id: int, request_id: str, start=False, end=False,
                  options: dict | None = None) -> dict:
-        inputs = []
-        for name, value in tensors.items():
-            array = _typed(name, value, spec.PIPELINE_SPEC)
-            item = self._aio.InferInput(name, list(array.shape), spec.PIPELINE_SPEC.input(name).dtype)
-            item.set_data_from_numpy(array)
-            inputs.append(item)
-        return {"model_name": self.model, "inputs": inputs, "request_id": request_id, "sequence_id": sequence_id,
-                "sequence_start": start, "sequence_end": end, "parameters": options or None,
-                "outputs": [self._aio.InferRequestedOutput(n) for n in spec.PIPELINE_SPEC.output_names]}
+        return build_request(self._aio, self.model, tensors, request_id=request_id, sequence_id=sequence_id,
+                             start=start, end=end, options=options)
 
     async def animate_image(self, source: SourceInput, driving: DrivingInput) -> np.ndarray:
         request = self._request({**source.tensors(), **driving.tensors()}, new_sequence_id(), "image", True, True,
                                 source.options)
         try:
             result = await self._client.infer(**request)
-        except Exception as exc:
-            raise RequestFailed(f"{self.model} request failed: {_first_line(exc)}") from None
+        except TRANSPORT_ERRORS as exc:
+            raise RequestFailed(f"{self.model} request failed: {_first_line(exc)}") from exc
         image = result.as_numpy("image")
         return image.reshape(image.shape[-3:])
 
@@ -560,7 +606,8 @@ class AsyncLivePortraitClient:
         next_out = 0
         async for result, error in self._client.stream_infer(requests()):
             if error is not None:
-                raise RequestFailed(f"the server failed a frame of sequence {sequence_id}: {_first_line(error)}")
+                raise RequestFailed(f"the server failed a frame of sequence {sequence_id}: {_first_line(error)}") \
+                    from error
             tag = result.get_response().id
             if tag == "end":
                 break

@@ -173,6 +173,25 @@ def _quiet_stderr():
         os.close(saved)
 
 
+def import_mediapipe_solutions():
+    """MediaPipe's face_detection and face_mesh modules, imported without the error print protobuf 6 causes.
+
+    mediapipe 0.10.21's bindings call `MessageFactory.GetPrototype` when they load; protobuf 5 removed that method
+    (its replacement is `message_factory.GetMessageClass`, which returns the same class), so importing mediapipe
+    with our protobuf 6 prints "AttributeError: 'MessageFactory' object has no attribute 'GetPrototype'". Nothing
+    we use depends on it (detection and the mesh work either way: tests/test_crop.py), but the print looks like a
+    crash. So the old name is given back, delegating to its replacement, before the import; nothing else changes.
+    """
+    from google.protobuf import message_factory
+    if not hasattr(message_factory.MessageFactory, "GetPrototype"):
+        message_factory.MessageFactory.GetPrototype = lambda self, descriptor: message_factory.GetMessageClass(
+            descriptor)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)      # MediaPipe's own use of protobuf APIs
+        from mediapipe.python.solutions import face_detection, face_mesh
+    return face_detection, face_mesh
+
+
 class MediapipeFaceAnalyzer:
     """MediaPipe face detection (short range, then full range) and the 478-point mesh on a region per face."""
 
@@ -181,9 +200,8 @@ class MediapipeFaceAnalyzer:
     TRACK_SCALE = 1.6           # region side / previous landmarks' extent when tracking
 
     def __init__(self, min_confidence: float = 0.5):
-        with _quiet_stderr(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)      # MediaPipe's own use of protobuf APIs
-            from mediapipe.python.solutions import face_detection, face_mesh
+        with _quiet_stderr():
+            face_detection, face_mesh = import_mediapipe_solutions()
             self._detectors = [face_detection.FaceDetection(model_selection=m, min_detection_confidence=min_confidence)
                                for m in (0, 1)]
             self._mesh = face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1, refine_landmarks=True,

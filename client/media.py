@@ -12,6 +12,7 @@ import os
 import queue
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -20,7 +21,6 @@ import numpy as np
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 WEBCAM_PREFIX = "webcam:"
-MP4_AUDIO_CODECS = ("aac", "mp3", "alac", "opus", "ac3", "eac3")     # copied into mp4 as they are
 
 
 class MediaError(RuntimeError):
@@ -71,8 +71,22 @@ def write_image(path: str | Path, image_rgb: np.ndarray) -> Path:
     return path
 
 
+def default_file_mode() -> int:
+    """0o666 less the process umask: the mode a plainly created file gets (mkstemp's temporary files are 0600)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except OSError:             # not Linux: read the umask by setting it (and back at once)
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 class atomic_output:
-    """Context manager yielding a temporary path beside `path` (same suffix); renamed onto `path` on success."""
+    """Context manager yielding a temporary path beside `path` (same suffix); renamed onto `path` on success, with
+    the mode the user's umask gives new files."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -88,6 +102,7 @@ class atomic_output:
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
+            os.chmod(self.tmp, default_file_mode())
             os.replace(self.tmp, self.path)
         else:
             self.tmp.unlink(missing_ok=True)
@@ -109,16 +124,25 @@ class VideoInfo:
 class VideoReader:
     """Iterates a video file's frames as RGB uint8 arrays, decoding one at a time."""
 
+    HEADER_ATTEMPTS = 3
+    HEADER_WAIT_S = 9.5         # imageio-ffmpeg's own wait for ffmpeg's header is 10 s
+
     def __init__(self, path: str | Path):
         import imageio_ffmpeg
         self.path = require_file(path, "driving video")
-        self._frames = imageio_ffmpeg.read_frames(str(self.path), pix_fmt="rgb24")
-        try:
-            meta = next(self._frames)
-        except (OSError, RuntimeError, StopIteration) as exc:
-            self._frames.close()
-            raise MediaError(f"driving video {self.path} is not a video ffmpeg can decode "
-                             f"({str(exc).splitlines()[0]})") from None
+        for attempt in range(self.HEADER_ATTEMPTS):
+            self._frames = imageio_ffmpeg.read_frames(str(self.path), pix_fmt="rgb24")
+            began = time.monotonic()
+            try:
+                meta = next(self._frames)
+                break
+            except (OSError, RuntimeError, StopIteration) as exc:
+                self._frames.close()
+                # imageio-ffmpeg gives ffmpeg 10 s to print the header: on a loaded machine a good file can miss
+                # that, so a failure that took the whole wait is tried again; a file ffmpeg refuses fails at once
+                if time.monotonic() - began < self.HEADER_WAIT_S or attempt == self.HEADER_ATTEMPTS - 1:
+                    raise MediaError(f"driving video {self.path} is not a video ffmpeg can decode "
+                                     f"({str(exc).splitlines()[0]})") from exc
         fps = float(meta.get("fps") or 25.0)
         duration = meta.get("duration")
         count = int(round(duration * fps)) if duration else None
@@ -214,29 +238,28 @@ class Prefetcher:
 
 
 class VideoWriter:
-    """H.264 mp4 written frame by frame, optionally with an audio track copied from another file.
+    """H.264 mp4 written frame by frame, optionally with the audio track of another file.
 
-    The file appears at `path` only after `close()` succeeds; `abort()` (or an exception inside a `with`)
-    removes the partial output.
+    Every frame written is in the video: the audio is trimmed or padded with silence to the video's length, never
+    the video to the audio's (`-shortest` would end it with the audio and could drop the last frames). With audio
+    the frames go to a video-only temporary file first; `close()` then muxes the audio in (video stream copied,
+    audio encoded to AAC, padded by `apad` and cut at frames / fps). The file appears at `path` only after
+    `close()` succeeds; `abort()` (or an exception inside a `with`) removes the partial output.
     """
 
     def __init__(self, path: str | Path, size: tuple[int, int], fps: float, audio_from: str | Path | None = None,
-                 audio_codec: str | None = None, quality: float = 7):
+                 quality: float = 7):
         import imageio_ffmpeg
         w, h = size
         if w % 2 or h % 2:
             raise MediaError(f"H.264 output needs even sides, got {w}x{h}")
         self._atomic = atomic_output(path)
         self._tmp = self._atomic.__enter__()
-        params = ["-movflags", "+faststart"]
-        codec = None
-        if audio_from is not None:
-            codec = "copy" if (audio_codec or "").lower() in MP4_AUDIO_CODECS else "aac"
-            params += ["-shortest"]
-        self._gen = imageio_ffmpeg.write_frames(str(self._tmp), (w, h), fps=fps, quality=quality,
-                                                codec="libx264", macro_block_size=2, output_params=params,
-                                                audio_path=None if audio_from is None else str(audio_from),
-                                                audio_codec=codec, ffmpeg_log_level="error")
+        self._audio_from, self._fps = audio_from, fps
+        self._video_only = None if audio_from is None else self._tmp.with_name(self._tmp.stem + ".video.mp4")
+        self._gen = imageio_ffmpeg.write_frames(str(self._video_only or self._tmp), (w, h), fps=fps, quality=quality,
+                                                codec="libx264", macro_block_size=2,
+                                                output_params=["-movflags", "+faststart"], ffmpeg_log_level="error")
         self._gen.send(None)
         self.size, self.frames = (w, h), 0
 
@@ -246,13 +269,35 @@ class VideoWriter:
         self._gen.send(np.ascontiguousarray(frame, dtype=np.uint8))
         self.frames += 1
 
+    def _mux_audio(self) -> None:
+        """The video-only file plus the audio, cut or padded to exactly the video's duration, into the output."""
+        import subprocess
+        import imageio_ffmpeg
+        command = [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-y", "-i", str(self._video_only),
+                   "-i", str(self._audio_from), "-map", "0:v:0", "-map", "1:a:0", "-c:v", "copy", "-c:a", "aac",
+                   "-af", "apad", "-t", f"{self.frames / self._fps:.6f}", "-movflags", "+faststart", str(self._tmp)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise MediaError(f"ffmpeg failed adding the audio of {self._audio_from}: "
+                             f"{(done.stderr.strip() or 'no message').splitlines()[-1]}")
+
     def close(self) -> None:
         try:
             self._gen.close()
+            if self._video_only is not None:
+                self._mux_audio()
         except BaseException as exc:
+            self._discard_video_only()
             self._atomic.__exit__(type(exc), exc, None)
-            raise MediaError(f"ffmpeg failed writing {self._atomic.path}: {exc}") from None
+            if isinstance(exc, MediaError):
+                raise
+            raise MediaError(f"ffmpeg failed writing {self._atomic.path}: {exc}") from exc
+        self._discard_video_only()
         self._atomic.__exit__(None, None, None)
+
+    def _discard_video_only(self) -> None:
+        if self._video_only is not None:
+            self._video_only.unlink(missing_ok=True)
 
     def abort(self) -> None:
         logger = logging.getLogger("imageio_ffmpeg")
@@ -264,6 +309,7 @@ class VideoWriter:
             pass
         finally:
             logger.setLevel(level)
+        self._discard_video_only()
         self._atomic.__exit__(MediaError, None, None)
 
     def __enter__(self):

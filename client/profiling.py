@@ -10,6 +10,8 @@ import contextlib
 import threading
 import time
 
+from tritonclient.utils import InferenceServerException
+
 
 class StageTimer:
     """Thread-safe accumulation of seconds and counts per named stage."""
@@ -57,7 +59,7 @@ def server_statistics(client, models: list[str]) -> dict[str, dict[str, float]]:
     for model in models:
         try:
             stats = client.get_inference_statistics(model_name=model, as_json=True)
-        except Exception:       # statistics are optional: a missing model simply does not show
+        except InferenceServerException:       # statistics are optional: a missing model simply does not show
             continue
         for entry in stats.get("model_stats", []):
             inf = entry.get("inference_stats", {})

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from ..config import NUM_KP
 from ..pipeline import MotionFrame
+from .media import atomic_output
 
 NPZ_FORMAT = "liveportrait-triton-template/1"
 
@@ -123,7 +122,7 @@ def safe_unpickle(data: bytes):
     except TemplateError:
         raise
     except Exception as exc:        # truncated or corrupt files raise many different exception types
-        raise TemplateError(f"not a readable pickle: {type(exc).__name__}: {exc}") from None
+        raise TemplateError(f"not a readable pickle: {type(exc).__name__}: {exc}") from exc
     _refuse_object_arrays(value)
     return value
 
@@ -178,14 +177,8 @@ def save_npz(template: MotionTemplate, path: str | Path) -> Path:
         arrays["eye_ratio"] = template.eye_ratio
     if template.lip_ratio is not None:
         arrays["lip_ratio"] = template.lip_ratio
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz.part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
     return path
 
 

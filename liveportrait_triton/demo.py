@@ -39,6 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames", type=int, default=36, help="frames of the generated motion (default 36)")
     parser.add_argument("--fps", type=float, default=12.0, help="frame rate of the generated motion (default 12)")
     parser.add_argument("--yaw", type=float, default=20.0, help="head-turn amplitude in degrees (default 20)")
+    parser.add_argument("--draw-keypoints", action=argparse.BooleanOptionalAction, default=None,
+                        help="draw every frame's implicit keypoints over the face (default: on with synthetic "
+                             "weights, whose generated face is noise, so the video still shows the head turn and "
+                             "the blink being transferred)")
 
 
 def head_turn_and_blink(frames: int, yaw_amplitude: float) -> tuple[np.ndarray, np.ndarray]:
@@ -138,9 +142,13 @@ def run(args) -> int:
         print(f"[demo] generated motion template {template_path} ({args.frames} frames at {args.fps:g} fps)")
         parser = argparse.ArgumentParser()
         animate_cli.add_arguments(parser)
+        draw = args.draw_keypoints if args.draw_keypoints is not None else weights_note.startswith("SYNTHETIC")
         animate_args = parser.parse_args([
             "--source", str(source_path), "--driving", str(template_path), "--output", str(args.output),
-            "--server", server.grpc_url, "--no-relative-motion", "--eye-retargeting"])
+            "--server", server.grpc_url, "--no-relative-motion", "--eye-retargeting",
+            *(["--draw-keypoints"] if draw else [])])
+        if draw:
+            print("[demo] drawing each frame's implicit keypoints over the face (eyes cyan, lips magenta)")
         code = animate_cli.run(animate_args)
     if code != 0:
         return code

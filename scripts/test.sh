@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${LP_VENV:-.venv}
-bash scripts/install.sh "$VENV"
+bash scripts/install.sh --with-perf-analyzer "$VENV"     # the benchmark tests run perf_analyzer
 exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider --timeout=1200 -rfEs "$@" tests

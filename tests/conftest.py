@@ -1,4 +1,11 @@
-"""Shared fixtures: paths to ../shared, synthetic weights, loaded networks."""
+"""Shared fixtures: the compact parity vectors, generated test media, synthetic weights, loaded networks.
+
+Everything the suite needs ships in the repository or is generated: tests/data/ holds the compact official parity
+vectors (tests/make_compact_reference.py made them from shared/reference), and the portraits, driving videos,
+images and templates the tests use are generated from scikit-image's astronaut (tests/generated_media.py). The
+shared/ folder beside the repository (`LP_SHARED_DIR` overrides where) is an optional extra: the full-size
+parity vectors, the official example media and motion templates; tests that need it skip when it is absent.
+"""
 from __future__ import annotations
 
 import os
@@ -7,18 +14,72 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import generated_media
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LP_SHARED_DIR", REPO.parent / "shared"))
-ASSETS = SHARED / "assets"
+SHARED_ASSETS = SHARED / "assets"
 REFERENCE = SHARED / "reference"
+DATA = REPO / "tests" / "data"
+COMPACT_REFERENCE = DATA / "parity_seed0_s0_d30.npz"
+ASSETS = generated_media.ensure()       # same layout as shared/assets: source/, driving/, templates/
+
+
+def need_shared(path: Path) -> Path:
+    """`path` inside the optional shared/ folder, or skip the test saying what is missing."""
+    if not path.exists():
+        pytest.skip(f"needs {path} (the optional shared/ folder; set LP_SHARED_DIR to it)")
+    return path
+
+
+class CompactReference:
+    """The official parity vectors as committed in tests/data: small arrays whole, large ones sampled.
+
+    `ref[name]` gives a whole array (the 256x256 input tensors are rebuilt from their uint8 images); a sampled
+    tensor's `.index`, `.value`, `.channel_mean` and `.channel_std` are read by `differences`.
+    """
+
+    IMAGES = ("source", "driving", "driving0")
+
+    def __init__(self, path: Path):
+        self.data = dict(np.load(path))
+        self.sampled = {k.rsplit(".", 1)[0] for k in self.data if k.endswith(".index")}
+        for image in self.IMAGES:
+            rgb = self.data[f"{image}_rgb256_uint8"]
+            self.data[f"{image}_tensor"] = (rgb.astype(np.float32) / 255.0).transpose(2, 0, 1)[None].copy()
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name in self.sampled:
+            raise KeyError(f"{name} is sampled in {COMPACT_REFERENCE.name}: compare with differences()")
+        return self.data[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.data or name in self.sampled
+
+    def differences(self, name: str, actual) -> dict[str, float]:
+        """Max abs differences of `actual` from the official tensor: at the samples, and of the channel mean/std."""
+        actual = np.asarray(actual, dtype=np.float64)
+        if name not in self.sampled:
+            return {"max_abs": float(np.max(np.abs(actual - self.data[name].astype(np.float64))))}
+        shape = tuple(self.data[f"{name}.shape"])
+        assert actual.shape == shape, f"{name}: shape {actual.shape} != {shape}"
+        axes = tuple(a for a in range(actual.ndim) if a != 1)
+        at = actual.reshape(-1)[self.data[f"{name}.index"]]
+        return {"max_abs": float(np.max(np.abs(at - self.data[f"{name}.value"]))),
+                "channel_mean": float(np.max(np.abs(actual.mean(axis=axes) - self.data[f"{name}.channel_mean"]))),
+                "channel_std": float(np.max(np.abs(actual.std(axis=axes) - self.data[f"{name}.channel_std"])))}
 
 
 @pytest.fixture(scope="session")
-def reference():
-    path = REFERENCE / "public" / "ref_seed0_s0_d30.npz"
-    if not path.is_file():
-        pytest.fail(f"parity vectors not found at {path} (set LP_SHARED_DIR to the shared/ folder)")
-    return dict(np.load(path))
+def reference() -> CompactReference:
+    """The compact official vectors (always present)."""
+    return CompactReference(COMPACT_REFERENCE)
+
+
+@pytest.fixture(scope="session")
+def full_reference() -> dict[str, np.ndarray]:
+    """The full official vectors from shared/reference (optional: the test skips without them)."""
+    return dict(np.load(need_shared(REFERENCE / "public" / "ref_seed0_s0_d30.npz")))
 
 
 @pytest.fixture(scope="session")

@@ -67,6 +67,19 @@ def test_stream_survives_a_server_restart(tiny_repository, ports):
         assert np.array_equal(got.image, want.image), f"frame {got.number} differs after the restart"
 
 
+def wait_for_answered_frames(server, count: int, timeout_s: float = 300) -> None:
+    """Block until the pipeline model has answered `count` requests (Triton's statistics), not a guessed sleep."""
+    import tritonclient.grpc as grpcclient
+    deadline = time.monotonic() + timeout_s
+    with grpcclient.InferenceServerClient(server.grpc_url) as probe:
+        while time.monotonic() < deadline:
+            stats = probe.get_inference_statistics("liveportrait", as_json=True)["model_stats"][0]
+            if int(stats.get("inference_stats", {}).get("success", {}).get("count", 0)) >= count:
+                return
+            time.sleep(0.05)
+    raise AssertionError(f"the pipeline did not answer {count} requests within {timeout_s:g} s")
+
+
 def test_command_fails_cleanly_when_the_server_goes_away(tiny_repository, ports, tmp_path, capsys):
     server = TritonServer(tiny_repository, **ports).start()
     out = tmp_path / "r.mp4"
@@ -76,7 +89,7 @@ def test_command_fails_cleanly_when_the_server_goes_away(tiny_repository, ports,
             "animate", "--source", str(ASSETS / "source" / "s0.jpg"), "--driving", str(ASSETS / "driving" / "d0.mp4"),
             "--output", str(out), "--server", server.grpc_url, "--quiet"])))
         worker.start()
-        time.sleep(5)                       # some frames are on the server, some written to the partial output
+        wait_for_answered_frames(server, 3)     # the stream is under way: frames answered, more in flight
         server.stop()
         worker.join(timeout=300)
     finally:

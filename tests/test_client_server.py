@@ -13,8 +13,8 @@ from liveportrait_triton import crop as C
 from liveportrait_triton import spec
 from liveportrait_triton.cli import main
 from liveportrait_triton.client import media
-from liveportrait_triton.client.client import (AsyncLivePortraitClient, DrivingInput, LivePortraitClient, SourceInput,
-                                               new_sequence_id)
+from liveportrait_triton.client.client import (AnimationStream, AsyncLivePortraitClient, DrivingInput, LivePortraitClient,
+                                               ServerUnavailable, SourceInput, new_sequence_id)
 from liveportrait_triton.client.faces import MediapipeFaceAnalyzer
 from liveportrait_triton.client.templates import load_template
 
@@ -83,7 +83,7 @@ def test_driving_video_to_finished_video(tmp_path, capsys, tiny_server):
     frames = decoded_frames(out)
     for frame in (frames[0], frames[40], frames[-1]):
         diff = np.abs(frame.astype(int) - paste.background)[outside]
-        assert diff.mean() < 1.5 and np.percentile(diff, 99) <= 8
+        assert diff.mean() < 2.0 and np.percentile(diff, 99) <= 8      # H.264 at quality 7 on the astronaut
     # inside, the animated face differs from the source and moves with the driving video
     inside = paste.full_mask == 1
     assert np.abs(frames[0].astype(int) - paste.background)[inside].mean() > 5
@@ -100,6 +100,20 @@ def test_audio_is_carried_over(tmp_path, capsys, tiny_server):
     out = tmp_path / "s5_d3.mp4"
     animate(capsys, tiny_server, "--source", SOURCE / "s5.jpg", "--driving", clip, "--output", out)
     assert media.probe_video(out) == {"frames": 30, "fps": 30.0, "size": (720, 720), "audio_codec": "aac"}
+
+
+def test_audio_shorter_than_the_video_keeps_every_frame(tmp_path, capsys, tiny_server):
+    """40 driving frames at 25 fps with 1 s of audio: 40 animated frames, with the audio (padded to 1.6 s)."""
+    import generated_media
+    driving = generated_media.write_video(tmp_path / "talk.mp4", generated_media.driving_frames(
+        generated_media.Face(), 40), 25.0, audio_seconds=1.0)
+    out = tmp_path / "s0_talk.mp4"
+    code = main(["animate", "--source", str(SOURCE / "s0.jpg"), "--driving", str(driving), "--output", str(out),
+                 "--server", tiny_server.grpc_url])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert f"wrote {out} (40 frames)" in printed.out
+    assert media.probe_video(out) == {"frames": 40, "fps": 25.0, "size": (600, 704), "audio_codec": "aac"}
 
 
 def test_image_driving_writes_an_image_and_keeps_outside_pixels(tmp_path, capsys, tiny_server):
@@ -201,3 +215,53 @@ def test_stream_unary_and_asyncio_agree(tiny_server, client):
     # a single request is a whole image-driven sequence
     image = client.animate_image(SourceInput(crop, {"driving_type": "image"}), drivings[0])
     assert image.shape == (512, 512, 3) and image.dtype == np.uint8
+
+
+class StreamThatCannotReopen(AnimationStream):
+    """A stream whose reconnections fail at opening (the first open works) against a healthy server."""
+
+    def _open(self) -> None:
+        if getattr(self, "_attempt", -1) >= 0:
+            from tritonclient.utils import InferenceServerException
+            raise InferenceServerException("stream refused")
+        super()._open()
+
+
+def test_reconnection_gives_up_when_the_server_is_healthy_but_the_stream_cannot_open(tiny_server, client):
+    """The reconnect loop is bounded by --retry even when every health check passes (it used to spin forever)."""
+    import time
+    from tritonclient.utils import InferenceServerException
+    stream = StreamThatCannotReopen(client, SourceInput(np.zeros((256, 256, 3), np.uint8)), retry_s=2)
+    began = time.monotonic()
+    with pytest.raises(ServerUnavailable, match="answers health checks but the stream could not be reopened within 2 s"
+                       ) as failed:
+        stream._connection_lost(InferenceServerException("Socket closed"))
+    assert time.monotonic() - began < 10
+    assert isinstance(failed.value.__cause__, InferenceServerException)
+    stream.close()
+
+
+def test_keypoint_overlay_follows_the_driving_motion(client):
+    """--draw-keypoints: dots only around the projected keypoints, and a head turn moves them."""
+    from liveportrait_triton import keypoints as K
+    from liveportrait_triton.client.keypoint_overlay import KeypointOverlay
+    from liveportrait_triton.pipeline import MotionFrame
+    crop = cv2.resize(read_rgb(SOURCE / "s0.jpg"), (256, 256))
+    overlay = KeypointOverlay(client, crop)
+    info = client.extract_motion(crop[None])
+
+    def frame(yaw):
+        R = K.rotation_matrix(info.pitch, info.yaw + np.float32(yaw), info.roll)[0]
+        return DrivingInput(motion=MotionFrame(R=R, exp=info.exp[0], t=info.t[0], scale=info.scale[0]))
+
+    straight, turned = overlay.keypoints(frame(0.0)), overlay.keypoints(frame(25.0))
+    np.testing.assert_allclose(straight, info.transformed()[0], atol=1e-6)     # no motion: the source's own
+    assert np.abs(turned[:, 0] - straight[:, 0]).max() * 256 > 2               # the turn moves them (pixels)
+    image = np.full((512, 512, 3), 128, np.uint8)
+    drawn = overlay.draw(image, turned)
+    changed = np.argwhere(np.any(drawn != image, axis=2))
+    pixels = (turned[:, :2] + 1) * 256
+    inside = pixels[np.all((pixels >= 0) & (pixels < 512), axis=1)]
+    assert len(changed) > 0 and len(inside) > 0
+    nearest = np.min(np.linalg.norm(changed[:, None, ::-1] - inside[None], axis=2), axis=1)
+    assert nearest.max() <= 8.5          # dots of radius 6 (+ rounding to pixels and anti-aliasing), nothing else

@@ -1,6 +1,8 @@
 """Client parts that need no server: command-line errors, smoothing, video I/O, metadata checks."""
 from __future__ import annotations
 
+import os
+import stat
 import subprocess
 import sys
 import threading
@@ -14,7 +16,7 @@ from conftest import ASSETS
 from liveportrait_triton import spec
 from liveportrait_triton.cli import main
 from liveportrait_triton.client import media
-from liveportrait_triton.client.client import ServerMismatch, _compare
+from liveportrait_triton.client.client import LivePortraitClient, RequestFailed, ServerMismatch, _compare, build_request
 from liveportrait_triton.client.smoothing import MotionSmoother, OneEuroFilter
 from liveportrait_triton.keypoints import rotation_matrix
 from liveportrait_triton.pipeline import MotionFrame
@@ -168,7 +170,7 @@ def test_video_reader_streams_frames():
 def test_video_writer_is_atomic_and_muxes_audio(tmp_path):
     out = tmp_path / "clip.mp4"
     frames = [np.full((64, 96, 3), 10 * i, np.uint8) for i in range(15)]
-    with media.VideoWriter(out, (96, 64), 30.0, audio_from=D3, audio_codec="aac") as writer:
+    with media.VideoWriter(out, (96, 64), 30.0, audio_from=D3) as writer:
         for f in frames:
             writer.write(f)
         assert not out.exists()                      # only a temporary file exists while writing
@@ -184,6 +186,44 @@ def test_video_writer_is_atomic_and_muxes_audio(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4"]
     with pytest.raises(media.MediaError, match="even"):
         media.VideoWriter(tmp_path / "odd.mp4", (95, 64), 30.0)
+
+
+def audio_seconds(path) -> float:
+    """Duration of a file's audio stream, from ffmpeg decoding it."""
+    import re
+    import imageio_ffmpeg
+    done = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-i", str(path), "-map", "0:a:0", "-f", "null", "-"],
+                          capture_output=True, text=True)
+    return float(sum(x * float(t) for x, t in zip((3600, 60, 1), re.findall(r"time=(\d+):(\d+):([\d.]+)",
+                                                                             done.stderr)[-1])))
+
+
+@pytest.mark.parametrize("audio_s", [1.0, 2.5])
+def test_every_frame_is_kept_whatever_the_audio_length(tmp_path, audio_s):
+    """40 frames at 25 fps (1.6 s) with audio of 1 s or 2.5 s: 40 frames out, audio cut or padded to 1.6 s."""
+    import generated_media
+    driving = generated_media.write_video(tmp_path / "driving.mp4", [np.full((64, 96, 3), 5 * i, np.uint8)
+                                                                      for i in range(40)], 25.0, audio_seconds=audio_s)
+    out = tmp_path / "out.mp4"
+    with media.VideoWriter(out, (96, 64), 25.0, audio_from=driving) as writer:
+        for i in range(40):
+            writer.write(np.full((64, 96, 3), 6 * i, np.uint8))
+    assert media.probe_video(out) == {"frames": 40, "fps": 25.0, "size": (96, 64), "audio_codec": "aac"}
+    assert audio_seconds(out) == pytest.approx(1.6, abs=0.05)       # one AAC frame is 23 ms
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["driving.mp4", "out.mp4"]
+
+
+def test_outputs_follow_the_umask(tmp_path):
+    """Written files get 0o666 less the umask (the temporary files they start as are 0600)."""
+    previous = os.umask(0o027)
+    try:
+        image = media.write_image(tmp_path / "a.png", np.zeros((4, 4, 3), np.uint8))
+        with media.VideoWriter(tmp_path / "v.mp4", (16, 16), 10.0) as writer:
+            writer.write(np.zeros((16, 16, 3), np.uint8))
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(os.stat(image).st_mode) == 0o640
+    assert stat.S_IMODE(os.stat(tmp_path / "v.mp4").st_mode) == 0o640
 
 
 def test_prefetcher_runs_ahead_and_reports_errors():
@@ -241,3 +281,37 @@ def test_metadata_comparison():
     wrong_type = [dict(t, datatype="FP16") if t["name"] == "image" else t for t in outputs]
     with pytest.raises(ServerMismatch, match="FP16"):
         _compare("output", wrong_type, spec.PIPELINE_SPEC.outputs, True, "liveportrait")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Requests: one builder for every protocol; local mistakes are not disguised as server failures
+
+
+def test_one_request_builder_for_every_protocol():
+    import tritonclient.grpc as grpcclient
+    import tritonclient.grpc.aio as aioclient
+    import tritonclient.http as httpclient
+    tensors = {"source": np.zeros((256, 256, 3), np.uint8), "source_eye_ratio": [0.3, 0.31]}
+    for module in (grpcclient, httpclient, aioclient):
+        request = build_request(module, spec.PIPELINE, tensors, request_id="0:start", sequence_id=7, start=True,
+                                options={"stitching": False})
+        shapes = {i.name(): (i.shape(), i.datatype()) for i in request["inputs"]}
+        assert shapes == {"source": ([1, 256, 256, 3], "UINT8"), "source_eye_ratio": ([1, 2], "FP32")}
+        assert [o.name() for o in request["outputs"]] == list(spec.PIPELINE_SPEC.output_names)
+        assert (request["sequence_id"], request["sequence_start"], request["sequence_end"]) == (7, True, False)
+        assert request["parameters"] == {"stitching": False} and request["request_id"] == "0:start"
+    motion = spec.submodel_specs()[spec.MOTION]
+    batch = build_request(grpcclient, spec.MOTION, {"image": np.zeros((3, 3, 256, 256), np.float32)},
+                          model_spec=motion, batched=True)
+    assert batch["inputs"][0].shape() == [3, 3, 256, 256] and "sequence_id" not in batch
+
+
+def test_a_wrong_input_is_a_local_error_and_a_refusal_keeps_its_cause():
+    from tritonclient.utils import InferenceServerException
+    client = LivePortraitClient(UNREACHABLE, check=False)
+    with pytest.raises(ValueError, match="input 'source': expected shape \\[256, 256, 3\\], got \\[10, 10, 3\\]"):
+        client.infer({"source": np.zeros((10, 10, 3), np.uint8)}, 1, start=True)
+    with pytest.raises(RequestFailed) as failed:
+        client.infer({"source": np.zeros((256, 256, 3), np.uint8)}, 1, start=True)
+    assert isinstance(failed.value.__cause__, InferenceServerException)
+    client.close()

@@ -123,3 +123,26 @@ def test_engine_checks_need_cuda_pytorch():
         pytest.skip("a CUDA GPU is visible to PyTorch here")
     with pytest.raises(TensorRTError, match=r"needs a CUDA build of PyTorch and a GPU .*pass --no-check"):
         require_cuda_torch()
+
+
+def gpu_with_tensorrt() -> str | None:
+    """None where engines can be built and checked here, else why not."""
+    import torch
+    if not TENSORRT_INSTALLED:
+        return "tensorrt is not installed (pip extra `tensorrt`)"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU visible to PyTorch"
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(gpu_with_tensorrt() is not None, reason=f"needs a GPU and TensorRT: {gpu_with_tensorrt()}")
+def test_builds_and_checks_an_engine_on_the_gpu(tiny_warping_exports, capsys):
+    """Where a GPU and TensorRT are present this runs: W (decomposed grid sample) built and checked against ONNX
+    Runtime at batch 1 and 2 within its engine bounds; the plan is written beside the ONNX file."""
+    repository = tiny_warping_exports["decomposed"]
+    code = cli_main(["tensorrt", "--repository", str(repository), "--models", spec.WARPING, "--config", "tiny",
+                     "--max-batch", "4", "--opt-batch", "2", "--check-batches", "1,2", "--repeats", "2"])
+    assert code == 0, capsys.readouterr().err
+    plan = model_path(repository, spec.WARPING).with_name("model.plan")
+    assert plan.is_file() and plan.stat().st_size > 0

@@ -15,12 +15,13 @@ import torch
 from liveportrait_triton.weights import (BASE_FILES, STITCHING_FILE, WeightsError, load_networks,
                                          synthetic_checkpoints, tensor_manifest, write_synthetic_weights)
 
-from conftest import REFERENCE
+from conftest import DATA
 
 
 def test_full_synthetic_weights_equal_reference_generator():
-    """Every tensor's bytes equal those of shared/reference/make_test_weights.py --seed 0."""
-    expected = json.loads((REFERENCE / "public" / "weights_seed0_sha256.json").read_text())
+    """Every tensor's bytes equal those of shared/reference/make_test_weights.py --seed 0 (their sha256 manifest,
+    shared/reference/public/weights_seed0_sha256.json, is copied in tests/data)."""
+    expected = json.loads((DATA / "weights_seed0_sha256.json").read_text())
     actual = tensor_manifest(synthetic_checkpoints(0, "full"))
     assert set(actual) == set(expected)
     differing = [k for k in expected if actual[k] != expected[k]]
