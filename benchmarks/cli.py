@@ -370,8 +370,6 @@ def _time_modules(args, networks, repository, samples, notes: list) -> list:
                                    p95_ms=stats.p95_ms, p99_ms=stats.p99_ms, flop=work,
                                    gemm_fraction=work / (stats.p50_ms / 1e3) / rate))
             _log(_describe(rows[-1]) + f", {work / 1e9:.2f} GFLOP, {rows[-1].gemm_fraction:.0%} of the GEMM rate")
-            del runner
-            gc.collect()
     return rows
 
 

@@ -26,9 +26,9 @@ from .validate import Comparison, ValidationError, check_graph, compare
 
 OPSET = {"decomposed": 17, "native": 20}
 BATCH_AXIS = "batch"
-MODEL_FILENAME = "model.onnx"
+MODEL_FILENAME = runtimes.ONNX_FILENAME
 REJECTED_FILENAME = "model.rejected.onnx"   # a file that failed validation, kept for inspection
-PLAN_FILENAME = "model.plan"                # TensorRT engine built from model.onnx by `liveportrait-triton tensorrt`
+PLAN_FILENAME = runtimes.PLAN_FILENAME       # TensorRT engine built from model.onnx by `liveportrait-triton tensorrt`
 ENGINE_MANIFEST_FILENAME = "tensorrt.json"  # how that engine was built and checked
 
 
