@@ -220,11 +220,11 @@ def test_stream_unary_and_asyncio_agree(tiny_server, client):
 class StreamThatCannotReopen(AnimationStream):
     """A stream whose reconnections fail at opening (the first open works) against a healthy server."""
 
-    def _open(self) -> None:
+    def _open(self, sequence_id: int | None = None) -> None:
         if getattr(self, "_attempt", -1) >= 0:
             from tritonclient.utils import InferenceServerException
             raise InferenceServerException("stream refused")
-        super()._open()
+        super()._open(sequence_id)
 
 
 def test_reconnection_gives_up_when_the_server_is_healthy_but_the_stream_cannot_open(tiny_server, client):
