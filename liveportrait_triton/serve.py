@@ -183,11 +183,31 @@ def port_is_free(host: str, port: int) -> bool:
         return True
 
 
+_ports_handed_out: set[int] = set()
+_ports_lock = threading.Lock()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port that is free on host now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    """A port that is free on host now (the OS picks it) and that this process has not handed out before.
+
+    The OS may give a port it just released to the next bind(0), so choosing a server's HTTP, gRPC and metrics ports
+    (or a cluster's) one after another could return one port twice (seen: "cannot listen to HTTP requests and GRPC
+    requests at the same address and port").
+    """
+    held = []
+    try:
+        with _ports_lock:
+            while True:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                held.append(sock)      # kept bound until a new port is found, so the OS cannot offer it again
+                sock.bind((host, 0))
+                port = sock.getsockname()[1]
+                if port not in _ports_handed_out:
+                    _ports_handed_out.add(port)
+                    return port
+    finally:
+        for sock in held:
+            sock.close()
 
 
 def repository_models(repository: Path) -> list[str]:

@@ -159,3 +159,9 @@ def test_a_killed_client_takes_its_server_down(tiny_repository):
     while any(running(p) for p in processes) and time.monotonic() < deadline:
         time.sleep(0.25)
     assert not [p for p in processes if running(p)], "server or stubs outlived the killed client"
+
+
+def test_free_ports_are_never_handed_out_twice():
+    """A server's three ports (and a cluster's) are chosen one after another: each must differ from every other."""
+    ports = [free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)
