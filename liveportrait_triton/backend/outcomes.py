@@ -20,3 +20,11 @@ class Failure:
     message: str
     caller_fault: bool = True
     detail: str = ""
+
+
+def error_response(pb_utils, failure: Failure):
+    """The Triton response of a failed request (`pb_utils`: the stub's module); the detail goes to the server log."""
+    if failure.detail:
+        pb_utils.Logger.log_error(f"{failure.message}\n{failure.detail}")
+    code = pb_utils.TritonError.INVALID_ARG if failure.caller_fault else pb_utils.TritonError.INTERNAL
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(failure.message, code))

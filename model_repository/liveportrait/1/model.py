@@ -12,7 +12,7 @@ import triton_python_backend_utils as pb_utils
 from liveportrait_triton import spec
 from liveportrait_triton.backend.bls import BlsRunner
 from liveportrait_triton.backend.model_config import config_parameter
-from liveportrait_triton.backend.outcomes import Failure
+from liveportrait_triton.backend.outcomes import Failure, error_response
 from liveportrait_triton.backend.pipeline_model import PipelineBackend
 from liveportrait_triton.backend.requests import RawRequest, parse_parameters
 from liveportrait_triton.backend.sequences import FREED_END, FREED_IDLE
@@ -63,10 +63,7 @@ def read_request(request):
 
 def to_response(outcome):
     if isinstance(outcome, Failure):
-        if outcome.detail:
-            pb_utils.Logger.log_error(f"{outcome.message}\n{outcome.detail}")
-        code = pb_utils.TritonError.INVALID_ARG if outcome.caller_fault else pb_utils.TritonError.INTERNAL
-        return pb_utils.InferenceResponse(error=pb_utils.TritonError(outcome.message, code))
+        return error_response(pb_utils, outcome)
     tensors = [backend_tensor(pb_utils, "frame_index", np.array([[outcome.frame_index]], dtype=np.int64))]
     if outcome.image is not None:
         tensors.append(backend_tensor(pb_utils, "image", outcome.image[None]))

@@ -10,17 +10,14 @@ from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
-from liveportrait_triton.backend.outcomes import Failure
+from liveportrait_triton.backend.outcomes import Failure, error_response
 from liveportrait_triton.backend.subnetwork import subnetwork_from_config
 from liveportrait_triton.backend.tensors import backend_tensor, backend_value
 
 
 def to_response(outcome):
     if isinstance(outcome, Failure):
-        if outcome.detail:
-            pb_utils.Logger.log_error(f"{outcome.message}\n{outcome.detail}")
-        code = pb_utils.TritonError.INVALID_ARG if outcome.caller_fault else pb_utils.TritonError.INTERNAL
-        return pb_utils.InferenceResponse(error=pb_utils.TritonError(outcome.message, code))
+        return error_response(pb_utils, outcome)
     return pb_utils.InferenceResponse(output_tensors=[backend_tensor(pb_utils, name, array)
                                                       for name, array in outcome.items()])
 
