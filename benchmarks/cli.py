@@ -123,7 +123,7 @@ def command_line(args) -> str:
         if value == action.default or dest == "command_options":
             continue
         if isinstance(action, argparse.BooleanOptionalAction):
-            parts.append(option if value else f"--no-{option[2:]}")
+            parts.append(action.option_strings[0 if value else 1])     # --flag / --no-flag
         elif action.nargs == 0:
             if value:
                 parts.append(option)
