@@ -1,9 +1,9 @@
 """`liveportrait-triton ui`: a Gradio page on top of the Triton server (Animate, Edit, Live, status line).
 
 Everything goes through the client library: Animate runs the `animate` command's own code path (so every option
-and check is the command's), Live keeps one server sequence per browser session (START with the portrait, one
-request per webcam frame, END when the tab closes or the connection drops), and the status line reads the
-server's readiness and metrics. Edit holds one PortraitEditor (one sequence) per browser session; each slider
+and check is the command's), Live streams the browser's camera over WebRTC (`live_webrtc`: one server sequence per
+browser session, START with the portrait, one request per camera frame, END when the stream stops, the tab closes
+or the connection drops), and the status line reads the server's readiness and metrics. Edit holds one PortraitEditor (one sequence) per browser session; each slider
 move is one edit request on it. The page binds to loopback unless told otherwise; files come only from uploads
 (paths outside Gradio's upload folder are refused), uploads are size-limited and driving inputs duration-limited.
 
@@ -15,8 +15,10 @@ import argparse
 import dataclasses
 import importlib.util
 import inspect
+import json
 import math
 import os
+import secrets
 import shutil
 import tempfile
 import threading
@@ -28,6 +30,7 @@ import numpy as np
 from .. import crop as C
 from .. import spec
 from . import animate as A
+from . import live_webrtc
 from . import media
 from .client import DEFAULT_URL, LivePortraitClient, RequestFailed, ServerMismatch, ServerUnavailable, \
     new_sequence_id
@@ -157,7 +160,7 @@ class Limits:
     edit_sessions: int = 16             # portraits held open for editing at once
 
 
-LIVE_IDLE_S = 20.0          # a live session without frames for this long is ended (a stream that vanished)
+LIVE_IDLE_S = 20.0          # a live stream without frames for this long is ended (one that never connected)
 EDIT_IDLE_S = 300.0         # an editor unused for this long is closed (API callers never close their tab)
 
 
@@ -256,6 +259,7 @@ class Sessions:
         self._lock = threading.Lock()
 
     def get(self, session_id: str, key, create):
+        """This browser session's object for `key` (made by `create()`; one for another key is closed first)."""
         self.sweep()
         with self._lock:
             current = self._sessions.pop(session_id, None)
@@ -272,11 +276,26 @@ class Sessions:
             self._sessions[session_id] = (key, session, time.monotonic())
         return session
 
-    def close(self, session_id: str) -> None:
+    def touch(self, session_id: str) -> None:
+        """The session is in use (it is not idle)."""
         with self._lock:
-            entry = self._sessions.pop(session_id, None)
-        if entry is not None:
-            entry[1].close()
+            if session_id in self._sessions:
+                key, session, _ = self._sessions[session_id]
+                self._sessions[session_id] = (key, session, time.monotonic())
+
+    def find(self, accept):
+        """The first open session object for which `accept(object)` is true, else None."""
+        with self._lock:
+            return next((session for _, session, _ in self._sessions.values() if accept(session)), None)
+
+    def close(self, session_id: str, only=None) -> None:
+        """Close the browser session's object (with `only`: if it is still that object)."""
+        with self._lock:
+            entry = self._sessions.get(session_id)
+            if entry is None or (only is not None and entry[1] is not only):
+                return
+            del self._sessions[session_id]
+        entry[1].close()
 
     def sweep(self) -> None:
         """Close sessions unused for idle_s."""
@@ -366,15 +385,22 @@ class App:
         return str(output), str(comparison) if comparison else None, None, str(output), message
 
     # -- live ---------------------------------------------------------------------------------------------
-    def live_frame(self, session_id: str, frame: np.ndarray | None, source: str | None, settings: dict
-                   ) -> np.ndarray | None:
-        if frame is None:
-            return None
+    def live_start(self, session_id: str, source: str | None, settings: dict) -> live_webrtc.LiveStream:
+        """A new live stream for this browser session (its previous one ends): the sequence STARTs with the
+        portrait now; the page then connects to it over WebRTC with the stream's token."""
         source = uploaded_file(source, "portrait", self.upload_folder)
-        key = (source, tuple(sorted(settings.items())))
-        session = self.live.get(session_id, key, lambda: LiveSession(self.server, source, settings,
-                                                                     self.face_models, self.live_fps))
-        return session.animate(frame)
+        self.live.close(session_id)
+
+        def create():
+            stream = live_webrtc.LiveStream(LiveSession(self.server, source, settings, self.face_models,
+                                                        self.live_fps), on_frame=lambda: self.live.touch(session_id))
+            stream.on_end = lambda: self.live.close(session_id, only=stream)
+            return stream
+        return self.live.get(session_id, secrets.token_hex(8), create)
+
+    def live_stream(self, token: str) -> live_webrtc.LiveStream | None:
+        """The open live stream a page's WebRTC offer names by its token."""
+        return self.live.find(lambda stream: secrets.compare_digest(stream.token, token))
 
     # -- edit ---------------------------------------------------------------------------------------------
     def editor(self, session_id: str, source: str | None, crop: dict):
@@ -470,13 +496,18 @@ def build(app: App):
         except USER_ERRORS as exc:
             raise user_error(exc) from None
 
-    def live_endpoint(frame, source, *rest):
+    def live_start(source, *rest):
+        """-> what the page's script needs to connect (token, camera frame rate, offer route), as JSON."""
         *values, request = rest
         settings = {c.name: v for c, v in zip(LIVE_CONTROLS, values)}
         try:
-            return app.live_frame(request.session_hash, frame, source, settings)
+            stream = app.live_start(request.session_hash, source, settings)
         except USER_ERRORS as exc:
             raise user_error(exc) from None
+        return json.dumps({"token": stream.token, "fps": app.live_fps, "offer_path": live_webrtc.OFFER_PATH})
+
+    def live_stop(request: gr.Request):
+        app.live.close(request.session_hash)
 
     def close_session(request: gr.Request):
         app.close_session(request.session_hash)
@@ -507,7 +538,7 @@ def build(app: App):
     animate_names = ["source", "driving", *(c.name for c in ANIMATE_CONTROLS)]
     edit_names = ["source", *(c.name for c in EDIT_CONTROLS + EDIT_SWITCHES + EDIT_CROP_CONTROLS)]
     animate_endpoint = _named(animate_endpoint, animate_names, progress)
-    live_endpoint = _named(live_endpoint, ["frame", "source", *(c.name for c in LIVE_CONTROLS)], request)
+    live_start = _named(live_start, ["source", *(c.name for c in LIVE_CONTROLS)], request)
     edit_endpoint = _named(edit_endpoint, edit_names, request)
     edit_opened = _named(edit_opened, edit_names, request)
 
@@ -558,19 +589,25 @@ def build(app: App):
                                outputs=[*(edit_sliders[[c.name for c in EDIT_CONTROLS].index(n)]
                                           for n in RATIO_CONTROLS), edit_preview], api_name=False)
         with gr.Tab("Live", id="live"):
-            gr.Markdown("Your webcam drives the portrait in real time (one server sequence per browser tab, freed "
-                        "when the tab closes).")
+            gr.Markdown("Your webcam drives the portrait in real time over WebRTC (one server sequence per "
+                        "browser tab, freed when the stream stops or the tab closes). When the server is slower "
+                        "than the camera the newest camera frame wins; skipped frames are counted below.")
             with gr.Row():
                 live_source = gr.Image(type="filepath", label="Portrait", sources=["upload", "clipboard"],
-                                       elem_id="live-source")
-                webcam = gr.Image(sources=["webcam"], streaming=True, type="numpy", label="Webcam",
-                                  elem_id="live-webcam")
-                live_out = gr.Image(label="Animated", streaming=True, elem_id="live-output")
+                                       elem_id="live-source", scale=1)
+                gr.HTML('<div id="live-output"></div>', label="Camera | animated", scale=2)
+            with gr.Row():
+                live_start_button = gr.Button("Start", variant="primary", elem_id="live-start")
+                live_stop_button = gr.Button("Stop", elem_id="live-stop")
+            gr.HTML('<div id="live-message"></div>')
+            live_reply = gr.Textbox(visible=False)
             with gr.Accordion("Settings", open=False):
                 live_controls = _widgets(LIVE_CONTROLS, "live", LIVE_DEFAULTS)
-            webcam.stream(live_endpoint, inputs=[webcam, live_source, *live_controls], outputs=[live_out],
-                          stream_every=1.0 / app.live_fps, concurrency_limit=app.limits.live_sessions,
-                          api_name=False, show_progress="hidden")
+            live_start_button.click(live_start, inputs=[live_source, *live_controls], outputs=[live_reply],
+                                    api_name=False, concurrency_limit=app.limits.live_sessions).success(
+                None, inputs=[live_reply], js="(reply) => window.liveportraitLive.start(reply)")
+            live_stop_button.click(live_stop, api_name=False, queue=False,
+                                   js="() => window.liveportraitLive.stop('stopped')")
         timer = gr.Timer(2.0)
         timer.tick(app.status_line, outputs=[status], api_name=False, show_progress="hidden", queue=False)
         demo.load(app.status_line, outputs=[status], api_name=False, queue=False)
@@ -604,7 +641,8 @@ def launch(app: App, host: str, port: int, block: bool = True):
     demo = build(app)
     demo.queue(default_concurrency_limit=4)
     demo.launch(server_name=host, server_port=port, max_file_size=f"{app.limits.upload_mb:g}mb",
-                prevent_thread_lock=not block, show_error=True, quiet=not block)
+                prevent_thread_lock=not block, show_error=True, quiet=not block, head=live_webrtc.PAGE_SCRIPT,
+                app_kwargs={"routes": [live_webrtc.offer_route(app.live_stream)]})
     return demo
 
 

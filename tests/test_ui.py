@@ -1,12 +1,13 @@
 """The web interface (`liveportrait-triton ui`) on the real bundled Triton server (tiny networks): gradio_client
 calls of /animate and /edit, and a real headless Chromium (Debian's `chromium`, driven by Playwright) uploading,
-animating, editing and streaming a fake webcam fed from a generated .y4m file.
+animating, editing and streaming a fake webcam fed from a generated .y4m file over WebRTC.
 
 Set LP_UI_SCREENSHOTS=DIR to save a screenshot of each tab there (how docs/ui-*.png were made).
 """
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -165,7 +166,9 @@ def browser(media_files):
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
             "--no-sandbox", "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
-            f"--use-file-for-fake-video-capture={media_files['camera']}"])
+            f"--use-file-for-fake-video-capture={media_files['camera']}",
+            # host ICE candidates as addresses (not mDNS names): the page's server has no STUN/TURN to meet on
+            "--disable-features=WebRtcHideLocalIpsWithMdns"])
         yield browser
         browser.close()
 
@@ -190,7 +193,7 @@ def wait_for(condition, timeout_s: float, what: str):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = condition()
-        if value:
+        if value is not None and value is not False:        # a value, or True
             return value
         time.sleep(0.5)
     raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
@@ -216,7 +219,7 @@ def test_browser_animate(page, page_url, media_files, tmp_path):
 def test_browser_edit_slider_updates_preview(page, media_files):
     page.get_by_role("tab", name="Edit").click()
     page.locator("#edit-source input[type=file]").set_input_files(str(media_files["portrait"]))
-    first = wait_for(lambda: page.locator("#edit-preview img").get_attribute("src")
+    first = wait_for(lambda: page.locator("#edit-preview img").get_attribute("src") or None
                      if page.locator("#edit-preview img").count() else None, 120, "the first preview")
     # drag the yaw slider: the range input fires `input` events as a real drag does
     page.locator("#edit-yaw input[type=range]").evaluate(
@@ -229,23 +232,57 @@ def test_browser_edit_slider_updates_preview(page, media_files):
     assert_changed(before, after, "the preview")
 
 
-def test_browser_live_webcam_and_sequence_freed(page, tiny_server, media_files):
+LIVE_VIDEO_FRAME = """() => {
+  const video = document.getElementById('live-video');
+  if (!video || video.readyState < 2 || !video.videoWidth) return null;
+  const canvas = document.createElement('canvas');
+  canvas.width = video.videoWidth; canvas.height = video.videoHeight;
+  canvas.getContext('2d').drawImage(video, 0, 0);
+  return canvas.toDataURL('image/png');
+}"""
+
+
+def live_video_frame(page) -> np.ndarray | None:
+    """The frame the page's received WebRTC video shows now (RGB), None before it plays."""
+    url = page.evaluate(LIVE_VIDEO_FRAME)
+    if not url:
+        return None
+    import base64
+    data = np.frombuffer(base64.b64decode(url.split(",", 1)[1]), np.uint8)
+    return cv2.cvtColor(cv2.imdecode(data, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+
+def test_browser_live_no_portrait_is_an_error_in_the_page(page):
+    page.get_by_role("tab", name="Live").click()
+    page.locator("#live-start").click()
+    page.wait_for_selector("text=no portrait: upload one", timeout=30000)
+    assert page.locator("#live-video").count() == 0
+
+
+def test_browser_live_webrtc_and_sequence_freed(page, tiny_server, media_files):
     # earlier tests' editors end with their sessions (tab closed, or gradio_client gone)
     wait_for(lambda: live_sequences(tiny_server) == 0, 60, "no live sequence before the test")
     page.get_by_role("tab", name="Live").click()
     page.locator("#live-source input[type=file]").set_input_files(str(media_files["portrait"]))
     page.wait_for_selector("#live-source img", timeout=30000)
-    page.locator("#live-webcam").get_by_text("Click to Access Webcam").click()
-    page.locator("#live-webcam").get_by_role("button", name="capture photo").click()     # gradio's "Record"
-    seen: set[str] = set()
-
-    def frames_arrived():
-        image = page.locator("#live-output img")
-        if image.count() and image.first.get_attribute("src"):
-            seen.add(image.first.get_attribute("src"))
-        return len(seen) >= 3
-    wait_for(frames_arrived, 120, "three different animated frames")
+    page.locator("#live-start").click()
+    first = wait_for(lambda: live_video_frame(page), 120, "the animated WebRTC video to play")
+    portrait = astronaut()
+    # the received track is the animated 512x512 portrait (pasted back), not the 640x480 camera
+    assert first.shape == portrait.shape, f"received {first.shape}, the portrait is {portrait.shape}"
+    resemblance = np.abs(first.astype(np.int16) - portrait).mean()
+    assert resemblance < 25, f"the received frame differs from the portrait by {resemblance:.1f} levels on average"
     assert live_sequences(tiny_server) == 1          # one sequence for this browser session
+
+    def moved():
+        frame = live_video_frame(page)
+        return frame is not None and np.abs(frame.astype(np.int16) - first).max() >= 8
+    wait_for(moved, 120, "the animated face to move with the camera (a frame differing by 8+ levels)")
+    stats = wait_for(lambda: re.search(r"camera frames (\d+) \| animated ([1-9]\d*) \| skipped (\d+) \(server busy: "
+                                       r"the newest frame wins\)", page.inner_text("#live-message")), 30,
+                     "the stream's frame counts in the page")
+    received, animated, skipped = map(int, stats.groups())
+    assert received >= animated + skipped, stats[0]
     wait_for(lambda: "live sequences 1" in page.inner_text("#server-status"), 15, "the status line to show it")
     shoot(page, "live")
     page.close()                                     # the tab closes: its sequence is ended
