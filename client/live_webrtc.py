@@ -233,7 +233,7 @@ window.liveportraitLive = (() => {
     if (!el) {
       el = document.createElement('video');
       el.id = id; el.autoplay = true; el.playsInline = true; el.muted = muted;
-      el.style.width = '49%'; el.style.marginRight = '1%';
+      el.style.width = '48%'; el.style.marginRight = '1%';
       box().appendChild(el);
     }
     return el;

@@ -3,8 +3,8 @@
 Everything goes through the client library: Animate runs the `animate` command's own code path (so every option
 and check is the command's), Live streams the browser's camera over WebRTC (`live_webrtc`: one server sequence per
 browser session, START with the portrait, one request per camera frame, END when the stream stops, the tab closes
-or the connection drops), and the status line reads the server's readiness and metrics. Edit holds one PortraitEditor (one sequence) per browser session; each slider
-move is one edit request on it. The page binds to loopback unless told otherwise; files come only from uploads
+or the connection drops), and the status line reads the server's readiness and metrics. Edit holds one
+PortraitEditor (one sequence) per browser session; each slider move is one edit request on it. The page binds to loopback unless told otherwise; files come only from uploads
 (paths outside Gradio's upload folder are refused), uploads are size-limited and driving inputs duration-limited.
 
 Named API endpoints (gradio_client): `/animate` (source, driving, then every option with its default; returns the
@@ -632,7 +632,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"(default {Limits.driving_seconds:g} s)")
     parser.add_argument("--max-live-sessions", type=int, default=Limits.live_sessions,
                         help=f"browser sessions streaming their webcam at once (default {Limits.live_sessions})")
-    parser.add_argument("--live-fps", type=float, default=10.0, help="webcam frames sent per second (default 10)")
+    parser.add_argument("--live-fps", type=float, default=10.0,
+                        help="camera frames per second the Live tab asks the browser for (default 10)")
     parser.add_argument("--face-models", metavar="DIR", help="official face models folder (see `animate --help`)")
 
 
