@@ -97,7 +97,6 @@ def _animated_track(slot: NewestFrame, stream: "LiveStream"):
                 raise MediaStreamError from exc
             stream.stats.last_ms = (time.perf_counter() - started) * 1000.0
             stream.stats.animated += 1
-            stream.on_frame()
             out = VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
             out.pts, out.time_base = frame.pts, frame.time_base
             return out
@@ -111,7 +110,7 @@ class LiveStream:
 
     def __init__(self, session: Animator, on_frame: Callable[[], None] = lambda: None,
                  on_end: Callable[[], None] | None = None):
-        self.session, self.on_frame = session, on_frame
+        self.session, self.on_frame = session, on_frame      # on_frame: a camera frame arrived (the stream lives)
         self.on_end = on_end or self.close       # what ends the stream when its connection does (the owner's close)
         self.token = secrets.token_urlsafe(16)
         self.stats = LiveStats()
@@ -158,6 +157,7 @@ class LiveStream:
         try:
             while True:
                 slot.put(await track.recv())
+                self.on_frame()
         except MediaStreamError:            # the camera track ended
             slot.close()
 
@@ -233,7 +233,8 @@ window.liveportraitLive = (() => {
     if (!el) {
       el = document.createElement('video');
       el.id = id; el.autoplay = true; el.playsInline = true; el.muted = muted;
-      el.style.width = '48%'; el.style.marginRight = '1%';
+      el.style.width = '49%';
+      box().style.cssText = 'display: flex; gap: 2%; width: 100%';
       box().appendChild(el);
     }
     return el;

@@ -40,11 +40,13 @@ class Inverting:
     """A stand-in for the page's LiveSession (which needs a server; tests/test_ui.py runs that one): inverts each
     frame, slowly enough that the camera outruns it."""
 
-    def __init__(self, delay_s: float):
-        self.delay_s, self.frames, self.closed = delay_s, 0, threading.Event()
+    def __init__(self, delay_s: float, fail_after: int | None = None):
+        self.delay_s, self.fail_after, self.frames, self.closed = delay_s, fail_after, 0, threading.Event()
 
     def animate(self, frame: np.ndarray) -> np.ndarray:
         time.sleep(self.delay_s)
+        if self.frames == self.fail_after:
+            raise RuntimeError("the server went away")
         self.frames += 1
         return 255 - frame
 
@@ -52,49 +54,65 @@ class Inverting:
         self.closed.set()
 
 
-def test_camera_frames_come_back_animated_and_closing_the_connection_ends_the_stream():
-    from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
+WIDTH, HEIGHT, FPS = 160, 128, 30
+CAMERA_FRAME = np.zeros((HEIGHT, WIDTH, 3), np.uint8)
+CAMERA_FRAME[:, : WIDTH // 2] = (200, 40, 40)
+CAMERA_FRAME[:, WIDTH // 2:] = (30, 30, 180)
+
+
+def camera_track():
+    from aiortc import VideoStreamTrack
     from av import VideoFrame
 
-    width, height, fps = 160, 128, 30
-    camera_frame = np.zeros((height, width, 3), np.uint8)
-    camera_frame[:, : width // 2] = (200, 40, 40)
-    camera_frame[:, width // 2:] = (30, 30, 180)
-
     class Camera(VideoStreamTrack):
-        async def recv(self):
-            pts = getattr(self, "n", 0)
-            self.n = pts + 1
-            await asyncio.sleep(1 / fps)
-            frame = VideoFrame.from_ndarray(camera_frame, format="rgb24")
-            frame.pts, frame.time_base = pts, fractions.Fraction(1, fps)
-            return frame
+        """A 30 frames/s camera showing CAMERA_FRAME."""
+        n = 0
 
+        async def recv(self):
+            self.n += 1
+            await asyncio.sleep(1 / FPS)
+            frame = VideoFrame.from_ndarray(CAMERA_FRAME, format="rgb24")
+            frame.pts, frame.time_base = self.n, fractions.Fraction(1, FPS)
+            return frame
+    return Camera()
+
+
+async def connect(stream: LiveStream):
+    """A browser-like peer (camera track out, stats channel) connected to the stream -> (peer, track, reports)."""
+    from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+    browser = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    channel = browser.createDataChannel("stats")
+    reports = []
+    channel.on("message", reports.append)
+    received = asyncio.get_running_loop().create_future()
+    browser.on("track", lambda track: received.set_result(track))
+    browser.addTrack(camera_track())
+    await browser.setLocalDescription(await browser.createOffer())
+    answer = await stream.answer(browser.localDescription.sdp, browser.localDescription.type)
+    await browser.setRemoteDescription(RTCSessionDescription(**answer))
+    return browser, await asyncio.wait_for(received, 30), reports
+
+
+async def until(condition, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+
+
+def test_camera_frames_come_back_animated_and_closing_the_connection_ends_the_stream():
     session = Inverting(delay_s=0.1)        # 10 frames/s against a 30 frames/s camera
 
     async def scenario():
         stream = LiveStream(session)
-        browser = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        channel = browser.createDataChannel("stats")
-        reports = []
-        channel.on("message", reports.append)
-        received = asyncio.get_running_loop().create_future()
-        browser.on("track", lambda track: received.set_result(track))
-        browser.addTrack(Camera())
-        await browser.setLocalDescription(await browser.createOffer())
-        answer = await stream.answer(browser.localDescription.sdp, browser.localDescription.type)
-        await browser.setRemoteDescription(RTCSessionDescription(**answer))
-        track = await asyncio.wait_for(received, 30)
+        browser, track, reports = await connect(stream)
         frames = [(await asyncio.wait_for(track.recv(), 30)).to_ndarray(format="rgb24") for _ in range(12)]
         await asyncio.sleep(1.5)            # a stats report or two
         await browser.close()
-        closed_after = time.monotonic()
-        while not session.closed.is_set() and time.monotonic() - closed_after < 30:
-            await asyncio.sleep(0.1)            # the stream notices on its side of the connection
+        await until(session.closed.is_set)  # the stream notices on its side of the connection
         return stream, frames, reports
 
     stream, frames, reports = asyncio.run(scenario())
-    expected = 255 - camera_frame
+    expected = 255 - CAMERA_FRAME
     for frame in frames[3:]:            # the first frames may still be the encoder's ramp-up
         assert frame.shape == expected.shape
         diff = np.abs(frame.astype(np.int16) - expected).mean()
@@ -104,3 +122,18 @@ def test_camera_frames_come_back_animated_and_closing_the_connection_ends_the_st
     # every camera frame was either animated or skipped, bar the ones in flight when the connection closed
     assert 0 <= stream.stats.received - stream.stats.animated - stream.stats.skipped <= 2, stream.stats
     assert reports and '"skipped"' in reports[-1]
+
+
+def test_a_failed_frame_is_reported_to_the_page_and_ends_the_stream():
+    session = Inverting(delay_s=0.05, fail_after=3)
+
+    async def scenario():
+        stream = LiveStream(session)
+        browser, track, reports = await connect(stream)
+        await until(lambda: any("the server went away" in r for r in reports) and session.closed.is_set())
+        await browser.close()
+        return reports
+
+    reports = asyncio.run(scenario())
+    assert any('"error": "the server went away"' in r for r in reports), reports
+    assert session.closed.is_set(), "the failed frame did not end the stream"

@@ -154,6 +154,23 @@ def test_uploads_only_and_limits(page_url, media_files):
         shutil.rmtree(uploads, ignore_errors=True)
 
 
+def test_live_start_with_the_server_down_says_so(page_url, media_files):
+    """Start on a page whose Triton server is gone: the error names the server (the page shows it as a Gradio
+    error, as the browser test of a missing portrait sees), and no stream is left open."""
+    _, app = page_url
+    uploads = Path(app.upload_folder) / "test_ui_server_down"
+    uploads.mkdir(parents=True, exist_ok=True)
+    portrait = shutil.copy(media_files["portrait"], uploads)
+    down = ui.App(f"127.0.0.1:{free_port()}", app.metrics_url)
+    try:
+        with pytest.raises(ui.USER_ERRORS, match="127.0.0.1"):
+            down.live_start("a-browser-session", portrait, {c.name: c.default for c in ui.LIVE_CONTROLS})
+        assert len(down.live) == 0
+    finally:
+        down.close()
+        shutil.rmtree(uploads, ignore_errors=True)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # A real browser
 
@@ -278,12 +295,21 @@ def test_browser_live_webrtc_and_sequence_freed(page, tiny_server, media_files):
         frame = live_video_frame(page)
         return frame is not None and np.abs(frame.astype(np.int16) - first).max() >= 8
     wait_for(moved, 120, "the animated face to move with the camera (a frame differing by 8+ levels)")
-    stats = wait_for(lambda: re.search(r"camera frames (\d+) \| animated ([1-9]\d*) \| skipped (\d+) \(server busy: "
-                                       r"the newest frame wins\)", page.inner_text("#live-message")), 30,
-                     "the stream's frame counts in the page")
+
+    def counts():
+        found = re.search(r"camera frames (\d+) \| animated (\d+) \| skipped (\d+) \(server busy: the newest "
+                          r"frame wins\)", page.inner_text("#live-message"))
+        return found if found and int(found[2]) >= 3 else None
+    stats = wait_for(counts, 60, "the stream's frame counts in the page (3 or more animated)")
     received, animated, skipped = map(int, stats.groups())
     assert received >= animated + skipped, stats[0]
     wait_for(lambda: "live sequences 1" in page.inner_text("#server-status"), 15, "the status line to show it")
     shoot(page, "live")
+    page.locator("#live-stop").click()               # Stop ends the sequence
+    wait_for(lambda: live_sequences(tiny_server) == 0, 60, "the live sequence to be freed after Stop")
+    page.wait_for_selector("#live-message >> text=stopped", timeout=10000)
+    page.locator("#live-start").click()              # a new stream, a new sequence
+    wait_for(lambda: live_sequences(tiny_server) == 1, 60, "a new live sequence after Start")
+    wait_for(lambda: re.search(r"animated [1-9]", page.inner_text("#live-message")), 60, "animated frames again")
     page.close()                                     # the tab closes: its sequence is ended
     wait_for(lambda: live_sequences(tiny_server) == 0, 60, "the live sequence to be freed after the tab closed")
