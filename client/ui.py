@@ -2,10 +2,11 @@
 
 Everything goes through the client library: Animate runs the `animate` command's own code path (so every option
 and check is the command's), Live streams the browser's camera over WebRTC (`live_webrtc`: one server sequence per
-browser session, START with the portrait, one request per camera frame, END when the stream stops, the tab closes
+browser session, START with the portrait, one request per animated frame, END when the stream stops, the tab closes
 or the connection drops), and the status line reads the server's readiness and metrics. Edit holds one
-PortraitEditor (one sequence) per browser session; each slider move is one edit request on it. The page binds to loopback unless told otherwise; files come only from uploads
-(paths outside Gradio's upload folder are refused), uploads are size-limited and driving inputs duration-limited.
+PortraitEditor (one sequence) per browser session; each slider move is one edit request on it. The page binds to
+loopback unless told otherwise; files come only from uploads (paths outside Gradio's upload folder are refused),
+uploads are size-limited and driving inputs duration-limited.
 
 Named API endpoints (gradio_client): `/animate` (source, driving, then every option with its default; returns the
 result video first) and `/edit` (portrait, then every editing control with its default; returns the edited image).
@@ -595,7 +596,7 @@ def build(app: App):
             with gr.Row():
                 live_source = gr.Image(type="filepath", label="Portrait", sources=["upload", "clipboard"],
                                        elem_id="live-source", scale=1)
-                gr.HTML('<div id="live-output"></div>', label="Camera | animated", scale=2)
+                gr.HTML('<div id="live-output"></div>', scale=2)     # camera preview | animated video
             with gr.Row():
                 live_start_button = gr.Button("Start", variant="primary", elem_id="live-start")
                 live_stop_button = gr.Button("Stop", elem_id="live-stop")
