@@ -361,7 +361,7 @@ def _time_modules(args, networks, repository, samples, notes: list) -> list:
         for kind in dict.fromkeys(("torch", served[model])):
             runner = runtimes.create_subnetwork(
                 kind, specs[model], networks=networks, threads=args.threads,
-                artefact=None if kind == "torch" else runtimes.artefact_path(repository, model, kind))
+                artefact=None if kind in runtimes.TORCH_KINDS else runtimes.artefact_path(repository, model, kind))
             calls = 1 if work > 1e9 else 50
             wall, _ = time_calls(lambda: [runner.run(feeds) for _ in range(calls)], 1, args.module_repeats)
             stats = Stats.of([w / calls for w in wall])
