@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from liveportrait_triton.networks import fast_convolution as fc
-from liveportrait_triton.networks.blocks import SPADE, SpectralNormConv2d
+from liveportrait_triton.networks.blocks import SPADE, SPADEResnetBlock, SpectralNormConv2d
 
 from test_parity import TOL_IMAGE, TOL_VOLUME, W_OUTPUTS, assert_matches, warp
 
@@ -103,6 +103,21 @@ def test_low_resolution_spade():
         assert_same_function(fast, spade, torch.randn(1, 32, size, size), segmap)
 
 
+def test_folded_shortcut_block():
+    block = seeded(SPADEResnetBlock(32, 16, 8, hidden=12))
+    for conv in (block.conv_0, block.conv_1, block.conv_s):
+        nn.init.normal_(conv.weight_u)
+        nn.init.normal_(conv.weight_v)
+        conv.fold()
+    fast = fc.fast_convolutions(block)
+    assert isinstance(fast, fc.FoldedShortcutSPADEResnetBlock)
+    assert isinstance(fast.block.norm_s, fc.LowResolutionSPADE)
+    assert fast.folded_beta.out_channels == 16
+    segmap = torch.randn(2, 8, 8, 8)
+    for size in (8, 32):
+        assert_same_function(fast, block, torch.randn(2, 32, size, size), segmap)
+
+
 def test_converted_copy_leaves_the_network_alone():
     net = seeded(nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.ReLU()))
     fast = fc.fast_convolutions(net)
@@ -120,7 +135,8 @@ def test_full_size_warping_and_generator_match_the_official_chain(full_networks,
     fast.warping_module = fc.fast_convolutions(full_networks.warping_module)
     fast.spade_generator = fc.fast_convolutions(full_networks.spade_generator)
     kinds = {type(m) for net in (fast.warping_module, fast.spade_generator) for m in net.modules()}
-    assert {fc.WinogradConvolution, fc.FFTConvolution3d, fc.FewOutputConvolution2d, fc.LowResolutionSPADE} <= kinds
+    assert {fc.WinogradConvolution, fc.FFTConvolution3d, fc.FewOutputConvolution2d, fc.LowResolutionSPADE,
+            fc.FoldedShortcutSPADEResnetBlock} <= kinds
     with torch.no_grad():
         volume = full_networks.appearance_feature_extractor(torch.from_numpy(reference["source_tensor"]))
         warped = warp(fast, volume, reference["x_s"], reference["kp_driving_final"])

@@ -1,7 +1,7 @@
 """Fast CPU algorithms for the convolutions that dominate W and G, computing the same function as nn.Conv*.
 
 On a CPU whose direct fp32 convolutions already run near the machine's arithmetic peak (oneDNN on the 2-core
-AVX-512 machines here), only fewer operations make a frame faster. Three exact rewrites (equal up to fp32
+AVX-512 machines here), only fewer operations make a frame faster. These rewrites (equal up to fp32
 rounding, measured in tests/test_fast_convolution.py) cut the work:
 
 - Winograd F(4x4, 3x3) for 3x3 convolutions (and 3x3x3 ones, as three depth taps of 2-D Winograd): 36 instead
@@ -14,6 +14,9 @@ rounding, measured in tests/test_fast_convolution.py) cut the work:
   s-times upsampling sees a 2x2 neighbourhood of the small map, so one 2x2 convolution with s*s phase kernels
   replaces the 3x3 one at s*s times the pixels (2.25x fewer multiplies). SPADE's shared convolution runs on the
   nearest-upsampled feature map in G's two up blocks.
+- Two linear layers in a row become one: the 1x1 shortcut convolution of G's up blocks folded into the shortcut
+  SPADE's beta convolution.
+- Few-output convolutions with a large kernel (W's 7x7 occlusion map, one channel) as one GEMM per kernel tap.
 
 `fast_convolutions(network)` returns a converted copy of a network (the original is left as it is, so PyTorch
 eager stays the baseline); the served runtime kind `torch_fastconv` (runtimes.py) uses it.
@@ -26,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import SPADE, SpectralNormConv2d
+from .blocks import SPADE, SPADEResnetBlock, SpectralNormConv2d
 
 # Winograd F(4x4, 3x3) (Lavin & Gray): Y = A^T [(G g G^T) * (B^T d B)] A, points 0, +-1, +-2, infinity.
 _BT = torch.tensor([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
@@ -205,23 +208,56 @@ class LowResolutionSPADE(nn.Module):
         self.spade = spade
         self.upsampled: dict[int, UpsampledInputConvolution] = {}
 
-    def forward(self, x, segmap):
+    def normalized_and_activation(self, x, segmap) -> tuple[torch.Tensor, torch.Tensor]:
+        """(param-free normalised x, the shared convolution's activation on the map resized to x)."""
         h, w = x.shape[-2:]
         sh, sw = segmap.shape[-2:]
         scale = h // sh
         if scale == 1 or h != scale * sh or w != scale * sw:
-            return self.spade(x, segmap)
-        if scale not in self.upsampled:
-            self.upsampled[scale] = UpsampledInputConvolution(self.shared_weight, self.shared_bias, scale)
-        actv = F.relu(self.upsampled[scale](segmap))
-        normalized = self.spade.param_free_norm(x)
+            if segmap.shape[-2:] != x.shape[-2:]:
+                segmap = F.interpolate(segmap, size=x.shape[-2:], mode="nearest")
+            actv = self.spade.mlp_shared(segmap)
+        else:
+            if scale not in self.upsampled:
+                self.upsampled[scale] = UpsampledInputConvolution(self.shared_weight, self.shared_bias, scale)
+            actv = F.relu(self.upsampled[scale](segmap))
+        return self.spade.param_free_norm(x), actv
+
+    def forward(self, x, segmap):
+        normalized, actv = self.normalized_and_activation(x, segmap)
         return normalized * (1 + self.spade.mlp_gamma(actv)) + self.spade.mlp_beta(actv)
+
+
+class FoldedShortcutSPADEResnetBlock(nn.Module):
+    """SPADEResnetBlock whose learned shortcut folds its 1x1 convolution into the shortcut SPADE's beta
+    convolution: conv_s(n * (1 + gamma(a)) + beta(a)) = conv_s(n * (1 + gamma(a))) + (conv_s o beta)(a), and the
+    composed 3x3 convolution has fout instead of fin output channels (G's up blocks: 2x and 4x fewer)."""
+
+    def __init__(self, block: SPADEResnetBlock):
+        super().__init__()
+        shortcut = block.conv_s.weight.detach().double()[:, :, 0, 0]                 # (fout, fin)
+        beta = block.norm_s.mlp_beta
+        folded = nn.Conv2d(beta.in_channels, shortcut.shape[0], 3, padding=1)
+        folded.weight.copy_(torch.einsum("om,mcij->ocij", shortcut, beta.weight.detach().double()).float())
+        folded.bias.copy_((shortcut @ beta.bias.detach().double()).float())
+        self.folded_beta = folded
+        self.block = block
+
+    def forward(self, x, seg):
+        block = self.block
+        normalized, actv = block.norm_s.normalized_and_activation(x, seg)
+        x_s = block.conv_s(normalized * (1 + block.norm_s.spade.mlp_gamma(actv))) + self.folded_beta(actv)
+        dx = block.conv_0(F.leaky_relu(block.norm_0(x, seg), 0.2))
+        dx = block.conv_1(F.leaky_relu(block.norm_1(dx, seg), 0.2))
+        return x_s + dx
 
 
 def _replacement(module: nn.Module) -> nn.Module | None:
     """The fast form of one layer, or None where the direct one is the right algorithm."""
     if isinstance(module, SPADE):
         return LowResolutionSPADE(module)
+    if isinstance(module, SPADEResnetBlock) and module.learned_shortcut:
+        return FoldedShortcutSPADEResnetBlock(module)
     if isinstance(module, (nn.Conv2d, nn.Conv3d, SpectralNormConv2d)):
         weight = module.weight
         stride = getattr(module, "stride", (1,) * (weight.dim() - 2))
@@ -250,7 +286,7 @@ def fast_convolutions(network: nn.Module) -> nn.Module:
 
 def _convert(module: nn.Module) -> nn.Module:
     replacement = _replacement(module)
-    if replacement is None or isinstance(replacement, LowResolutionSPADE):
-        for name, child in list(module.named_children()):   # a SPADE's gamma/beta convolutions get fast forms too
+    if replacement is None or isinstance(replacement, (LowResolutionSPADE, FoldedShortcutSPADEResnetBlock)):
+        for name, child in list(module.named_children()):   # the layers inside get their own fast forms
             setattr(module, name, _convert(child))
     return module if replacement is None else replacement
