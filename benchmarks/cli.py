@@ -70,6 +70,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--served-runtime", default="served", metavar="R",
                         help="the in-process runner that uses the served models' runtime (for the 10%% comparison)")
     parser.add_argument("--no-server", action="store_true", help="skip the Triton and perf_analyzer parts")
+    parser.add_argument("--pipeline-instances", type=int, default=1, metavar="N",
+                        help="serving layout: instances of the pipeline model (each runs its frames' sub-networks "
+                             "one after another, so N sub-networks may run at once); re-renders the repository's "
+                             "configs when not 1")
+    parser.add_argument("--model-threads", type=int, default=0, metavar="T",
+                        help="serving layout: threads of each served sub-network (0: the cores shared by the "
+                             "models that may run at once); re-renders the repository's configs when not 0")
     parser.add_argument("--server-url", metavar="HOST:PORT",
                         help="gRPC address of a running server on the same repository (default: start the bundled "
                              "Triton on --repository, on loopback)")
@@ -271,12 +278,29 @@ def _pipeline_benchmark(args, networks, repository, source, driving, out: Path, 
         rows += _time_modules(args, networks, repository, samples, notes)
     versions = {"triton": None, "perf_analyzer": None}
     failed = 0
+    notes.append(_serving_layout(args, repository))
+    _log(notes[-1])
     try:
         if not args.no_server:
             failed = _served(args, networks, repository, samples, source, driving, pa, tmp, rows, notes, versions)
     finally:     # what was measured is written even when a later step fails
         _write_results(args, rows, notes, versions, out)
     return 1 if failed else 0
+
+
+def _serving_layout(args, repository: Path) -> str:
+    """Render the repository's configs for --pipeline-instances / --model-threads (when not the defaults) and
+    describe the layout the server runs."""
+    from .. import repository as rendering
+    from ..backend.subnetwork import thread_count
+    options = rendering.ServingOptions(pipeline_instances=args.pipeline_instances, threads=args.model_threads)
+    if (args.pipeline_instances, args.model_threads) != (1, 0):
+        rendering.write_repository_configs(repository, "local", args.config, options=options)
+    config = {"name": spec.WARPING, "parameters": {
+        "threads": {"string_value": str(options.threads)},
+        "models_at_once": {"string_value": str(rendering.models_at_once(options))}}}
+    return (f"serving layout: {options.pipeline_instances} pipeline instance(s), one instance of each sub-network "
+            f"with {thread_count(config)} thread(s) each")
 
 
 def _write_results(args, rows, notes, versions, out: Path) -> None:
@@ -361,7 +385,7 @@ def _time_modules(args, networks, repository, samples, notes: list) -> list:
         for kind in dict.fromkeys(("torch", served[model])):
             runner = runtimes.create_subnetwork(
                 kind, specs[model], networks=networks, threads=args.threads,
-                artefact=None if kind == "torch" else runtimes.artefact_path(repository, model, kind))
+                artefact=None if kind in runtimes.TORCH_KINDS else runtimes.artefact_path(repository, model, kind))
             calls = 1 if work > 1e9 else 50
             wall, _ = time_calls(lambda: [runner.run(feeds) for _ in range(calls)], 1, args.module_repeats)
             stats = Stats.of([w / calls for w in wall])

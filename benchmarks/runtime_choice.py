@@ -104,7 +104,7 @@ def measure_kind(kind: str, weights_dir: str, config: str, repository: str, samp
     from .. import spec
     from ..weights import load_networks
     torch.set_num_threads(threads)
-    networks = load_networks(weights_dir, config) if kind == "torch" else None
+    networks = load_networks(weights_dir, config) if kind in runtimes.TORCH_KINDS else None
     specs = spec.submodel_specs(config)
     results, outputs = [], {}
     for model in models:
@@ -113,7 +113,7 @@ def measure_kind(kind: str, weights_dir: str, config: str, repository: str, samp
         try:
             session = runtimes.create_subnetwork(
                 kind, specs[model], networks=networks, threads=threads,
-                artefact=None if kind == "torch" else runtimes.artefact_path(repository, model, kind))
+                artefact=None if networks is not None else runtimes.artefact_path(repository, model, kind))
         except Exception as exc:    # a runtime that cannot load this graph is a result, not a crash
             results += [RuntimeResult(model, kind, b, error=f"{type(exc).__name__}: {exc}") for b in batches]
             continue

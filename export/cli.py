@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--validate-batches", type=batch_sizes, default=(1, 3), metavar="B[,B...]",
                         help="batch sizes at which the runtimes are compared with PyTorch (default 1,3)")
     parser.add_argument("--runtime", action="append", default=[], metavar="MODEL=KIND",
-                        help="serve MODEL on runtime KIND (onnxruntime, openvino, tensorrt) instead of the "
+                        help="serve MODEL on runtime KIND (onnxruntime, openvino, tensorrt, torch, torch_fastconv) instead of the "
                              "committed choice for the target (liveportrait_triton/runtime_choice.json); "
                              "repeatable. Each file is validated on ONNX Runtime and on the kind serving it")
 

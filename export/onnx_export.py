@@ -19,9 +19,9 @@ import torch
 from .. import runtimes, spec
 from ..networks.grid_sample import MODES as GRID_SAMPLE_MODES
 from ..pipeline import TorchRunner
-from ..weights import Networks
+from ..weights import Networks, save_network_file
 from .sample_inputs import fraction_inside_grid, sample_inputs
-from .served import ServedModel, served_models
+from .served import NETWORK_FIELD, ServedModel, served_models
 from .validate import Comparison, ValidationError, check_graph, compare
 
 OPSET = {"decomposed": 17, "native": 20}
@@ -119,10 +119,11 @@ class ExportedModel:
 
 
 def validation_kinds(chosen: str | None) -> tuple[str, ...]:
-    """The runtime kinds an exported file is checked on: ONNX Runtime always, and the kind chosen to serve it
-    when that kind also runs the ONNX file (OpenVINO); TensorRT engines are checked by `liveportrait-triton
-    tensorrt`, and the torch kind is the reference itself."""
-    return ("onnxruntime",) + ((chosen,) if chosen in runtimes.ONNX_KINDS and chosen != "onnxruntime" else ())
+    """The runtime kinds an export is checked on: ONNX Runtime always (the ONNX file), and the kind chosen to
+    serve it when that kind runs a file export writes (OpenVINO: the ONNX file; the torch kinds: the network file
+    model.pt); TensorRT engines are checked by `liveportrait-triton tensorrt`."""
+    served = chosen in runtimes.ONNX_KINDS or chosen in runtimes.TORCH_KINDS
+    return ("onnxruntime",) + ((chosen,) if served and chosen != "onnxruntime" else ())
 
 
 def export_repository(networks: Networks, repository: str | os.PathLike, grid_sample: str = "decomposed",
@@ -167,7 +168,11 @@ def export_repository(networks: Networks, repository: str | os.PathLike, grid_sa
                 with grid_sample_mode(networks, "native"):
                     references.append((feeds, reference_runner.run(model, feeds)))
             for kind in validation_kinds((chosen or {}).get(model)):
-                runner = runtimes.create_subnetwork(kind, specs[model], artefact=partial)
+                artefact = partial
+                if kind in runtimes.TORCH_KINDS:     # the network file the torch kinds serve, checked as served
+                    artefact = final.with_name(runtimes.TORCH_FILENAME)
+                    save_network_file(networks, NETWORK_FIELD[model], artefact)
+                runner = runtimes.create_subnetwork(kind, specs[model], artefact=artefact)
                 comparisons += [compare(runner, feeds, reference) for feeds, reference in references]
                 del runner
             problems = [f for c in comparisons for f in c.failures]
@@ -179,6 +184,7 @@ def export_repository(networks: Networks, repository: str | os.PathLike, grid_sa
             log(result.summary())
         if problems:
             failures += problems
+            final.with_name(runtimes.TORCH_FILENAME).unlink(missing_ok=True)
             log(f"{model}: FAILED: " + "; ".join(problems))
             continue
         rejected.unlink(missing_ok=True)

@@ -33,9 +33,9 @@ ONNX_FILENAME = runtimes.ONNX_FILENAME
 BLS_TENSOR_PATHS = ("numpy", "torch-cpu", "torch-gpu")     # read by backend.bls (which imports no server code here)
 DEFAULT_BLS_TENSORS = {"local": "numpy", "ngc": "torch-gpu"}
 RUNTIME_CHOICE_FILE = Path(__file__).parent / "runtime_choice.json"
-# Kinds a served sub-network of a target can run: the local Python-backend models run the exported file (the
-# torch kind would need the PyTorch weights in the repository, which export does not write).
-SERVED_KINDS = {"local": ("onnxruntime", "openvino", "tensorrt")}
+# Kinds a served sub-network of a target can run: the local Python-backend models run the file export writes for
+# the chosen kind (model.onnx, model.plan, or the torch kinds' network file model.pt).
+SERVED_KINDS = {"local": ("onnxruntime", "openvino", "tensorrt", "torch", "torch_fastconv")}
 
 
 def runtime_choice(target: str = "local", path: str | Path = RUNTIME_CHOICE_FILE) -> dict[str, str]:

@@ -14,6 +14,9 @@ Kinds:
   grid-sample gather indices), latency hint, explicit thread count, threads not pinned to cores.
 - `torch`: our PyTorch modules (export/served.py `ServedModel`, the same call the ONNX export traces), eager, on
   `device`. `_torch_forward` is the one place that builds it (a CUDA flavour hooks in there).
+- `torch_fastconv`: the same modules with their heavy convolutions rewritten as faster algorithms computing the
+  same function (networks/fast_convolution.py: Winograd, FFT, low-resolution SPADE), CPU. Served from the network
+  file export writes (`model.pt`), as is `torch`.
 - `tensorrt`: a model.plan engine on a CUDA GPU (needs `tensorrt` and a CUDA build of PyTorch; see
   export/tensorrt_build.py).
 
@@ -33,12 +36,16 @@ KINDS = {
     "onnxruntime": "ONNX Runtime CPU, ORT_ENABLE_ALL, sequential, no spinning",
     "openvino": "OpenVINO CPU, f32, latency hint",
     "torch": "PyTorch eager (our modules)",
+    "torch_fastconv": "PyTorch eager, convolutions by Winograd / FFT / low-resolution SPADE (CPU)",
     "tensorrt": "TensorRT engine (CUDA GPU)",
 }
 ONNX_KINDS = ("onnxruntime", "openvino")      # run the exported model.onnx
+TORCH_KINDS = ("torch", "torch_fastconv")    # run our PyTorch modules
 ONNX_FILENAME = "model.onnx"
 PLAN_FILENAME = "model.plan"
-ARTEFACT = {"onnxruntime": ONNX_FILENAME, "openvino": ONNX_FILENAME, "tensorrt": PLAN_FILENAME}
+TORCH_FILENAME = "model.pt"                  # weights.save_network_file
+ARTEFACT = {"onnxruntime": ONNX_FILENAME, "openvino": ONNX_FILENAME, "tensorrt": PLAN_FILENAME,
+            "torch": TORCH_FILENAME, "torch_fastconv": TORCH_FILENAME}
 
 
 class RuntimeLoadError(ValueError):
@@ -56,7 +63,7 @@ def default_threads() -> int:
 def available_kinds() -> list[str]:
     """The kinds that can run on this machine (tensorrt only with the package and a CUDA GPU)."""
     import importlib.util
-    kinds = ["onnxruntime", "torch"]
+    kinds = ["onnxruntime", *TORCH_KINDS]
     if importlib.util.find_spec("openvino") is not None:
         kinds.insert(1, "openvino")
     if importlib.util.find_spec("tensorrt") is not None:
@@ -106,16 +113,19 @@ def create_subnetwork(kind: str, model_spec: spec.ModelSpec, *, artefact: str | 
                       networks=None, device: str = "cpu", threads: int | None = None,
                       precision: str = "fp32") -> SubnetworkRunner:
     """A runner of `model_spec` on `kind`: ONNX kinds need `artefact` (the model.onnx path), `tensorrt` a
-    model.plan (path or bytes), `torch` the loaded `networks` (weights.Networks; on a CUDA device in `precision`,
-    fp16 being the official default, with CUDA graphs: torch_cuda). RuntimeLoadError otherwise."""
+    model.plan (path or bytes), the torch kinds the loaded `networks` (weights.Networks) or their network file
+    (model.pt); `torch` on a CUDA device runs in `precision`, fp16 being the official default, with CUDA graphs
+    (torch_cuda). RuntimeLoadError otherwise."""
     if kind not in KINDS:
         raise RuntimeLoadError(f"unknown runtime {kind!r}; choose one of {list(KINDS)}")
     threads = threads or default_threads()
-    if kind == "torch":
+    if kind in TORCH_KINDS:
         if networks is None:
-            raise RuntimeLoadError(f"runtime 'torch' runs our PyTorch modules: pass networks=load_networks(...) "
-                                   f"for {model_spec.name!r}")
-        forward, session = _torch_forward(networks, model_spec, device, threads, precision)
+            networks = _network_file(model_spec, artefact, kind)
+        if kind == "torch_fastconv" and device != "cpu":
+            raise RuntimeLoadError(f"runtime 'torch_fastconv' is a CPU runtime, not for {device!r}")
+        forward, session = _torch_forward(networks, model_spec, device, threads, precision,
+                                          fast_convolutions=kind == "torch_fastconv")
         return SubnetworkRunner(kind, model_spec, device, threads, forward, session)
     if kind == "tensorrt":
         forward, session = _tensorrt_forward(model_spec, artefact)
@@ -154,7 +164,8 @@ def create_runner(choice: str | dict[str, str], config: str | dict, *, networks=
         raise RuntimeLoadError(f"no runtime chosen for {missing}")
     specs = spec.submodel_specs(config)
     return ModelRunner({m: create_subnetwork(k, specs[m], networks=networks, device=device, threads=threads,
-                                             artefact=None if repository is None or k == "torch"
+                                             artefact=None if repository is None
+                                             or (k in TORCH_KINDS and networks is not None)
                                              else artefact_path(repository, m, k))
                         for m, k in kinds.items()})
 
@@ -167,9 +178,28 @@ def _check_names(model_spec: spec.ModelSpec, inputs, outputs, what: str) -> None
                                f"{model_spec.output_names}")
 
 
-def _torch_forward(networks, model_spec: spec.ModelSpec, device: str, threads: int, precision: str = "fp32"):
-    """The torch kind: the served module on `device` (moved there in place), inference mode; on CUDA the
-    PyTorch-CUDA runtime (torch_cuda.TorchCudaRunner: autocast in `precision`, CUDA graphs per batch size)."""
+def _network_file(model_spec: spec.ModelSpec, artefact, kind: str):
+    """The networks of a torch kind's model.pt (weights.load_network_file), checked to hold `model_spec`'s."""
+    from .export.served import NETWORK_FIELD
+    from .weights import WeightsError, load_network_file
+    if artefact is None or not Path(artefact).is_file():
+        raise RuntimeLoadError(f"runtime {kind!r} runs our PyTorch modules: pass networks=load_networks(...) or "
+                               f"the network file ({TORCH_FILENAME}) of {model_spec.name!r}, got {str(artefact)!r}: "
+                               f"run `liveportrait-triton export` with {model_spec.name} on {kind}")
+    try:
+        networks = load_network_file(artefact)
+    except WeightsError as exc:
+        raise RuntimeLoadError(str(exc)) from exc
+    if getattr(networks, NETWORK_FIELD[model_spec.name]) is None:
+        raise RuntimeLoadError(f"{artefact} does not hold the network of {model_spec.name!r}")
+    return networks
+
+
+def _torch_forward(networks, model_spec: spec.ModelSpec, device: str, threads: int, precision: str = "fp32",
+                   fast_convolutions: bool = False):
+    """The torch kinds: the served module on `device` (moved there in place), inference mode, with its heavy
+    convolutions rewritten (a converted copy) for torch_fastconv; on CUDA the PyTorch-CUDA runtime
+    (torch_cuda.TorchCudaRunner: autocast in `precision`, CUDA graphs per batch size)."""
     import torch
     if device.startswith("cuda"):
         from .torch_cuda import TorchCudaRunner
@@ -183,6 +213,9 @@ def _torch_forward(networks, model_spec: spec.ModelSpec, device: str, threads: i
     from .export.served import ServedModel
     torch.set_num_threads(threads)
     served = ServedModel(networks, model_spec).eval().to(device)
+    if fast_convolutions:
+        from .networks.fast_convolution import fast_convolutions as convert
+        served = convert(served)
 
     def forward(arrays: list[np.ndarray]) -> list[np.ndarray]:
         with torch.inference_mode():

@@ -62,27 +62,63 @@ class Networks:
         self.warping_module.grid_sample_mode = mode
 
 
+def build_network(params: dict, name: str) -> nn.Module:
+    """One uninitialised module (a key of BASE_FILES or a value of STITCHING_SUBDICTS)."""
+    s = params["stitching_retargeting_module_params"]
+    builders = {
+        "appearance_feature_extractor": lambda: AppearanceFeatureExtractor(**params["appearance_feature_extractor_params"]),
+        "motion_extractor": lambda: MotionExtractor(**params["motion_extractor_params"]),
+        "warping_module": lambda: WarpingNetwork(**params["warping_module_params"]),
+        "spade_generator": lambda: SPADEDecoder(**params["spade_generator_params"]),
+        "stitching": lambda: StitchingRetargetingNetwork(**s["stitching"]),
+        "lip": lambda: StitchingRetargetingNetwork(**s["lip"]),
+        "eye": lambda: StitchingRetargetingNetwork(**s["eye"]),
+    }
+    if name not in builders:
+        raise WeightsError(f"no network named {name!r}; networks: {sorted(builders)}")
+    return builders[name]()
+
+
 def build_networks(params: dict) -> dict[str, nn.Module]:
     """Uninitialised modules for every checkpoint entry, keyed like BASE_FILES and STITCHING_SUBDICTS' values."""
-    s = params["stitching_retargeting_module_params"]
-    return {
-        "appearance_feature_extractor": AppearanceFeatureExtractor(**params["appearance_feature_extractor_params"]),
-        "motion_extractor": MotionExtractor(**params["motion_extractor_params"]),
-        "warping_module": WarpingNetwork(**params["warping_module_params"]),
-        "spade_generator": SPADEDecoder(**params["spade_generator_params"]),
-        "stitching": StitchingRetargetingNetwork(**s["stitching"]),
-        "lip": StitchingRetargetingNetwork(**s["lip"]),
-        "eye": StitchingRetargetingNetwork(**s["eye"]),
-    }
+    return {name: build_network(params, name) for name in (*BASE_FILES, *STITCHING_SUBDICTS.values())}
+
+
+def _ready(module: nn.Module, name: str) -> nn.Module:
+    """Eval mode, no gradients, G's spectral norm folded: a loaded module as every runner expects it."""
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    if name == "spade_generator":
+        module.fold_spectral_norm()
+    return module
 
 
 def _finish(modules: dict[str, nn.Module], params: dict) -> Networks:
-    for m in modules.values():
-        m.eval()
-        for p in m.parameters():
-            p.requires_grad_(False)
-    modules["spade_generator"].fold_spectral_norm()
-    return Networks(params=params, **modules)
+    return Networks(params=params, **{name: _ready(m, name) for name, m in modules.items()})
+
+
+# One sub-network's weights as the torch runtime kinds serve them (`<model>/1/model.pt`, written by export)
+NETWORK_FILE_FORMAT = "liveportrait-triton network v1"
+
+
+def save_network_file(networks: Networks, name: str, path: str | os.PathLike) -> None:
+    """Write network `name` of `networks` (its state_dict in the official key layout, with the configuration)."""
+    torch.save({"format": NETWORK_FILE_FORMAT, "network": name, "params": networks.params,
+                "state_dict": getattr(networks, name).state_dict()}, Path(path))
+
+
+def load_network_file(path: str | os.PathLike) -> "Networks":
+    """The network a save_network_file file holds, as a Networks whose other fields are None (strict load)."""
+    document = _torch_load(Path(path))
+    if not isinstance(document, dict) or document.get("format") != NETWORK_FILE_FORMAT:
+        raise WeightsError(f"{path}: not a network file of this project (expected format {NETWORK_FILE_FORMAT!r}; "
+                           "re-run `liveportrait-triton export`)")
+    name, params = document["network"], document["params"]
+    module = build_network(params, name)
+    _load_strict(module, document["state_dict"], str(path), "exported")
+    fields = {f.name: None for f in dataclasses.fields(Networks) if f.name != "params"}
+    return Networks(params=params, **{**fields, name: _ready(module, name)})
 
 
 def _torch_load(path: Path):

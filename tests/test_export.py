@@ -227,9 +227,16 @@ def test_cli_runtime_override(tmp_path, capsys):
     assert 'key: "runtime"\n  value: { string_value: "openvino" }' in (tmp_path / spec.GENERATOR / "config.pbtxt").read_text()
     manifest = json.loads((model_path(tmp_path, spec.GENERATOR).parent / "export.json").read_text())
     assert [v["runtime"] for v in manifest["validation"]] == ["onnxruntime", "openvino"]
+    code = cli_main(["export", "--synthetic", "0", "--config", "tiny", "--repository", str(tmp_path / "torch"),
+                     "--validate-batches", "1", "--runtime", f"{spec.WARPING}=torch_fastconv"])
+    assert code == 0, capsys.readouterr().err
+    version = model_path(tmp_path / "torch", spec.WARPING).parent
+    assert (version / "model.pt").is_file()          # the network file the torch kinds serve
+    manifest = json.loads((version / "export.json").read_text())
+    assert [v["runtime"] for v in manifest["validation"]] == ["onnxruntime", "torch_fastconv"]
     code = cli_main(["export", "--synthetic", "0", "--config", "tiny", "--repository", str(tmp_path / "bad"),
-                     "--runtime", f"{spec.GENERATOR}=torch"])
-    assert code == 2 and "not servable" in capsys.readouterr().err
+                     "--runtime", f"{spec.GENERATOR}=tensorflow"])
+    assert code == 2 and "expected MODEL=KIND" in capsys.readouterr().err
 
 
 @pytest.mark.slow

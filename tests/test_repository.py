@@ -53,8 +53,10 @@ def test_runtime_overrides_and_their_errors():
     for bad in ("spade_generator", "spade_generator=tensorflow", "gen=openvino"):
         with pytest.raises(ValueError, match="expected MODEL=KIND"):
             repository.parse_runtime_overrides([bad])
-    with pytest.raises(ValueError, match=r"\{'spade_generator': 'torch'\} not servable"):
-        repository.render_repository("local", "tiny", runtime_overrides={spec.GENERATOR: "torch"})
+    with pytest.raises(ValueError, match=r"\{'spade_generator': 'tensorflow'\} not servable"):
+        repository.render_repository("local", "tiny", runtime_overrides={spec.GENERATOR: "tensorflow"})
+    rendered = repository.render_repository("local", "tiny", runtime_overrides={spec.GENERATOR: "torch_fastconv"})
+    assert parse(rendered[f"{spec.GENERATOR}/config.pbtxt"]).parameters["runtime"].string_value == "torch_fastconv"
 
 
 def test_threads_are_shared_by_the_models_that_run_at_once():

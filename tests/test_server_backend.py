@@ -76,13 +76,38 @@ def test_subnetwork_config_names_a_servable_runtime(tmp_path):
     model = spec.submodel_specs("tiny")[spec.STITCHING]
     config = as_triton_json(parse(repository.render_submodel_config(model, "local", "tiny")))
     assert Subnetwork.from_config(config, tmp_path).runner.kind == "onnxruntime"
-    for kind in ("tensorflow", "torch"):
-        config["parameters"]["runtime"]["string_value"] = kind
-        with pytest.raises(ConfigError, match=rf"runtime '{kind}' is not servable here; the local target serves "
-                                              r"\['onnxruntime', 'openvino', 'tensorrt'\]"):
-            Subnetwork.from_config(config, tmp_path)
+    config["parameters"]["runtime"]["string_value"] = "tensorflow"
+    with pytest.raises(ConfigError, match=r"runtime 'tensorflow' is not servable here; the local target serves "
+                                          r"\['onnxruntime', 'openvino', 'tensorrt', 'torch', 'torch_fastconv'\]"):
+        Subnetwork.from_config(config, tmp_path)
+    config["parameters"]["runtime"]["string_value"] = "torch_fastconv"
+    with pytest.raises(ConfigError, match=r"model.pt not found \(runtime 'torch_fastconv'"):
+        Subnetwork.from_config(config, tmp_path)
     del config["parameters"]["runtime"]
     with pytest.raises(ConfigError, match="no parameter 'runtime'"):
+        Subnetwork.from_config(config, tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["torch", "torch_fastconv"])
+def test_torch_kinds_serve_the_exported_network_file(tmp_path, tiny_networks, kind):
+    """The torch kinds load W from the network file export writes (model.pt) and compute what PyTorch does; a file
+    that is not one is refused with its name."""
+    from liveportrait_triton import repository
+    from liveportrait_triton.export.sample_inputs import sample_inputs
+    from liveportrait_triton.weights import save_network_file
+    from test_repository import as_triton_json, parse
+    save_network_file(tiny_networks, "warping_module", tmp_path / "model.pt")
+    model = spec.submodel_specs("tiny")[spec.WARPING]
+    config = as_triton_json(parse(repository.render_submodel_config(model, "local", "tiny", runtime_kind=kind)))
+    served = Subnetwork.from_config(config, tmp_path)
+    assert served.runner.kind == kind
+    feeds = sample_inputs(TorchRunner(tiny_networks), 2)[spec.WARPING]
+    want = TorchRunner(tiny_networks).run(spec.WARPING, feeds)
+    got = served.run_requests([feeds])[0]
+    for name in model.output_names:
+        np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-5 * float(np.abs(want[name]).max()))
+    (tmp_path / "model.pt").write_bytes(b"not a network")
+    with pytest.raises(ConfigError, match="model.pt: cannot be read as a PyTorch checkpoint"):
         Subnetwork.from_config(config, tmp_path)
 
 

@@ -135,8 +135,9 @@ class TorchSubnetwork(Subnetwork):
 
 
 def subnetwork_from_config(model_config: dict, version_dir: str | Path) -> Subnetwork:
-    """The served sub-network a config.pbtxt asks for: `runtime: torch` (weights on a device) or a kind of the
-    runtime layer running the exported artefact."""
-    if config_parameter(model_config, "runtime", "") == "torch":
+    """The served sub-network a config.pbtxt asks for: our PyTorch modules from the official checkpoints in its
+    `weights_dir` on a device (ServingOptions.subnetwork_runtime="torch"), or a kind of the runtime layer running
+    the file export wrote for it."""
+    if config_parameter(model_config, "weights_dir", ""):
         return TorchSubnetwork.from_config(model_config, version_dir)
     return Subnetwork.from_config(model_config, version_dir)

@@ -1,0 +1,292 @@
+"""Fast CPU algorithms for the convolutions that dominate W and G, computing the same function as nn.Conv*.
+
+On a CPU whose direct fp32 convolutions already run near the machine's arithmetic peak (oneDNN on the 2-core
+AVX-512 machines here), only fewer operations make a frame faster. These rewrites (equal up to fp32
+rounding, measured in tests/test_fast_convolution.py) cut the work:
+
+- Winograd F(4x4, 3x3) for 3x3 convolutions (and 3x3x3 ones, as three depth taps of 2-D Winograd): 36 instead
+  of 144 multiplies per 4x4 output tile, through one batched GEMM per call. It pays where channels are many and
+  the image small (G's 64x64 blocks, W's hourglass); at 256x256 the tile transforms cost more than they save.
+- FFT over height and width for W's 7x7x7 mask convolution (142 -> 22 channels, 140 of W's 342 GFLOP): a
+  per-frequency GEMM over (depth taps x channels) replaces 49 spatial taps. Its weight spectrum is cached per
+  input size (about 440 MB at W's 64x64).
+- A 3x3 convolution of a nearest-upsampled map, computed at the map's own resolution: each output phase of an
+  s-times upsampling sees a 2x2 neighbourhood of the small map, so one 2x2 convolution with s*s phase kernels
+  replaces the 3x3 one at s*s times the pixels (2.25x fewer multiplies). SPADE's shared convolution runs on the
+  nearest-upsampled feature map in G's two up blocks.
+- Two linear layers in a row become one: the 1x1 shortcut convolution of G's up blocks folded into the shortcut
+  SPADE's beta convolution.
+- Few-output convolutions with a large kernel (W's 7x7 occlusion map, one channel) as one GEMM per kernel tap.
+
+`fast_convolutions(network)` returns a converted copy of a network (the original is left as it is, so PyTorch
+eager stays the baseline); the served runtime kind `torch_fastconv` (runtimes.py) uses it.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blocks import SPADE, SPADEResnetBlock, SpectralNormConv2d
+
+# Winograd F(4x4, 3x3) (Lavin & Gray): Y = A^T [(G g G^T) * (B^T d B)] A, points 0, +-1, +-2, infinity.
+_BT = torch.tensor([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+                    [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], dtype=torch.float64)
+_G = torch.tensor([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+                   [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], dtype=torch.float64)
+_AT = torch.tensor([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
+                   dtype=torch.float64)
+TILE = 4                      # output tile edge
+# The input transform as a stride-4 correlation of each 6x6 patch: (36, 1, 6, 6); the output one as a matrix.
+_INPUT_TRANSFORM = torch.einsum("ai,bj->abij", _BT, _BT).reshape(36, 1, 6, 6).float()
+_OUTPUT_TRANSFORM = torch.kron(_AT, _AT).float()          # (16, 36)
+
+# Where Winograd pays on the measured CPUs (benchmarks/fast_convolution.py): images up to 64x64 per slice and at
+# least this many input and output channels.
+WINOGRAD_MAX_PIXELS = 64 * 64
+WINOGRAD_MIN_CHANNELS = 64
+FFT_MIN_KERNEL = 5            # 3-D kernels from this edge up go through the FFT
+
+
+
+class WinogradConvolution(nn.Module):
+    """A 3x3 (or 3x3x3) stride-1 'same' convolution by Winograd F(4x4, 3x3); other input sizes run it directly."""
+
+    def __init__(self, conv: nn.Module):
+        super().__init__()
+        weight = conv.weight.detach().double()
+        if weight.dim() == 4:
+            weight = weight.unsqueeze(2)                           # (co, c, 1, 3, 3)
+        self.depth_taps = weight.shape[2]
+        u = torch.einsum("ai,ocdij,bj->daboc", _G, weight, _G)                  # (kd, 6, 6, co, c)
+        self.register_buffer("transformed_weight", u.reshape(self.depth_taps, 36, *weight.shape[:2]).float()
+                             .contiguous())
+        bias = conv.bias.detach() if conv.bias is not None else torch.zeros(weight.shape[0])
+        self.register_buffer("bias", bias.float().clone())
+        self.register_buffer("input_transform", _INPUT_TRANSFORM.clone())
+        self.register_buffer("output_transform", _OUTPUT_TRANSFORM.clone())
+        self.direct = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        if h % TILE or w % TILE or h * w > WINOGRAD_MAX_PIXELS or x.dtype != torch.float32:
+            return self.direct(x)
+        planar = x.dim() == 4
+        x5 = x.unsqueeze(2) if planar else x
+        n, c, d, _, _ = x5.shape
+        pad = self.depth_taps // 2
+        if pad:
+            x5 = F.pad(x5, (0, 0, 0, 0, pad, pad))
+        padded_depth = d + 2 * pad
+        th, tw = h // TILE, w // TILE
+        tiles = th * tw
+        v = F.conv2d(x5.reshape(n * c * padded_depth, 1, h, w), self.input_transform, stride=TILE, padding=1)
+        # (36, c, depth, batch, tiles): one depth tap is a contiguous column range
+        v = v.view(n, c, padded_depth, 36, tiles).permute(3, 1, 2, 0, 4).reshape(36, c, padded_depth * n * tiles)
+        columns = d * n * tiles
+        m = torch.bmm(self.transformed_weight[0], v[:, :, :columns])
+        for tap in range(1, self.depth_taps):
+            start = tap * n * tiles
+            m.baddbmm_(self.transformed_weight[tap], v[:, :, start:start + columns])
+        co = m.shape[1]
+        y = (self.output_transform @ m.view(36, -1)).view(TILE, TILE, co, d, n, th, tw)
+        y = y.permute(4, 2, 3, 5, 0, 6, 1).reshape(n, co, d, h, w)
+        y = y + self.bias.view(1, co, 1, 1, 1)
+        return y.squeeze(2) if planar else y
+
+
+class FFTConvolution3d(nn.Module):
+    """A stride-1 'same' Conv3d with a large cubic kernel: FFT over height and width, direct taps over depth."""
+
+    def __init__(self, conv: nn.Conv3d):
+        super().__init__()
+        self.kernel = conv.kernel_size[0]
+        self.register_buffer("weight", conv.weight.detach().float().clone())     # (co, c, k, k, k)
+        self.register_buffer("bias", conv.bias.detach().float().clone() if conv.bias is not None
+                             else torch.zeros(conv.out_channels))
+        self._spectrum: dict[tuple[int, int], torch.Tensor] = {}
+
+    def spectrum(self, h: int, w: int) -> torch.Tensor:
+        """(frequencies, depth taps, c, co) complex: the kernel's 2-D spectrum at the padded size, cached."""
+        key = (h, w)
+        if key not in self._spectrum:
+            size = (h + self.kernel - 1, w + self.kernel - 1)
+            flipped = torch.flip(self.weight, dims=(3, 4))                         # correlation -> convolution
+            spectrum = torch.fft.rfft2(flipped, s=size)                           # (co, c, k, P, Q)
+            co, c = spectrum.shape[:2]
+            self._spectrum[key] = spectrum.permute(3, 4, 2, 1, 0).reshape(-1, self.kernel, c, co).contiguous()
+        return self._spectrum[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, d, h, w = x.shape
+        k, half = self.kernel, self.kernel // 2
+        weights = self.spectrum(h, w)
+        size = (h + k - 1, w + k - 1)
+        frequencies = weights.shape[0]
+        outputs = []
+        for sample in x:                                                           # batch: one spectrum each
+            xs = torch.fft.rfft2(F.pad(sample, (0, 0, 0, 0, half, half)), s=size)   # (c, d + k - 1, P, Q)
+            xs = xs.permute(2, 3, 1, 0).reshape(frequencies, d + k - 1, c)
+            out = torch.bmm(xs[:, :d], weights[:, 0])
+            for tap in range(1, k):
+                out.baddbmm_(xs[:, tap:tap + d], weights[:, tap])
+            co = out.shape[-1]
+            out = out.view(size[0], size[1] // 2 + 1, d, co).permute(3, 2, 0, 1)
+            y = torch.fft.irfft2(out, s=size)[:, :, half:half + h, half:half + w]
+            outputs.append(y)
+        return torch.stack(outputs) + self.bias.view(1, -1, 1, 1, 1)
+
+
+class FewOutputConvolution2d(nn.Module):
+    """A stride-1 'same' Conv2d with a few output channels and a large kernel: one GEMM over the input channels
+    for every kernel tap, then a sum of the shifted tap planes (direct kernels are slow for this shape)."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        weight = conv.weight.detach().float()                                       # (co, c, k, k)
+        co, c, k, _ = weight.shape
+        self.kernel = k
+        self.register_buffer("tap_weight", weight.permute(0, 2, 3, 1).reshape(co * k * k, c).contiguous())
+        selector = torch.eye(k * k).reshape(k * k, k, k).repeat(co, 1, 1).reshape(co, k * k, k, k)
+        self.register_buffer("selector", selector)
+        self.register_buffer("bias", conv.bias.detach().float().clone() if conv.bias is not None
+                             else torch.zeros(co))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        half = self.kernel // 2
+        padded = F.pad(x, (half, half, half, half)).reshape(n, c, -1)
+        planes = torch.matmul(self.tap_weight, padded)                              # (n, co k k, padded pixels)
+        planes = planes.view(n, -1, h + 2 * half, w + 2 * half)
+        return F.conv2d(planes, self.selector, self.bias, groups=self.selector.shape[0])
+
+
+class UpsampledInputConvolution(nn.Module):
+    """conv3x3(nearest_upsample(x, s)) (stride 1, padding 1) computed from x itself: output phase (p, q) of each
+    s x s block is a 2x2 convolution of x with the 3x3 kernel's taps merged by the low-resolution pixel they read."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, scale: int):
+        super().__init__()
+        weight = weight.double()                                                     # (co, c, 3, 3)
+        co = weight.shape[0]
+        self.scale = scale
+        merge = torch.zeros(scale, 2, 3, dtype=torch.float64)     # phase, 2x2 tap, 3x3 tap (one axis)
+        self.shifts = []
+        for phase in range(scale):
+            shift = 1 if phase == scale - 1 else 0              # last phase reads pixels i, i+1; others i-1, i
+            self.shifts.append(shift)
+            for tap in range(3):
+                offset = (phase + tap - 1) // scale             # the low-resolution pixel this 3x3 tap reads
+                merge[phase, offset + 1 - shift, tap] = 1.0
+        phases = torch.einsum("pyi,qxj,ocij->pqocyx", merge, merge, weight)          # (s, s, co, c, 2, 2)
+        self.register_buffer("phase_weight", phases.reshape(scale * scale * co, weight.shape[1], 2, 2).float())
+        bias = bias if bias is not None else torch.zeros(co)
+        self.register_buffer("phase_bias", bias.float().repeat(scale * scale))
+        self.out_channels = co
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        s, co = self.scale, self.out_channels
+        y = F.conv2d(x, self.phase_weight, self.phase_bias, padding=1).view(n, s, s, co, h + 1, w + 1)
+        rows = [torch.stack([y[:, p, q, :, dy:dy + h, dx:dx + w] for q, dx in enumerate(self.shifts)], dim=-1)
+                for p, dy in enumerate(self.shifts)]                                  # s x (n, co, h, w, s)
+        return torch.stack(rows, dim=3).reshape(n, co, h * s, w * s)
+
+
+class LowResolutionSPADE(nn.Module):
+    """SPADE whose shared convolution runs on the segmentation map at its own resolution when the map is
+    nearest-upsampled by an integer factor (G's up blocks); otherwise exactly the SPADE it replaces. The
+    low-resolution convolution of each scale is built on first use (CPU only, as the torch_fastconv kind)."""
+
+    def __init__(self, spade: SPADE):
+        super().__init__()
+        shared = spade.mlp_shared[0]
+        self.shared_weight = shared.weight.detach().clone()
+        self.shared_bias = shared.bias.detach().clone() if shared.bias is not None else None
+        self.spade = spade
+        self.upsampled: dict[int, UpsampledInputConvolution] = {}
+
+    def normalized_and_activation(self, x, segmap) -> tuple[torch.Tensor, torch.Tensor]:
+        """(param-free normalised x, the shared convolution's activation on the map resized to x)."""
+        h, w = x.shape[-2:]
+        sh, sw = segmap.shape[-2:]
+        scale = h // sh
+        if scale == 1 or h != scale * sh or w != scale * sw:
+            if segmap.shape[-2:] != x.shape[-2:]:
+                segmap = F.interpolate(segmap, size=x.shape[-2:], mode="nearest")
+            actv = self.spade.mlp_shared(segmap)
+        else:
+            if scale not in self.upsampled:
+                self.upsampled[scale] = UpsampledInputConvolution(self.shared_weight, self.shared_bias, scale)
+            actv = F.relu(self.upsampled[scale](segmap))
+        return self.spade.param_free_norm(x), actv
+
+    def forward(self, x, segmap):
+        normalized, actv = self.normalized_and_activation(x, segmap)
+        return normalized * (1 + self.spade.mlp_gamma(actv)) + self.spade.mlp_beta(actv)
+
+
+class FoldedShortcutSPADEResnetBlock(nn.Module):
+    """SPADEResnetBlock whose learned shortcut folds its 1x1 convolution into the shortcut SPADE's beta
+    convolution: conv_s(n * (1 + gamma(a)) + beta(a)) = conv_s(n * (1 + gamma(a))) + (conv_s o beta)(a), and the
+    composed 3x3 convolution has fout instead of fin output channels (G's up blocks: 2x and 4x fewer)."""
+
+    def __init__(self, block: SPADEResnetBlock):
+        super().__init__()
+        shortcut = block.conv_s.weight.detach().double()[:, :, 0, 0]                 # (fout, fin)
+        beta = block.norm_s.mlp_beta
+        folded = nn.Conv2d(beta.in_channels, shortcut.shape[0], 3, padding=1)
+        folded.weight.copy_(torch.einsum("om,mcij->ocij", shortcut, beta.weight.detach().double()).float())
+        folded.bias.copy_((shortcut @ beta.bias.detach().double()).float())
+        self.folded_beta = folded
+        self.block = block
+
+    def forward(self, x, seg):
+        block = self.block
+        normalized, actv = block.norm_s.normalized_and_activation(x, seg)
+        x_s = block.conv_s(normalized * (1 + block.norm_s.spade.mlp_gamma(actv))) + self.folded_beta(actv)
+        dx = block.conv_0(F.leaky_relu(block.norm_0(x, seg), 0.2))
+        dx = block.conv_1(F.leaky_relu(block.norm_1(dx, seg), 0.2))
+        return x_s + dx
+
+
+def _replacement(module: nn.Module) -> nn.Module | None:
+    """The fast form of one layer, or None where the direct one is the right algorithm."""
+    if isinstance(module, SPADE):
+        return LowResolutionSPADE(module)
+    if isinstance(module, SPADEResnetBlock) and module.learned_shortcut:
+        return FoldedShortcutSPADEResnetBlock(module)
+    if isinstance(module, (nn.Conv2d, nn.Conv3d, SpectralNormConv2d)):
+        weight = module.weight
+        stride = getattr(module, "stride", (1,) * (weight.dim() - 2))
+        dilation = getattr(module, "dilation", (1,) * (weight.dim() - 2))
+        groups = getattr(module, "groups", 1)
+        padding = module.padding if isinstance(module.padding, tuple) else (module.padding,) * (weight.dim() - 2)
+        kernel = tuple(weight.shape[2:])
+        same = all(p == k // 2 for p, k in zip(padding, kernel)) and len(set(kernel)) == 1
+        if groups != 1 or any(s != 1 for s in stride) or any(v != 1 for v in dilation) or not same:
+            return None
+        co, c = weight.shape[:2]
+        if weight.dim() == 5 and kernel[0] >= FFT_MIN_KERNEL:
+            return FFTConvolution3d(module)
+        if weight.dim() == 4 and kernel[0] >= FFT_MIN_KERNEL and co <= 4:
+            return FewOutputConvolution2d(module)
+        if kernel[0] == 3 and min(c, co) >= WINOGRAD_MIN_CHANNELS:
+            return WinogradConvolution(module)
+    return None
+
+
+def fast_convolutions(network: nn.Module) -> nn.Module:
+    """A copy of `network` (eval mode, weights folded) with its convolutions replaced where a fast form applies."""
+    with torch.no_grad():
+        return _convert(copy.deepcopy(network).eval())
+
+
+def _convert(module: nn.Module) -> nn.Module:
+    replacement = _replacement(module)
+    if replacement is None or isinstance(replacement, (LowResolutionSPADE, FoldedShortcutSPADEResnetBlock)):
+        for name, child in list(module.named_children()):   # the layers inside get their own fast forms
+            setattr(module, name, _convert(child))
+    return module if replacement is None else replacement
