@@ -27,6 +27,13 @@ OFFER_PATH = "/live/offer"
 STATS_EVERY_S = 1.0
 
 
+def host_addresses() -> list[str]:
+    """This machine's addresses the WebRTC peer offers as host candidates (aioice's rule: loopback is never one,
+    so a machine with no other interface cannot stream)."""
+    from aioice.ice import get_host_addresses
+    return get_host_addresses(use_ipv4=True, use_ipv6=True)
+
+
 class Animator(Protocol):
     def animate(self, frame: np.ndarray) -> np.ndarray: ...
     def close(self) -> None: ...

@@ -390,6 +390,9 @@ class App:
         """A new live stream for this browser session (its previous one ends): the sequence STARTs with the
         portrait now; the page then connects to it over WebRTC with the stream's token."""
         source = uploaded_file(source, "portrait", self.upload_folder)
+        if not live_webrtc.host_addresses():
+            raise ValueError("this machine has no network address other than loopback, which WebRTC cannot use: "
+                             "Live needs one (a LAN or a virtual interface)")
         self.live.close(session_id)
 
         def create():
