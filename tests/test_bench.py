@@ -115,7 +115,7 @@ def test_runtime_choice(tmp_path, tiny_weights_dir, tiny_repository):
                  "--runtime-budget-s", "0.2", "--submodels", f"{spec.WARPING},{spec.STITCHING}",
                  "--choice-file", str(choice_file))
     rows = read_rows(out / "runtime_choice.csv")
-    assert {r["runtime"] for r in rows} == {"torch", "onnxruntime", "openvino"}
+    assert {r["runtime"] for r in rows} == {"torch", "torch_fastconv", "onnxruntime", "openvino"}
     for row in rows:
         assert row["error"] == "" and row["parity_ok"] == "True", row
         assert float(row["flop"]) > 0 and float(row["fraction_of_gemm"]) > 0, row
@@ -132,3 +132,18 @@ def test_runtime_choice(tmp_path, tiny_weights_dir, tiny_repository):
     assert {m: written[m] for m in committed if m not in fastest} == {m: k for m, k in committed.items()
                                                                       if m not in fastest}
     assert "wrote the local target's choice" in done.stdout
+
+
+def test_serving_layout_rerenders_the_configs(tmp_path):
+    """--pipeline-instances / --model-threads re-render the repository's configs; the note says the layout."""
+    import argparse
+    from liveportrait_triton import repository
+    from liveportrait_triton.benchmarks.cli import _serving_layout
+    repository.write_repository_configs(tmp_path, "local", "tiny")
+    note = _serving_layout(argparse.Namespace(pipeline_instances=2, model_threads=1, config="tiny"), tmp_path)
+    assert note == "serving layout: 2 pipeline instance(s), one instance of each sub-network with 1 thread(s) each"
+    pipeline = (tmp_path / spec.PIPELINE / "config.pbtxt").read_text()
+    assert "count: 2" in pipeline
+    warping = (tmp_path / spec.WARPING / "config.pbtxt").read_text()
+    assert 'key: "threads"\n  value: { string_value: "1" }' in warping
+    assert 'key: "models_at_once"\n  value: { string_value: "2" }' in warping
