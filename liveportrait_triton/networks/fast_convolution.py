@@ -128,10 +128,11 @@ class FFTConvolution3d(nn.Module):
         outputs = []
         for sample in x:                                                           # batch: one spectrum each
             xs = torch.fft.rfft2(F.pad(sample, (0, 0, 0, 0, half, half)), s=size)   # (c, d + k - 1, P, Q)
-            xs = xs.permute(2, 3, 1, 0).reshape(frequencies, d + k - 1, c)
-            out = torch.bmm(xs[:, :d], weights[:, 0])
-            for tap in range(1, k):
-                out.baddbmm_(xs[:, tap:tap + d], weights[:, tap])
+            xs = xs.permute(2, 3, 1, 0).reshape(frequencies, d + k - 1, c).contiguous()   # (a view otherwise)
+            # row `depth` of frequency f: the k depth slices depth..depth+k-1 side by side (copied: a GEMM cannot
+            # read the overlapping rows in place); one batched GEMM over the frequencies
+            windows = xs.as_strided((frequencies, d, k * c), ((d + k - 1) * c, c, 1)).contiguous()
+            out = torch.bmm(windows, weights.view(frequencies, k * c, -1))
             co = out.shape[-1]
             out = out.view(size[0], size[1] // 2 + 1, d, co).permute(3, 2, 0, 1)
             y = torch.fft.irfft2(out, s=size)[:, :, half:half + h, half:half + w]
