@@ -293,9 +293,6 @@ class TritonServer:
         """This interpreter's bin directory first on PATH (the stub's Python finds this venv through it), and
         the wheel's libraries plus libpython's directory on LD_LIBRARY_PATH."""
         env = dict(os.environ)
-        # OpenMP worker threads of the torch kinds sleep when idle instead of spinning: the other models'
-        # processes need the cores (ONNX Runtime and OpenVINO are configured so in runtimes.py)
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         libs = [str(install.libs), sysconfig.get_config_var("LIBDIR") or "", env.get("LD_LIBRARY_PATH", "")]
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in libs if p)

@@ -213,7 +213,7 @@ class LowResolutionSPADE(nn.Module):
         """(param-free normalised x, the shared convolution's activation on the map resized to x)."""
         h, w = x.shape[-2:]
         sh, sw = segmap.shape[-2:]
-        scale = h // sh
+        scale = int(h) // int(sh)          # a plain int: the cache key, also while tracing
         if scale == 1 or h != scale * sh or w != scale * sw:
             if segmap.shape[-2:] != x.shape[-2:]:
                 segmap = F.interpolate(segmap, size=x.shape[-2:], mode="nearest")
