@@ -284,9 +284,13 @@ def write_repository_configs(repository_dir: str | Path, target: str = "local", 
 
 
 def copy_artefacts(source_dir: str | Path, repository_dir: str | Path) -> None:
-    """Copy exported <model>/1/model.onnx files from one repository into another (e.g. a test's copy)."""
+    """Copy the exported files of every sub-network (<model>/1/model.onnx, and model.pt / model.plan where export
+    or the TensorRT build wrote them) from one repository into another (e.g. a test's copy)."""
     for name in spec.SUBMODELS:
-        src = Path(source_dir) / name / "1" / ONNX_FILENAME
-        dst = Path(repository_dir) / name / "1" / ONNX_FILENAME
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dst)
+        for filename in sorted(set(runtimes.ARTEFACT.values())):
+            src = Path(source_dir) / name / "1" / filename
+            if filename != ONNX_FILENAME and not src.is_file():
+                continue
+            dst = Path(repository_dir) / name / "1" / filename
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)

@@ -44,13 +44,15 @@ def test_a_taken_port_is_reported_before_starting(tiny_repository):
 
 
 def test_a_model_that_fails_to_load_is_named(tiny_repository, tmp_path):
+    from liveportrait_triton import repository, runtimes
     broken = rendered_copy(tiny_repository, tmp_path / "repository")
-    (broken / spec.WARPING / "1" / "model.onnx").unlink()
+    served = runtimes.artefact_path(broken, spec.WARPING, repository.served_runtimes("local")[spec.WARPING])
+    served.unlink()                      # the file W's runtime kind serves (model.onnx or model.pt)
     server = TritonServer(broken, log_file=tmp_path / "triton.log")
     with pytest.raises(ServerError) as failed:
         server.start()
     message = str(failed.value)
-    assert f"model '{spec.WARPING}' failed to load" in message and "model.onnx not found" in message
+    assert f"model '{spec.WARPING}' failed to load" in message and f"{served.name} not found" in message
     assert not server.alive()
 
 
