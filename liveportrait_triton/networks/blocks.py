@@ -162,12 +162,15 @@ class SPADE(nn.Module):
         self.mlp_gamma = nn.Conv2d(hidden, norm_nc, kernel_size=3, padding=1)
         self.mlp_beta = nn.Conv2d(hidden, norm_nc, kernel_size=3, padding=1)
 
-    def forward(self, x, segmap):
-        normalized = self.param_free_norm(x)
+    def activation(self, x, segmap):
+        """The shared convolution's activation on the map resized (nearest) to x."""
         if segmap.shape[-2:] != x.shape[-2:]:
             segmap = F.interpolate(segmap, size=x.shape[-2:], mode="nearest")
-        actv = self.mlp_shared(segmap)
-        return normalized * (1 + self.mlp_gamma(actv)) + self.mlp_beta(actv)
+        return self.mlp_shared(segmap)
+
+    def forward(self, x, segmap):
+        actv = self.activation(x, segmap)
+        return self.param_free_norm(x) * (1 + self.mlp_gamma(actv)) + self.mlp_beta(actv)
 
 
 class SPADEResnetBlock(nn.Module):

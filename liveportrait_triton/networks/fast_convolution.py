@@ -209,24 +209,20 @@ class LowResolutionSPADE(nn.Module):
         self.spade = spade
         self.upsampled: dict[int, UpsampledInputConvolution] = {}
 
-    def normalized_and_activation(self, x, segmap) -> tuple[torch.Tensor, torch.Tensor]:
-        """(param-free normalised x, the shared convolution's activation on the map resized to x)."""
+    def activation(self, x, segmap) -> torch.Tensor:
+        """SPADE.activation, from the small map where x is an integer multiple of its size."""
         h, w = x.shape[-2:]
         sh, sw = segmap.shape[-2:]
         scale = int(h) // int(sh)          # a plain int: the cache key, also while tracing
         if scale == 1 or h != scale * sh or w != scale * sw:
-            if segmap.shape[-2:] != x.shape[-2:]:
-                segmap = F.interpolate(segmap, size=x.shape[-2:], mode="nearest")
-            actv = self.spade.mlp_shared(segmap)
-        else:
-            if scale not in self.upsampled:
-                self.upsampled[scale] = UpsampledInputConvolution(self.shared_weight, self.shared_bias, scale)
-            actv = F.relu(self.upsampled[scale](segmap))
-        return self.spade.param_free_norm(x), actv
+            return self.spade.activation(x, segmap)
+        if scale not in self.upsampled:
+            self.upsampled[scale] = UpsampledInputConvolution(self.shared_weight, self.shared_bias, scale)
+        return F.relu(self.upsampled[scale](segmap))
 
     def forward(self, x, segmap):
-        normalized, actv = self.normalized_and_activation(x, segmap)
-        return normalized * (1 + self.spade.mlp_gamma(actv)) + self.spade.mlp_beta(actv)
+        actv = self.activation(x, segmap)
+        return self.spade.param_free_norm(x) * (1 + self.spade.mlp_gamma(actv)) + self.spade.mlp_beta(actv)
 
 
 class FoldedShortcutSPADEResnetBlock(nn.Module):
@@ -245,9 +241,10 @@ class FoldedShortcutSPADEResnetBlock(nn.Module):
         self.block = block
 
     def forward(self, x, seg):
-        block = self.block
-        normalized, actv = block.norm_s.normalized_and_activation(x, seg)
-        x_s = block.conv_s(normalized * (1 + block.norm_s.spade.mlp_gamma(actv))) + self.folded_beta(actv)
+        block, norm_s = self.block, self.block.norm_s
+        actv = norm_s.activation(x, seg)
+        x_s = block.conv_s(norm_s.spade.param_free_norm(x) * (1 + norm_s.spade.mlp_gamma(actv))) \
+            + self.folded_beta(actv)
         dx = block.conv_0(F.leaky_relu(block.norm_0(x, seg), 0.2))
         dx = block.conv_1(F.leaky_relu(block.norm_1(dx, seg), 0.2))
         return x_s + dx
