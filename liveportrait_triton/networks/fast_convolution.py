@@ -43,8 +43,8 @@ TILE = 4                      # output tile edge
 _INPUT_TRANSFORM = torch.einsum("ai,bj->abij", _BT, _BT).reshape(36, 1, 6, 6).float()
 _OUTPUT_TRANSFORM = torch.kron(_AT, _AT).float()          # (16, 36)
 
-# Where Winograd pays on the measured CPUs (benchmarks/fast_convolution.py): images up to 64x64 per slice and at
-# least this many input and output channels.
+# Where Winograd paid in layer-by-layer timings on the 2-core AMD EPYC (512 -> 512 at 64x64: 2x; at 128x128 about
+# even; at 256x256 slower): images up to 64x64 per slice and at least this many input and output channels.
 WINOGRAD_MAX_PIXELS = 64 * 64
 WINOGRAD_MIN_CHANNELS = 64
 FFT_MIN_KERNEL = 5            # 3-D kernels from this edge up go through the FFT
