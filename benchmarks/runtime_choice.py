@@ -2,8 +2,9 @@
 by side on the same real inputs, with parity against PyTorch eager and the fraction of the machine's GEMM rate.
 
 A servable kind wins a sub-network when it has the lowest median latency at batch 1 among the kinds whose outputs
-pass the export's validation rule against PyTorch eager (export/validate.py `output_difference`). The winners are
-written to the choice file that `export` renders (liveportrait_triton/runtime_choice.json).
+pass the export's validation rule against PyTorch eager (export/validate.py `output_difference`); kinds within TIE
+of that latency count as equally fast, and the first of them in runtimes.KINDS order wins (the plain graph before
+its fast-convolution rewrite, which changes nothing where a network has no such layers). The winners are written to the choice file that `export` renders (liveportrait_triton/runtime_choice.json).
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from pathlib import Path
 from .. import repository, runtimes
 from .inputs import batch_of
 from .timing import Stats, time_calls
+
+TIE = 0.03     # latencies this close (relative) are run-to-run noise on the 2-core machines here
 
 
 @dataclasses.dataclass
@@ -104,7 +107,7 @@ def measure_kind(kind: str, weights_dir: str, config: str, repository: str, samp
     from .. import spec
     from ..weights import load_networks
     torch.set_num_threads(threads)
-    networks = load_networks(weights_dir, config) if kind in runtimes.TORCH_KINDS else None
+    networks = load_networks(weights_dir, config) if kind in runtimes.NETWORK_KINDS else None
     specs = spec.submodel_specs(config)
     results, outputs = [], {}
     for model in models:
@@ -138,20 +141,26 @@ def measure_kind(kind: str, weights_dir: str, config: str, repository: str, samp
 def format_row(r: RuntimeResult) -> str:
     if r.stats is None:
         return f"{r.model:30s} {r.kind:20s} b{r.batch}: {r.error}"
-    return (f"{r.model:30s} {r.kind:12s} b{r.batch}: p50 {r.stats.p50_ms:9.2f} ms, cpu {r.cpu_ms:9.2f} ms "
+    return (f"{r.model:30s} {r.kind:17s} b{r.batch}: p50 {r.stats.p50_ms:9.2f} ms, cpu {r.cpu_ms:9.2f} ms "
             f"(n={r.stats.count}, setup {r.setup_s:.1f} s), {r.gflop:.2f} GFLOP = {r.fraction_of_gemm:.0%} of GEMM, "
             f"parity {'ok' if r.parity_ok else 'FAIL'} {r.worst_diff}")
 
 
 def winners(results: list[RuntimeResult], batch: int = 1, target: str = "local") -> dict[str, str]:
-    """{model: fastest kind at `batch` among the kinds `target` can serve that pass the validation rule}."""
-    best: dict[str, RuntimeResult] = {}
+    """{model: fastest kind at `batch` among the kinds `target` can serve that pass the validation rule, the
+    first in runtimes.KINDS order among those within TIE of the fastest}."""
+    candidates: dict[str, list[RuntimeResult]] = {}
     for r in results:
         if (r.batch == batch and r.parity_ok and r.stats is not None
                 and r.kind in repository.SERVED_KINDS[target]):
-            if r.model not in best or r.stats.p50_ms < best[r.model].stats.p50_ms:
-                best[r.model] = r
-    return {m: r.kind for m, r in best.items()}
+            candidates.setdefault(r.model, []).append(r)
+    order = list(runtimes.KINDS)
+    chosen = {}
+    for model, found in candidates.items():
+        fastest = min(r.stats.p50_ms for r in found)
+        ties = [r for r in found if r.stats.p50_ms <= fastest * (1 + TIE)]
+        chosen[model] = min(ties, key=lambda r: order.index(r.kind)).kind
+    return chosen
 
 
 def speedups(results: list[RuntimeResult]) -> dict[tuple[str, str, int], float]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from .. import spec
 from ..config import CONFIGS
 from ..networks.grid_sample import MODES as GRID_SAMPLE_MODES
+from ..repository import SERVED_KINDS
 
 TARGETS = ("local", "ngc")
 PRECISIONS = ("fp32", "fp16")
@@ -53,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--validate-batches", type=batch_sizes, default=(1, 3), metavar="B[,B...]",
                         help="batch sizes at which the runtimes are compared with PyTorch (default 1,3)")
     parser.add_argument("--runtime", action="append", default=[], metavar="MODEL=KIND",
-                        help="serve MODEL on runtime KIND (onnxruntime, openvino, tensorrt, torch, torch_fastconv) instead of the "
+                        help=f"serve MODEL on runtime KIND ({', '.join(SERVED_KINDS['local'])}) instead of the "
                              "committed choice for the target (liveportrait_triton/runtime_choice.json); "
                              "repeatable. Each file is validated on ONNX Runtime and on the kind serving it")
 

@@ -17,6 +17,7 @@ import onnx
 import torch
 
 from .. import runtimes, spec
+from ..networks.fast_convolution import fast_convolutions
 from ..networks.grid_sample import MODES as GRID_SAMPLE_MODES
 from ..pipeline import TorchRunner
 from ..weights import Networks, save_network_file
@@ -71,12 +72,27 @@ def export_model(module: ServedModel, example: dict[str, np.ndarray], path: str 
         warnings.simplefilter("ignore", category=FutureWarning)
         # InstanceNorm without running stats always normalises with the input's statistics, as exported.
         warnings.filterwarnings("ignore", message=".*operator 'instance_norm' is set to train=True")
+        # The fast convolutions' strided slices (Winograd tiles) are computed at run time, not folded.
+        warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
         with torch.no_grad():
             torch.onnx.export(module.eval(), args, str(path), input_names=model_spec.input_names,
                               output_names=model_spec.output_names, dynamic_axes={n: {0: BATCH_AXIS} for n in names},
                               opset_version=opset, do_constant_folding=True, dynamo=False)
     declare_inferred_output_shapes(path)
     return path
+
+
+def export_fastconv_model(networks: Networks, model: str, path: str | os.PathLike,
+                          example: dict[str, np.ndarray] | None = None, grid_sample: str = "decomposed") -> Path:
+    """The openvino_fastconv kind's file: `model`'s served module with its convolutions in their fast forms by
+    OpenVINO's rules (networks/fast_convolution.py RULES: the FFT as DFT matrix products, Winograd up to 128x128),
+    exported as `export_model` does. `example` defaults to zeros at batch 2 (tracing reads only shapes)."""
+    model_spec = spec.submodel_specs(networks.params)[model]
+    if example is None:
+        example = {t.name: np.zeros((2, *t.shape), np.float32) for t in model_spec.inputs}
+    with grid_sample_mode(networks, grid_sample):
+        module = fast_convolutions(ServedModel(networks, model_spec), runtime="openvino")
+    return export_model(module, example, path, OPSET[grid_sample])
 
 
 def declare_inferred_output_shapes(path: str | os.PathLike) -> None:
@@ -120,10 +136,17 @@ class ExportedModel:
 
 def validation_kinds(chosen: str | None) -> tuple[str, ...]:
     """The runtime kinds an export is checked on: ONNX Runtime always (the ONNX file), and the kind chosen to
-    serve it when that kind runs a file export writes (OpenVINO: the ONNX file; the torch kinds: the network file
-    model.pt); TensorRT engines are checked by `liveportrait-triton tensorrt`."""
+    serve it when that kind runs a file export writes (OpenVINO: the ONNX file; openvino_fastconv: its own
+    model_fastconv.onnx; the torch kinds: the network file model.pt); TensorRT engines are checked by
+    `liveportrait-triton tensorrt`."""
     served = chosen in runtimes.ONNX_KINDS or chosen in runtimes.TORCH_KINDS
     return ("onnxruntime",) + ((chosen,) if served and chosen != "onnxruntime" else ())
+
+
+def _remove_served_files(final: Path) -> None:
+    """The files besides model.onnx that export writes for the chosen kind (model.pt, model_fastconv.onnx)."""
+    for filename in (runtimes.TORCH_FILENAME, runtimes.FASTCONV_ONNX_FILENAME):
+        final.with_name(filename).unlink(missing_ok=True)
 
 
 def export_repository(networks: Networks, repository: str | os.PathLike, grid_sample: str = "decomposed",
@@ -172,6 +195,9 @@ def export_repository(networks: Networks, repository: str | os.PathLike, grid_sa
                 if kind in runtimes.TORCH_KINDS:     # the network file the torch kinds serve, checked as served
                     artefact = final.with_name(runtimes.TORCH_FILENAME)
                     save_network_file(networks, NETWORK_FIELD[model], artefact)
+                elif kind == "openvino_fastconv":    # its own ONNX file, checked as served
+                    artefact = export_fastconv_model(networks, model, final.with_name(runtimes.FASTCONV_ONNX_FILENAME),
+                                                     inputs[model], grid_sample)
                 runner = runtimes.create_subnetwork(kind, specs[model], artefact=artefact)
                 comparisons += [compare(runner, feeds, reference) for feeds, reference in references]
                 del runner
@@ -184,7 +210,7 @@ def export_repository(networks: Networks, repository: str | os.PathLike, grid_sa
             log(result.summary())
         if problems:
             failures += problems
-            final.with_name(runtimes.TORCH_FILENAME).unlink(missing_ok=True)
+            _remove_served_files(final)
             log(f"{model}: FAILED: " + "; ".join(problems))
             continue
         rejected.unlink(missing_ok=True)

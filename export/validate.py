@@ -16,15 +16,17 @@ from .. import spec
 ONNX_DTYPE = {"FP32": onnx.TensorProto.FLOAT, "FP16": onnx.TensorProto.FLOAT16, "UINT8": onnx.TensorProto.UINT8,
               "INT64": onnx.TensorProto.INT64, "INT32": onnx.TensorProto.INT32, "BOOL": onnx.TensorProto.BOOL}
 
-# Largest allowed max |ONNX Runtime - PyTorch| per output, as a fraction of max(1, max |PyTorch output|) so the
+# Largest allowed max |runtime - PyTorch| per output, as a fraction of max(1, max |PyTorch output|) so the
 # bound scales with trained weights' activations. Set about 10x above the largest difference measured on the
-# generated inputs (synthetic seed 0, full and tiny, batch 1 and 3, decomposed grid sample): F 3.5e-6 (of max 4),
-# M 5.4e-7, W warped_feature 5.1e-6 (of max ~2) and occlusion_map 5.4e-7, S 9e-8. The generator's image is
-# uint8 (the official parse_output is part of the graph); see output_difference.
+# generated inputs (synthetic seed 0, full and tiny, batch 1 and 3, decomposed grid sample) on a 2-core AMD EPYC:
+# F 3.5e-6 (of max 4), M 5.4e-7, W warped_feature 5.1e-6 (of max ~2) and occlusion_map 5.4e-7, S 9e-8. M's
+# bound is wider: on a 2-core Intel Xeon (Sapphire Rapids) ONNX Runtime and OpenVINO differed from PyTorch by up
+# to 7.5e-6 and PyTorch's own fast-convolution copy by 1.1e-5 (other summation orders of the same ConvNeXt).
+# The generator's image is uint8 (the official parse_output is part of the graph); see output_difference.
 TOLERANCES = {
     (spec.APPEARANCE, "feature_volume"): 1e-5,
-    (spec.MOTION, "pitch"): 5e-6, (spec.MOTION, "yaw"): 5e-6, (spec.MOTION, "roll"): 5e-6,
-    (spec.MOTION, "t"): 5e-6, (spec.MOTION, "exp"): 5e-6, (spec.MOTION, "scale"): 5e-6, (spec.MOTION, "kp"): 5e-6,
+    (spec.MOTION, "pitch"): 1e-4, (spec.MOTION, "yaw"): 1e-4, (spec.MOTION, "roll"): 1e-4,
+    (spec.MOTION, "t"): 1e-4, (spec.MOTION, "exp"): 1e-4, (spec.MOTION, "scale"): 1e-4, (spec.MOTION, "kp"): 1e-4,
     (spec.WARPING, "warped_feature"): 3e-5, (spec.WARPING, "occlusion_map"): 5e-6,
     (spec.STITCHING, "delta"): 1e-6, (spec.RETARGET_EYE, "delta"): 1e-6, (spec.RETARGET_LIP, "delta"): 1e-6,
 }

@@ -35,7 +35,7 @@ DEFAULT_BLS_TENSORS = {"local": "numpy", "ngc": "torch-gpu"}
 RUNTIME_CHOICE_FILE = Path(__file__).parent / "runtime_choice.json"
 # Kinds a served sub-network of a target can run: the local Python-backend models run the file export writes for
 # the chosen kind (model.onnx, model.plan, or the torch kinds' network file model.pt).
-SERVED_KINDS = {"local": ("onnxruntime", "openvino", "tensorrt", "torch", "torch_fastconv")}
+SERVED_KINDS = {"local": ("onnxruntime", "openvino", "openvino_fastconv", "tensorrt", "torch", "torch_fastconv")}
 
 
 def runtime_choice(target: str = "local", path: str | Path = RUNTIME_CHOICE_FILE) -> dict[str, str]:

@@ -11,7 +11,11 @@ Kinds:
   execution, explicit intra-op threads, one inter-op thread, and no spin-waiting of idle pool threads (spinning
   threads steal the cores the other models' processes need).
 - `openvino`: the exported model.onnx compiled by OpenVINO for CPU in f32 (no bf16 down-casting: it breaks the
-  grid-sample gather indices), latency hint, explicit thread count, threads not pinned to cores.
+  grid-sample gather indices), latency hint, explicit thread count, threads not pinned to cores, compiled at batch 1 and run
+  item by item (batches gain nothing per item on the CPU).
+- `openvino_fastconv`: OpenVINO as above on model_fastconv.onnx, the export of our modules with the fast
+  convolution forms ONNX can express (Winograd, low-resolution SPADE; no FFT), export/onnx_export.py
+  `export_fastconv_model`. Built from `networks` (a temporary export) when no file is given.
 - `torch`: our PyTorch modules (export/served.py `ServedModel`, the same call the ONNX export traces), eager, on
   `device`. `_torch_forward` is the one place that builds it (a CUDA flavour hooks in there).
 - `torch_fastconv`: the same modules with their heavy convolutions rewritten as faster algorithms computing the
@@ -35,16 +39,20 @@ from . import spec
 KINDS = {
     "onnxruntime": "ONNX Runtime CPU, ORT_ENABLE_ALL, sequential, no spinning",
     "openvino": "OpenVINO CPU, f32, latency hint",
+    "openvino_fastconv": "OpenVINO CPU, f32, the graph with Winograd / DFT / low-resolution SPADE convolutions",
     "torch": "PyTorch eager (our modules)",
     "torch_fastconv": "PyTorch eager, convolutions by Winograd / FFT / low-resolution SPADE (CPU)",
     "tensorrt": "TensorRT engine (CUDA GPU)",
 }
-ONNX_KINDS = ("onnxruntime", "openvino")      # run the exported model.onnx
+ONNX_KINDS = ("onnxruntime", "openvino", "openvino_fastconv")    # run an exported ONNX file
 TORCH_KINDS = ("torch", "torch_fastconv")    # run our PyTorch modules
+NETWORK_KINDS = TORCH_KINDS + ("openvino_fastconv",)              # can be built from loaded networks alone
 ONNX_FILENAME = "model.onnx"
+FASTCONV_ONNX_FILENAME = "model_fastconv.onnx"
 PLAN_FILENAME = "model.plan"
 TORCH_FILENAME = "model.pt"                  # weights.save_network_file
-ARTEFACT = {"onnxruntime": ONNX_FILENAME, "openvino": ONNX_FILENAME, "tensorrt": PLAN_FILENAME,
+ARTEFACT = {"onnxruntime": ONNX_FILENAME, "openvino": ONNX_FILENAME, "openvino_fastconv": FASTCONV_ONNX_FILENAME,
+            "tensorrt": PLAN_FILENAME,
             "torch": TORCH_FILENAME, "torch_fastconv": TORCH_FILENAME}
 
 
@@ -65,7 +73,7 @@ def available_kinds() -> list[str]:
     import importlib.util
     kinds = ["onnxruntime", *TORCH_KINDS]
     if importlib.util.find_spec("openvino") is not None:
-        kinds.insert(1, "openvino")
+        kinds[1:1] = ["openvino", "openvino_fastconv"]
     if importlib.util.find_spec("tensorrt") is not None:
         import torch
         if torch.cuda.is_available():
@@ -112,9 +120,9 @@ class SubnetworkRunner:
 def create_subnetwork(kind: str, model_spec: spec.ModelSpec, *, artefact: str | os.PathLike | bytes | None = None,
                       networks=None, device: str = "cpu", threads: int | None = None,
                       precision: str = "fp32") -> SubnetworkRunner:
-    """A runner of `model_spec` on `kind`: ONNX kinds need `artefact` (the model.onnx path), `tensorrt` a
-    model.plan (path or bytes), the torch kinds the loaded `networks` (weights.Networks) or their network file
-    (model.pt); `torch` on a CUDA device runs in `precision`, fp16 being the official default, with CUDA graphs
+    """A runner of `model_spec` on `kind`: ONNX kinds need `artefact` (the ONNX file's path; openvino_fastconv
+    may instead export it from `networks`), `tensorrt` a model.plan (path or bytes), the torch kinds the loaded
+    `networks` (weights.Networks) or their network file (model.pt); `torch` on a CUDA device runs in `precision`, fp16 being the official default, with CUDA graphs
     (torch_cuda). RuntimeLoadError otherwise."""
     if kind not in KINDS:
         raise RuntimeLoadError(f"unknown runtime {kind!r}; choose one of {list(KINDS)}")
@@ -132,6 +140,9 @@ def create_subnetwork(kind: str, model_spec: spec.ModelSpec, *, artefact: str | 
         return SubnetworkRunner(kind, model_spec, "cuda", threads, forward, session)
     if device != "cpu":
         raise RuntimeLoadError(f"runtime {kind!r} runs on the CPU here, not on {device!r}")
+    if kind == "openvino_fastconv" and artefact is None and networks is not None:
+        forward, session = _openvino_fastconv_from_networks(model_spec, networks, threads)
+        return SubnetworkRunner(kind, model_spec, device, threads, forward, session)
     if artefact is None or not Path(artefact).is_file():
         raise RuntimeLoadError(f"runtime {kind!r} needs the exported ONNX file of {model_spec.name!r}, got "
                                f"{str(artefact)!r}: run `liveportrait-triton export` first")
@@ -248,30 +259,57 @@ def _onnxruntime_forward(model_spec: spec.ModelSpec, path: Path, threads: int):
 
 
 def _openvino_forward(model_spec: spec.ModelSpec, path: Path, threads: int):
+    """OpenVINO compiles the graph once at batch 1 (static shapes) and runs a batch item by item into the
+    batch's output arrays. Measured on the 2-core Xeon, full size: a batch of 2-4 is no cheaper per item than
+    single items (W 0.85-0.91 s/item, G 1.65-1.74 s/item with the fast convolutions), while every further
+    compiled batch size costs 0.7-1.6 GB and seconds of compilation, and a dynamic-batch graph pays seconds at
+    the first call of each new size and runs W 7% slower."""
     import openvino as ov
     core = ov.Core()
     config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
               "INFERENCE_NUM_THREADS": int(threads), "ENABLE_CPU_PINNING": False}
     try:
-        compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        model = core.read_model(str(path))
     except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own
-        raise RuntimeLoadError(f"OpenVINO cannot compile {path}: {exc}") from exc
+        raise RuntimeLoadError(f"OpenVINO cannot read {path}: {exc}") from exc
     names = set(model_spec.input_names + model_spec.output_names)
 
-    def ports(port_list) -> dict:
-        """{spec name: port}; an OpenVINO port carries several names, one of them the ONNX graph's I/O name."""
-        return {next(iter(sorted(p.get_names() & names)), p.get_any_name()): p for p in port_list}
-    in_ports, out_ports = ports(compiled.inputs), ports(compiled.outputs)
-    _check_names(model_spec, list(in_ports), list(out_ports), path.name)
+    def spec_names(port_list) -> list[str]:
+        """An OpenVINO port carries several names, one of them the ONNX graph's I/O name."""
+        return [next(iter(sorted(p.get_names() & names)), p.get_any_name()) for p in port_list]
+    _check_names(model_spec, spec_names(model.inputs), spec_names(model.outputs), path.name)
+    try:
+        model.reshape({t.name: ov.PartialShape([1, *t.shape]) for t in model_spec.inputs})
+        compiled = core.compile_model(model, "CPU", config)
+    except Exception as exc:
+        raise RuntimeLoadError(f"OpenVINO cannot compile {path}: {exc}") from exc
     request = compiled.create_infer_request()
-    feed_ports = [in_ports[n] for n in model_spec.input_names]
-    fetch_ports = [out_ports[n] for n in model_spec.output_names]
+    feed_ports = [compiled.input(n) for n in model_spec.input_names]
+    fetch_ports = [compiled.output(n) for n in model_spec.output_names]
 
     def forward(arrays: list[np.ndarray]) -> list[np.ndarray]:
-        request.infer(dict(zip(feed_ports, arrays)))
-        # the request reuses its output buffers on the next call: hand out copies
-        return [request.get_tensor(p).data.copy() for p in fetch_ports]
+        batch = arrays[0].shape[0]
+        outputs = [np.empty((batch, *t.shape), t.numpy_dtype) for t in model_spec.outputs]
+        for item in range(batch):
+            request.infer({port: a[item:item + 1] for port, a in zip(feed_ports, arrays)})
+            for out, port in zip(outputs, fetch_ports):      # the request reuses its buffers: copy out
+                out[item] = request.get_tensor(port).data[0]
+        return outputs
     return forward, compiled
+
+
+def _openvino_fastconv_from_networks(model_spec: spec.ModelSpec, networks, threads: int):
+    """openvino_fastconv without an exported file (the benchmarks): export it to a temporary folder that lives
+    as long as the runner."""
+    import tempfile
+    from .export.onnx_export import export_fastconv_model
+    folder = tempfile.TemporaryDirectory(prefix="liveportrait-fastconv-")
+    path = export_fastconv_model(networks, model_spec.name, Path(folder.name) / FASTCONV_ONNX_FILENAME)
+    forward, model = _openvino_forward(model_spec, path, threads)
+
+    def forward_keeping_folder(arrays: list[np.ndarray], _folder=folder) -> list[np.ndarray]:
+        return forward(arrays)
+    return forward_keeping_folder, model
 
 
 def _tensorrt_forward(model_spec: spec.ModelSpec, artefact):

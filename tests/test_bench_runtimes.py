@@ -13,7 +13,7 @@ from liveportrait_triton.benchmarks.inputs import batch_of, record_submodel_inpu
 from liveportrait_triton.benchmarks.runtime_choice import parity
 from liveportrait_triton.pipeline import Animator, DrivingFrame, TorchRunner
 
-CPU_KINDS = ("torch", "onnxruntime", "openvino")
+CPU_KINDS = ("torch", "onnxruntime", "openvino", "openvino_fastconv")
 TINY = spec.submodel_specs("tiny")
 
 
@@ -30,7 +30,7 @@ def test_runtime_matches_pytorch(kind, tiny_networks, tiny_repository, inputs):
     for model in spec.SUBMODELS:
         runner = runtimes.create_subnetwork(
             kind, TINY[model], networks=tiny_networks, threads=2,
-            artefact=None if kind == "torch" else runtimes.artefact_path(tiny_repository, model, kind))
+            artefact=None if kind in runtimes.NETWORK_KINDS else runtimes.artefact_path(tiny_repository, model, kind))
         assert runner.model == model and runner.kind == kind and runner.threads == 2
         for batch in (1, 3):
             feeds = {k: v[:batch] for k, v in inputs[model].items()}
@@ -41,6 +41,18 @@ def test_runtime_matches_pytorch(kind, tiny_networks, tiny_repository, inputs):
                 assert outputs[name].shape == expected[name].shape
                 assert outputs[name].dtype == TINY[model].output(name).numpy_dtype
                 assert ok, f"{kind} {model}.{name} batch {batch}: max abs diff {diff:.2e} > {bound:.1e}"
+
+
+def test_openvino_serves_every_batch_size(tiny_networks, tiny_repository, inputs):
+    """OpenVINO's graph is compiled at batch 1; batches of any size run item by item and give PyTorch's rows."""
+    runner = runtimes.create_subnetwork("openvino", TINY[spec.STITCHING], threads=1,
+                                        artefact=runtimes.artefact_path(tiny_repository, spec.STITCHING, "openvino"))
+    reference = TorchRunner(tiny_networks)
+    many = {k: np.concatenate([v] * 3) for k, v in inputs[spec.STITCHING].items()}        # 9 rows
+    for batch in (1, 2, 9):
+        feeds = {k: v[:batch] for k, v in many.items()}
+        np.testing.assert_allclose(runner.run(feeds)["delta"], reference.run(spec.STITCHING, feeds)["delta"],
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_runner_animates_like_pytorch(tiny_networks, tiny_repository, source_crops, driving_crops):

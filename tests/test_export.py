@@ -228,12 +228,17 @@ def test_cli_runtime_override(tmp_path, capsys):
     manifest = json.loads((model_path(tmp_path, spec.GENERATOR).parent / "export.json").read_text())
     assert [v["runtime"] for v in manifest["validation"]] == ["onnxruntime", "openvino"]
     code = cli_main(["export", "--synthetic", "0", "--config", "tiny", "--repository", str(tmp_path / "torch"),
-                     "--validate-batches", "1", "--runtime", f"{spec.WARPING}=torch_fastconv"])
+                     "--validate-batches", "1", "--runtime", f"{spec.WARPING}=torch_fastconv",
+                     "--runtime", f"{spec.GENERATOR}=openvino_fastconv"])
     assert code == 0, capsys.readouterr().err
     version = model_path(tmp_path / "torch", spec.WARPING).parent
     assert (version / "model.pt").is_file()          # the network file the torch kinds serve
     manifest = json.loads((version / "export.json").read_text())
     assert [v["runtime"] for v in manifest["validation"]] == ["onnxruntime", "torch_fastconv"]
+    version = model_path(tmp_path / "torch", spec.GENERATOR).parent
+    assert (version / "model_fastconv.onnx").is_file() and not (version / "model.pt").exists()
+    manifest = json.loads((version / "export.json").read_text())
+    assert [v["runtime"] for v in manifest["validation"]] == ["onnxruntime", "openvino_fastconv"]
     code = cli_main(["export", "--synthetic", "0", "--config", "tiny", "--repository", str(tmp_path / "bad"),
                      "--runtime", f"{spec.GENERATOR}=tensorflow"])
     assert code == 2 and "expected MODEL=KIND" in capsys.readouterr().err

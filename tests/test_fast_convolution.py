@@ -1,4 +1,5 @@
-"""The fast convolution algorithms of the torch_fastconv runtime compute what the direct convolutions compute.
+"""The fast convolution algorithms (torch_fastconv, and openvino_fastconv's export) compute what the direct
+convolutions compute.
 
 Each rewrite is checked layer by layer against nn.Conv* on random inputs (including batches, 3-D volumes, the
 shapes where it falls back to the direct kernel), and the converted full-size W and G against the official code's
@@ -70,12 +71,25 @@ def test_layers_left_direct():
         assert fc.fast_convolutions(conv).__class__ is conv.__class__, conv
 
 
-def test_fft_convolution_3d():
+@pytest.mark.parametrize("runtime, kind", [("torch", fc.FFTConvolution3d), ("openvino", fc.DFTConvolution3d)])
+def test_fft_convolution_3d(runtime, kind):
+    """torch.fft for PyTorch; for OpenVINO (through ONNX) the same product with real DFT matrices."""
     conv = seeded(nn.Conv3d(12, 5, 7, padding=3))
-    fast = fc.fast_convolutions(conv)
-    assert isinstance(fast, fc.FFTConvolution3d)
+    fast = fc.fast_convolutions(conv, runtime)
+    assert isinstance(fast, kind)
     assert_same_function(fast, conv, torch.randn(2, 12, 6, 20, 24))
     assert_same_function(fast, conv, torch.randn(1, 12, 4, 9, 9))      # another size: its own spectrum
+
+
+def test_openvino_rules_take_winograd_to_128x128():
+    conv = seeded(nn.Conv2d(64, 64, 3, padding=1))
+    image = torch.randn(1, 64, 128, 128)
+    for runtime, max_pixels in (("torch", 64 * 64), ("openvino", 128 * 128)):
+        fast = fc.fast_convolutions(conv, runtime)
+        assert isinstance(fast, fc.WinogradConvolution) and fast.max_pixels == max_pixels
+        assert_same_function(fast, conv, image)
+    with pytest.raises(ValueError, match="no fast-convolution rules for runtime 'tensorrt'"):
+        fc.fast_convolutions(conv, "tensorrt")
 
 
 def test_few_output_convolution_2d():
@@ -125,17 +139,19 @@ def test_converted_copy_leaves_the_network_alone():
 
 
 @pytest.mark.slow
-def test_full_size_warping_and_generator_match_the_official_chain(full_networks, reference):
-    """The converted full-size W and G (every rewrite in use at their real shapes) reproduce the official F -> W
-    -> G chain within test_parity's tolerances, G's image within one uint8 level."""
+@pytest.mark.parametrize("runtime, fft_kind", [("torch", fc.FFTConvolution3d), ("openvino", fc.DFTConvolution3d)])
+def test_full_size_warping_and_generator_match_the_official_chain(full_networks, reference, runtime, fft_kind):
+    """The converted full-size W and G (every rewrite of the runtime's rules in use at their real shapes, run
+    here in PyTorch) reproduce the official F -> W -> G chain within test_parity's tolerances, G's image within
+    one uint8 level."""
     import copy
 
     from liveportrait_triton.export.served import parse_output
     fast = copy.copy(full_networks)
-    fast.warping_module = fc.fast_convolutions(full_networks.warping_module)
-    fast.spade_generator = fc.fast_convolutions(full_networks.spade_generator)
+    fast.warping_module = fc.fast_convolutions(full_networks.warping_module, runtime)
+    fast.spade_generator = fc.fast_convolutions(full_networks.spade_generator, runtime)
     kinds = {type(m) for net in (fast.warping_module, fast.spade_generator) for m in net.modules()}
-    assert {fc.WinogradConvolution, fc.FFTConvolution3d, fc.FewOutputConvolution2d, fc.LowResolutionSPADE,
+    assert {fc.WinogradConvolution, fft_kind, fc.FewOutputConvolution2d, fc.LowResolutionSPADE,
             fc.FoldedShortcutSPADEResnetBlock} <= kinds
     with torch.no_grad():
         volume = full_networks.appearance_feature_extractor(torch.from_numpy(reference["source_tensor"]))

@@ -78,7 +78,7 @@ def test_subnetwork_config_names_a_servable_runtime(tmp_path):
     assert Subnetwork.from_config(config, tmp_path).runner.kind == "onnxruntime"
     config["parameters"]["runtime"]["string_value"] = "tensorflow"
     with pytest.raises(ConfigError, match=r"runtime 'tensorflow' is not servable here; the local target serves "
-                                          r"\['onnxruntime', 'openvino', 'tensorrt', 'torch', 'torch_fastconv'\]"):
+                                          r"\['onnxruntime', 'openvino', 'openvino_fastconv', 'tensorrt', 'torch', 'torch_fastconv'\]"):
         Subnetwork.from_config(config, tmp_path)
     config["parameters"]["runtime"]["string_value"] = "torch_fastconv"
     with pytest.raises(ConfigError, match=r"model.pt not found \(runtime 'torch_fastconv'"):

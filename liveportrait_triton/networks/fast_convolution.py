@@ -9,7 +9,8 @@ rounding, measured in tests/test_fast_convolution.py) cut the work:
   the image small (G's 64x64 blocks, W's hourglass); at 256x256 the tile transforms cost more than they save.
 - FFT over height and width for W's 7x7x7 mask convolution (142 -> 22 channels, 140 of W's 342 GFLOP): a
   per-frequency GEMM over (depth taps x channels) replaces 49 spatial taps. Its weight spectrum is cached per
-  input size (about 440 MB at W's 64x64).
+  input size (about 440 MB at W's 64x64). For ONNX (no complex tensors) `DFTConvolution3d` computes the same
+  product in real arithmetic, the transforms as DFT matrix products.
 - A 3x3 convolution of a nearest-upsampled map, computed at the map's own resolution: each output phase of an
   s-times upsampling sees a 2x2 neighbourhood of the small map, so one 2x2 convolution with s*s phase kernels
   replaces the 3x3 one at s*s times the pixels (2.25x fewer multiplies). SPADE's shared convolution runs on the
@@ -18,8 +19,9 @@ rounding, measured in tests/test_fast_convolution.py) cut the work:
   SPADE's beta convolution.
 - Few-output convolutions with a large kernel (W's 7x7 occlusion map, one channel) as one GEMM per kernel tap.
 
-`fast_convolutions(network)` returns a converted copy of a network (the original is left as it is, so PyTorch
-eager stays the baseline); the served runtime kind `torch_fastconv` (runtimes.py) uses it.
+`fast_convolutions(network, runtime)` returns a converted copy of a network (the original is left as it is, so
+PyTorch eager stays the baseline) by the RULES of the runtime that will run it: `torch` for the served kind
+`torch_fastconv`, `openvino` for `openvino_fastconv`, which runs the copy's ONNX export (runtimes.py).
 """
 from __future__ import annotations
 
@@ -43,26 +45,41 @@ TILE = 4                      # output tile edge
 _INPUT_TRANSFORM = torch.einsum("ai,bj->abij", _BT, _BT).reshape(36, 1, 6, 6).float()
 _OUTPUT_TRANSFORM = torch.kron(_AT, _AT).float()          # (16, 36)
 
-# Where Winograd paid in layer-by-layer timings on the 2-core AMD EPYC (512 -> 512 at 64x64: 2x; at 128x128 about
-# even; at 256x256 slower): images up to 64x64 per slice and at least this many input and output channels.
+# Where Winograd paid in layer-by-layer timings: images up to WINOGRAD_MAX_PIXELS per slice and at least
+# WINOGRAD_MIN_CHANNELS input and output channels. PyTorch on the 2-core AMD EPYC: 512 -> 512 at 64x64 2x, at
+# 128x128 about even, at 256x256 slower. OpenVINO on a 2-core Intel Xeon (Sapphire Rapids), the exported graph:
+# at 64x64 1.6-2.0x, at 128x128 1.07-1.24x, at 256x256 0.6-0.97x (OPENVINO_WINOGRAD_MAX_PIXELS).
 WINOGRAD_MAX_PIXELS = 64 * 64
+OPENVINO_WINOGRAD_MAX_PIXELS = 128 * 128
 WINOGRAD_MIN_CHANNELS = 64
 FFT_MIN_KERNEL = 5            # 3-D kernels from this edge up go through the FFT
 
 
 
-class WinogradConvolution(nn.Module):
-    """A 3x3 (or 3x3x3) stride-1 'same' convolution by Winograd F(4x4, 3x3); other input sizes run it directly."""
+def _winograd_weight(weight: torch.Tensor) -> torch.Tensor:
+    """(co, c, kd, 3, 3) kernels -> (kd, 36, co, c): G g G^T of every 3x3 slice, in the kernels' dtype."""
+    co, c, depth_taps = weight.shape[:3]
+    g = _G.to(weight.dtype)
+    u = torch.matmul(torch.matmul(g, weight), g.T)                                  # (co, c, kd, 6, 6)
+    return u.permute(2, 3, 4, 0, 1).reshape(depth_taps, 36, co, c)
 
-    def __init__(self, conv: nn.Module):
+
+class WinogradConvolution(nn.Module):
+    """A 3x3 (or 3x3x3) stride-1 'same' convolution by Winograd F(4x4, 3x3) on images of up to `max_pixels` per
+    slice; other input sizes run it directly.
+
+    Eager calls use the transformed kernels computed once (in fp64); a trace for ONNX computes them in the graph
+    from the 3x3 kernels instead, which the runtime folds into constants when it compiles, so the file holds the
+    3x3 kernels and not 4x larger 6x6 ones."""
+
+    def __init__(self, conv: nn.Module, max_pixels: int = WINOGRAD_MAX_PIXELS):
         super().__init__()
-        weight = conv.weight.detach().double()
-        if weight.dim() == 4:
-            weight = weight.unsqueeze(2)                           # (co, c, 1, 3, 3)
-        self.depth_taps = weight.shape[2]
-        u = torch.einsum("ai,ocdij,bj->daboc", _G, weight, _G)                  # (kd, 6, 6, co, c)
-        self.register_buffer("transformed_weight", u.reshape(self.depth_taps, 36, *weight.shape[:2]).float()
-                             .contiguous())
+        self.max_pixels = max_pixels
+        weight = conv.weight.detach()
+        self.register_buffer("kernel", (weight.unsqueeze(2) if weight.dim() == 4 else weight).float().clone())
+        self.depth_taps = self.kernel.shape[2]
+        self.register_buffer("transformed_weight", _winograd_weight(self.kernel.double()).float().contiguous(),
+                             persistent=False)
         bias = conv.bias.detach() if conv.bias is not None else torch.zeros(weight.shape[0])
         self.register_buffer("bias", bias.float().clone())
         self.register_buffer("input_transform", _INPUT_TRANSFORM.clone())
@@ -71,7 +88,7 @@ class WinogradConvolution(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        if h % TILE or w % TILE or h * w > WINOGRAD_MAX_PIXELS or x.dtype != torch.float32:
+        if h % TILE or w % TILE or h * w > self.max_pixels or x.dtype != torch.float32:
             return self.direct(x)
         planar = x.dim() == 4
         x5 = x.unsqueeze(2) if planar else x
@@ -86,10 +103,11 @@ class WinogradConvolution(nn.Module):
         # (36, c, depth, batch, tiles): one depth tap is a contiguous column range
         v = v.view(n, c, padded_depth, 36, tiles).permute(3, 1, 2, 0, 4).reshape(36, c, padded_depth * n * tiles)
         columns = d * n * tiles
-        m = torch.bmm(self.transformed_weight[0], v[:, :, :columns])
+        u = _winograd_weight(self.kernel) if torch.jit.is_tracing() else self.transformed_weight
+        m = torch.bmm(u[0], v[:, :, :columns])
         for tap in range(1, self.depth_taps):
             start = tap * n * tiles
-            m.baddbmm_(self.transformed_weight[tap], v[:, :, start:start + columns])
+            m.baddbmm_(u[tap], v[:, :, start:start + columns])
         co = m.shape[1]
         y = (self.output_transform @ m.view(36, -1)).view(TILE, TILE, co, d, n, th, tw)
         y = y.permute(4, 2, 3, 5, 0, 6, 1).reshape(n, co, d, h, w)
@@ -140,6 +158,81 @@ class FFTConvolution3d(nn.Module):
         return torch.stack(outputs) + self.bias.view(1, -1, 1, 1, 1)
 
 
+def _real_dft_matrices(size_in: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The DFT of length `size` of a zero-padded signal of `size_in` samples as real matrices: (size_in,
+    2 * (size // 2 + 1)) for the real transform of the last axis ([real | imaginary] columns) and (2 * size,
+    2 * size_in) for the complex transform of stacked [real; imaginary] rows, both fp32 from fp64."""
+    half_spectrum = torch.fft.rfft(torch.eye(size_in, dtype=torch.float64), n=size)           # (size_in, size/2+1)
+    last_axis = torch.cat([half_spectrum.real, half_spectrum.imag], 1)
+    full = torch.fft.fft(torch.eye(size_in, dtype=torch.float64), n=size).T                    # (size, size_in)
+    rows = torch.cat([torch.cat([full.real, -full.imag], 1), torch.cat([full.imag, full.real], 1)], 0)
+    return last_axis.float(), rows.float()
+
+
+class DFTConvolution3d(nn.Module):
+    """FFTConvolution3d's algorithm in real arithmetic, for graphs without complex tensors (ONNX): the 2-D
+    transforms are matrix products with DFT matrices, each frequency's complex GEMM runs on stacked real and
+    imaginary parts, one GEMM per depth tap, and the kernel's spectrum is computed in the graph from the kernel
+    (a runtime folds it into a constant when it compiles; the file keeps only the kernel)."""
+
+    def __init__(self, conv: nn.Conv3d):
+        super().__init__()
+        self.kernel = conv.kernel_size[0]
+        flipped = torch.flip(conv.weight.detach().float(), dims=(3, 4))                  # correlation -> convolution
+        self.register_buffer("flipped_weight", flipped.contiguous())                      # (co, c, k, k, k)
+        self.register_buffer("bias", conv.bias.detach().float().clone() if conv.bias is not None
+                             else torch.zeros(conv.out_channels))
+        self._matrices: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
+
+    def matrices(self, h: int, w: int) -> tuple[torch.Tensor, ...]:
+        """The DFT matrices at the padded size (h + k - 1, w + k - 1) of an h x w image, built on first use."""
+        key = (h, w)
+        if key not in self._matrices:
+            k, half = self.kernel, self.kernel // 2
+            size = (h + k - 1, w + k - 1)
+            image_w, image_h = _real_dft_matrices(w, size[1]), _real_dft_matrices(h, size[0])
+            kernel_w, kernel_h = _real_dft_matrices(k, size[1]), _real_dft_matrices(k, size[0])
+            # the inverse transforms, kept to the output window half..half+h (x half..half+w)
+            inverse = torch.fft.ifft(torch.eye(size[0], dtype=torch.float64), dim=0)[half:half + h]   # (h, P)
+            inverse_h = torch.cat([torch.cat([inverse.real, -inverse.imag], 1),
+                                   torch.cat([inverse.imag, inverse.real], 1)], 0)                    # (2h, 2P)
+            bins = torch.eye(size[1] // 2 + 1, dtype=torch.float64)
+            inverse_w = torch.cat([torch.fft.irfft(bins + 0j, n=size[1]),
+                                   torch.fft.irfft(1j * bins, n=size[1])], 0)[:, half:half + w]       # (2 Q2, w)
+            self._matrices[key] = (image_w[0], image_h[1], kernel_w[0], kernel_h[1], inverse_h.float(),
+                                   inverse_w.float())
+        return self._matrices[key]
+
+    @staticmethod
+    def _spectrum(x: torch.Tensor, along_w: torch.Tensor, along_h: torch.Tensor) -> torch.Tensor:
+        """(..., rows, cols) real -> (..., 2P, Q/2+1): the 2-D spectrum, [real; imaginary] rows."""
+        *lead, rows, _ = x.shape
+        bins = along_w.shape[1] // 2
+        y = torch.matmul(x, along_w).view(*lead, rows, 2, bins).transpose(-3, -2).reshape(*lead, 2 * rows, bins)
+        return torch.matmul(along_h, y)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, d, h, w = x.shape
+        k, half = self.kernel, self.kernel // 2
+        image_w, image_h, kernel_w, kernel_h, inverse_h, inverse_w = self.matrices(int(h), int(w))
+        co = self.flipped_weight.shape[0]
+        p, bins = inverse_h.shape[1] // 2, inverse_w.shape[0] // 2
+        # kernel spectrum per frequency and depth tap: (k, P, Q2, c, [real co | imaginary co])
+        weights = self._spectrum(self.flipped_weight, kernel_w, kernel_h).view(co, c, k, 2, p, bins)
+        weights = weights.permute(2, 4, 5, 1, 3, 0).reshape(k, p, bins, c, 2 * co)
+        # input spectrum, frequency-major: (n, P, Q2, [real; imaginary], depth + k - 1, c)
+        spectrum = self._spectrum(F.pad(x, (0, 0, 0, 0, half, half)), image_w, image_h)
+        spectrum = spectrum.view(n, c, d + k - 1, 2, p, bins).permute(0, 4, 5, 3, 2, 1)
+        # depth taps: rows (real, imaginary) x depth, columns (real, imaginary) x co of the products
+        products = sum(torch.matmul(spectrum[:, :, :, :, tap:tap + d].reshape(n, p, bins, 2 * d, c), weights[tap])
+                       for tap in range(k)).view(n, p, bins, 2, d, 2, co)
+        real = products[:, :, :, 0, :, 0] - products[:, :, :, 1, :, 1]
+        imaginary = products[:, :, :, 0, :, 1] + products[:, :, :, 1, :, 0]                  # (n, P, Q2, d, co)
+        y = torch.stack([real, imaginary], 1).permute(0, 5, 4, 1, 2, 3).reshape(n, co, d, 2 * p, bins)
+        y = torch.matmul(inverse_h, y).view(n, co, d, 2, h, bins).transpose(3, 4).reshape(n, co, d, h, 2 * bins)
+        return torch.matmul(y, inverse_w) + self.bias.view(1, -1, 1, 1, 1)
+
+
 class FewOutputConvolution2d(nn.Module):
     """A stride-1 'same' Conv2d with a few output channels and a large kernel: one GEMM over the input channels
     for every kernel tap, then a sum of the shifted tap planes (direct kernels are slow for this shape)."""
@@ -165,8 +258,12 @@ class FewOutputConvolution2d(nn.Module):
 
 
 class UpsampledInputConvolution(nn.Module):
-    """conv3x3(nearest_upsample(x, s)) (stride 1, padding 1) computed from x itself: output phase (p, q) of each
-    s x s block is a 2x2 convolution of x with the 3x3 kernel's taps merged by the low-resolution pixel they read."""
+    """conv3x3(nearest_upsample(x, s)) (stride 1, padding 1) computed from x itself.
+
+    Counted from one pixel before each s x s block (output o = j*s + q - 1), every phase q of block j reads the
+    small map's pixels j-1 and j along each axis: one 2x2 convolution of x (padding 1, so j = 0..h) with the 3x3
+    kernel's taps merged per phase gives s*s phase planes, and a pixel shuffle plus a one-pixel crop interleaves
+    them into the large map."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, scale: int):
         super().__init__()
@@ -174,26 +271,19 @@ class UpsampledInputConvolution(nn.Module):
         co = weight.shape[0]
         self.scale = scale
         merge = torch.zeros(scale, 2, 3, dtype=torch.float64)     # phase, 2x2 tap, 3x3 tap (one axis)
-        self.shifts = []
         for phase in range(scale):
-            shift = 1 if phase == scale - 1 else 0              # last phase reads pixels i, i+1; others i-1, i
-            self.shifts.append(shift)
             for tap in range(3):
-                offset = (phase + tap - 1) // scale             # the low-resolution pixel this 3x3 tap reads
-                merge[phase, offset + 1 - shift, tap] = 1.0
-        phases = torch.einsum("pyi,qxj,ocij->pqocyx", merge, merge, weight)          # (s, s, co, c, 2, 2)
-        self.register_buffer("phase_weight", phases.reshape(scale * scale * co, weight.shape[1], 2, 2).float())
+                merge[phase, (phase + tap - 2) // scale + 1, tap] = 1.0   # the small-map pixel (j-1 or j) it reads
+        phases = torch.einsum("pyi,qxj,ocij->opqcyx", merge, merge, weight)          # (co, s, s, c, 2, 2)
+        self.register_buffer("phase_weight", phases.reshape(co * scale * scale, weight.shape[1], 2, 2).float())
         bias = bias if bias is not None else torch.zeros(co)
-        self.register_buffer("phase_bias", bias.float().repeat(scale * scale))
-        self.out_channels = co
+        self.register_buffer("phase_bias", bias.float().repeat_interleave(scale * scale))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, _, h, w = x.shape
-        s, co = self.scale, self.out_channels
-        y = F.conv2d(x, self.phase_weight, self.phase_bias, padding=1).view(n, s, s, co, h + 1, w + 1)
-        rows = [torch.stack([y[:, p, q, :, dy:dy + h, dx:dx + w] for q, dx in enumerate(self.shifts)], dim=-1)
-                for p, dy in enumerate(self.shifts)]                                  # s x (n, co, h, w, s)
-        return torch.stack(rows, dim=3).reshape(n, co, h * s, w * s)
+        h, w = x.shape[-2:]
+        s = self.scale
+        y = F.pixel_shuffle(F.conv2d(x, self.phase_weight, self.phase_bias, padding=1), s)
+        return y[:, :, 1:1 + h * s, 1:1 + w * s]
 
 
 class LowResolutionSPADE(nn.Module):
@@ -250,7 +340,13 @@ class FoldedShortcutSPADEResnetBlock(nn.Module):
         return x_s + dx
 
 
-def _replacement(module: nn.Module) -> nn.Module | None:
+# The rules per runtime the converted network runs on: (large 3-D kernel class, Winograd's largest image).
+# OpenVINO runs the ONNX export, which has no complex tensors: the FFT as real DFT matrix products (W's mask
+# convolution 563 -> 177 ms there, against 510 -> 237 ms for torch.fft in PyTorch; 2 threads, Xeon).
+RULES = {"torch": (FFTConvolution3d, WINOGRAD_MAX_PIXELS), "openvino": (DFTConvolution3d, OPENVINO_WINOGRAD_MAX_PIXELS)}
+
+
+def _replacement(module: nn.Module, runtime: str) -> nn.Module | None:
     """The fast form of one layer, or None where the direct one is the right algorithm."""
     if isinstance(module, SPADE):
         return LowResolutionSPADE(module)
@@ -267,24 +363,28 @@ def _replacement(module: nn.Module) -> nn.Module | None:
         if groups != 1 or any(s != 1 for s in stride) or any(v != 1 for v in dilation) or not same:
             return None
         co, c = weight.shape[:2]
+        fft_class, winograd_max_pixels = RULES[runtime]
         if weight.dim() == 5 and kernel[0] >= FFT_MIN_KERNEL:
-            return FFTConvolution3d(module)
+            return fft_class(module)
         if weight.dim() == 4 and kernel[0] >= FFT_MIN_KERNEL and co <= 4:
             return FewOutputConvolution2d(module)
         if kernel[0] == 3 and min(c, co) >= WINOGRAD_MIN_CHANNELS:
-            return WinogradConvolution(module)
+            return WinogradConvolution(module, winograd_max_pixels)
     return None
 
 
-def fast_convolutions(network: nn.Module) -> nn.Module:
-    """A copy of `network` (eval mode, weights folded) with its convolutions replaced where a fast form applies."""
+def fast_convolutions(network: nn.Module, runtime: str = "torch") -> nn.Module:
+    """A copy of `network` (eval mode, weights folded) with its convolutions replaced where a fast form applies,
+    by the RULES of the `runtime` that will run it ('torch' or 'openvino', the latter through ONNX)."""
+    if runtime not in RULES:
+        raise ValueError(f"no fast-convolution rules for runtime {runtime!r}; choose one of {list(RULES)}")
     with torch.no_grad():
-        return _convert(copy.deepcopy(network).eval())
+        return _convert(copy.deepcopy(network).eval(), runtime)
 
 
-def _convert(module: nn.Module) -> nn.Module:
-    replacement = _replacement(module)
+def _convert(module: nn.Module, runtime: str) -> nn.Module:
+    replacement = _replacement(module, runtime)
     if replacement is None or isinstance(replacement, (LowResolutionSPADE, FoldedShortcutSPADEResnetBlock)):
         for name, child in list(module.named_children()):   # the layers inside get their own fast forms
-            setattr(module, name, _convert(child))
+            setattr(module, name, _convert(child, runtime))
     return module if replacement is None else replacement
