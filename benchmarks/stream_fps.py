@@ -249,7 +249,7 @@ def run(args) -> int:
             writer = csv.writer(f)
             writer.writerow(["mode", "streams", "frames", "seconds", "frames_per_s", "config", *env])
             for m in results:
-                writer.writerow([m.mode, m.streams, m.frames, f"{m.seconds:.3f}", f"{m.fps:.4f}", args.config,
+                writer.writerow([m.mode, m.streams, m.frames, f"{m.seconds:.6f}", f"{m.fps:.4f}", args.config,
                                  *env.values()])
     return 0
 
