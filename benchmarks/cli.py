@@ -27,7 +27,7 @@ INPROCESS_RUNNERS = ("torch", "served")     # or any runtimes kind for every sub
 
 
 def _choice_file() -> Path:
-    from ..repository import RUNTIME_CHOICE_FILE
+    from ..runtimes import RUNTIME_CHOICE_FILE
     return RUNTIME_CHOICE_FILE
 
 
@@ -289,18 +289,17 @@ def _pipeline_benchmark(args, networks, repository, source, driving, out: Path, 
 
 
 def _serving_layout(args, repository: Path) -> str:
-    """Render the repository's configs for --pipeline-instances / --model-threads (when not the defaults) and
-    describe the layout the server runs."""
+    """Render the repository's configs for --pipeline-instances / --model-threads (when not the defaults; the
+    plan it serves stays) and describe the layout the server runs."""
     from .. import repository as rendering
-    from ..backend.subnetwork import thread_count
+    from ..runtimes import served_threads
     options = rendering.ServingOptions(pipeline_instances=args.pipeline_instances, threads=args.model_threads)
     if (args.pipeline_instances, args.model_threads) != (1, 0):
-        rendering.write_repository_configs(repository, "local", args.config, options=options)
-    config = {"name": spec.WARPING, "parameters": {
-        "threads": {"string_value": str(options.threads)},
-        "models_at_once": {"string_value": str(rendering.models_at_once(options))}}}
+        rendering.write_repository_configs(repository, "local", args.config, options=options,
+                                           plan=rendering.served_plan(repository))
+    threads = served_threads(options.threads, rendering.models_at_once(options))
     return (f"serving layout: {options.pipeline_instances} pipeline instance(s), one instance of each sub-network "
-            f"with {thread_count(config)} thread(s) each")
+            f"with {threads} thread(s) each")
 
 
 def _write_results(args, rows, notes, versions, out: Path) -> None:
@@ -322,25 +321,12 @@ def _describe(row) -> str:
 def _make_runner(name: str, networks, repository: Path, threads: int):
     """An in-process runner: `served` (each sub-network on the kind the repository's configs serve it on) or one
     runtime kind for every sub-network."""
+    from .. import repository as rendering
     from .. import runtimes
-    kinds = served_kinds(repository) if name == "served" else name
     if name != "served" and name not in runtimes.KINDS:
         raise ValueError(f"unknown in-process runner {name!r}; choose served or one of {list(runtimes.KINDS)}")
-    return runtimes.create_runner(kinds, networks.params, networks=networks, repository=repository, threads=threads)
-
-
-def served_kinds(repository: Path) -> dict[str, str]:
-    """{sub-network: kind} as the repository's config.pbtxt files say (the `runtime` parameter)."""
-    import re
-    kinds = {}
-    for model in spec.SUBMODELS:
-        text = (Path(repository) / model / "config.pbtxt").read_text()
-        found = re.search(r'key: "runtime"\s*value: \{ string_value: "(\w+)" \}', text)
-        if found is None:
-            raise ValueError(f"{repository}/{model}/config.pbtxt has no runtime parameter (not a local-target "
-                             "repository rendered by this version: re-run `liveportrait-triton export`)")
-        kinds[model] = found.group(1)
-    return kinds
+    plan = rendering.served_plan(repository) if name == "served" else runtimes.uniform_plan(name)
+    return runtimes.create_runner(plan, networks.params, networks=networks, repository=repository, threads=threads)
 
 
 def _time_inprocess(name: str, networks, repository: Path, source, driving, args):
@@ -368,12 +354,13 @@ def _row(section: str, runner: str, model: str, stats, report):
 def _time_modules(args, networks, repository, samples, notes: list) -> list:
     """Every sub-network at batch 1 on PyTorch eager and on the kind the server runs it on, with its counted
     FLOPs and the fraction of the machine's fp32 GEMM rate (measured here, in the same run) that it reaches."""
-    from .. import runtimes
+    from ..repository import served_plan
     from . import flops, report
     from .inputs import batch_of
+    from .runtime_choice import timed_subnetwork
     from .timing import Stats, time_calls
     rate = flops.gemm_rate(args.threads)
-    served = served_kinds(repository)
+    served = {m: entry.kind for m, entry in served_plan(repository).items()}
     specs = spec.submodel_specs(networks.params)
     notes.append(f"fp32 GEMM rate of this machine: {rate / 1e9:.1f} GFLOP/s (torch matmul 2048x2048, "
                  f"{args.threads} thread(s), best of repeated runs, measured in this run)")
@@ -383,9 +370,7 @@ def _time_modules(args, networks, repository, samples, notes: list) -> list:
         feeds = batch_of(samples[model], 1)
         work = flops.layer_flops(networks, specs[model], feeds)
         for kind in dict.fromkeys(("torch", served[model])):
-            runner = runtimes.create_subnetwork(
-                kind, specs[model], networks=networks, threads=args.threads,
-                artefact=None if kind in runtimes.TORCH_KINDS else runtimes.artefact_path(repository, model, kind))
+            runner = timed_subnetwork(kind, specs[model], repository, networks, args.threads)
             calls = 1 if work > 1e9 else 50
             wall, _ = time_calls(lambda: [runner.run(feeds) for _ in range(calls)], 1, args.module_repeats)
             stats = Stats.of([w / calls for w in wall])

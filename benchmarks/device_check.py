@@ -1,9 +1,10 @@
 """The prepared device check: one markdown report of the GPU serving path (scripts/device_check.sh runs it).
 
 Sections, each measured in this one run (a failing section is reported and the others still run):
-1. per-module latency of F, M, W, G, S at batch 1, 8 and 16 in fp32 and fp16 (torch_cuda.TorchCudaRunner, CUDA
-   graphs), next to the paper's RTX 4090 figures (batch 1);
-2. the served pipeline through the bundled Triton (sub-networks on the torch runtime, device-resident BLS path)
+1. per-module latency of F, M, W, G, S at batch 1, 8 and 16 in fp32 and fp16 (the runtime plan's `torch` kind on
+   the device: torch_engine.TorchEngine, CUDA graphs), next to the paper's RTX 4090 figures (batch 1);
+2. the served pipeline through the bundled Triton (every sub-network on the plan entry torch/cuda, the
+   device-resident BLS path)
    at 1, 4, 8 and 16 concurrent streams: frames/s, p50/p99 frame latency, GPU memory per stream, driven by the
    project's stream client (benchmarks.server_stream), one thread per stream;
 3. the same sweep with two instances of W and G;
@@ -33,7 +34,7 @@ MODULES = {"F": spec.APPEARANCE, "M": spec.MOTION, "W": spec.WARPING, "G": spec.
 SHARED_INSTANCES = {spec.WARPING: 2, spec.GENERATOR: 2}
 
 
-class Plan:
+class CheckSettings:
     """What one run measures: the GPU plan, or the CPU rehearsal of the same steps."""
 
     def __init__(self, rehearse: bool):
@@ -60,7 +61,7 @@ def gpu_memory_mib() -> float | None:
     return float(out.stdout.strip()) if out.returncode == 0 and out.stdout.strip() else None
 
 
-def environment(plan: Plan) -> list[str]:
+def environment(plan: CheckSettings) -> list[str]:
     import torch
     device = torch.cuda.get_device_name(0) if plan.device == "cuda" else f"CPU ({platform.processor() or 'cpu'})"
     return ["| item | value |", "| --- | --- |", f"| mode | {'CPU rehearsal (tiny networks)' if plan.rehearse else 'GPU'} |",
@@ -68,15 +69,14 @@ def environment(plan: Plan) -> list[str]:
             f"| PyTorch | {torch.__version__} (CUDA {torch.version.cuda}) |", f"| networks | {plan.config}, synthetic weights |"]
 
 
-def module_latency(plan: Plan, networks) -> list[str]:
+def module_latency(plan: CheckSettings, networks) -> list[str]:
     """Median ms per call of each module on the torch runtime, per batch and precision."""
     import torch
-    from ..torch_cuda import TorchCudaRunner
+    from ..pipeline import TorchRunner
     specs = spec.submodel_specs(plan.config)
     rows = ["| module | batch | " + " | ".join(f"{p} ms" for p in plan.precisions) + " | paper RTX 4090 ms (batch 1) |",
             "| --- | --- | " + " | ".join("---" for _ in plan.precisions) + " | --- |"]
-    runners = {p: TorchCudaRunner(copy.deepcopy(networks), plan.device, p, graph_batch_sizes=plan.batches)
-               for p in plan.precisions}
+    runners = {p: TorchRunner(copy.deepcopy(networks), plan.device, precision=p) for p in plan.precisions}
     rng = np.random.default_rng(0)
     for short, model in MODULES.items():
         for batch in plan.batches:
@@ -101,13 +101,21 @@ def module_latency(plan: Plan, networks) -> list[str]:
     return rows
 
 
-def render(plan: Plan, repository: Path, weights: Path, precision: str, instances: dict[str, int]) -> Path:
-    """A local-target repository serving the torch runtime from `weights` (no ONNX files needed)."""
+def render(plan: CheckSettings, repository: Path, weights: Path, precision: str, instances: dict[str, int]) -> Path:
+    """A local-target repository whose runtime plan is the torch kind on the device in `precision`, serving the
+    network files written here from `weights` (no ONNX files needed)."""
+    from .. import runtimes
+    from ..networks.served import NETWORK_FIELD
     from ..repository import ServingOptions, write_repository_configs
-    options = ServingOptions(subnetwork_runtime="torch", weights_dir=str(weights), torch_device=plan.device,
-                             torch_precision=precision, bls_tensors=plan.bls_tensors,
-                             pipeline_max_batch_size=max(plan.streams), max_candidate_sequences=max(plan.streams) * 2)
-    write_repository_configs(repository, "local", plan.config, options=options)
+    from ..weights import load_networks, save_network_file
+    runtime_plan = runtimes.uniform_plan("torch", plan.device, precision)
+    networks = load_networks(weights, plan.config)
+    for model, entry in runtime_plan.items():
+        entry.path(repository).parent.mkdir(parents=True, exist_ok=True)
+        save_network_file(networks, NETWORK_FIELD[model], entry.path(repository))
+    options = ServingOptions(bls_tensors=plan.bls_tensors, pipeline_max_batch_size=max(plan.streams),
+                             max_candidate_sequences=max(plan.streams) * 2)
+    write_repository_configs(repository, "local", plan.config, options=options, plan=runtime_plan)
     for model, count in instances.items():
         path = repository / model / "config.pbtxt"
         path.write_text(re.sub(r"count: \d+", f"count: {count}", path.read_text()))
@@ -172,7 +180,7 @@ def stream_client_level(url: str, count: int, first_id: int, source, driving):
     return sum(len(seconds) for seconds in results) / wall, latencies
 
 
-def sweep(plan: Plan, url: str, source, driving, work: Path) -> list[str]:
+def sweep(plan: CheckSettings, url: str, source, driving, work: Path) -> list[str]:
     """Concurrent streams over the served pipeline: perf_analyzer in sequence mode where it runs, else the
     project's stream client (one thread per stream). Each level is warmed up first (CUDA graphs are captured
     per batch size on first use)."""
@@ -199,7 +207,7 @@ def sweep(plan: Plan, url: str, source, driving, work: Path) -> list[str]:
     return rows
 
 
-def served(plan: Plan, weights: Path, work: Path, precision: str, instances: dict[str, int], source, driving,
+def served(plan: CheckSettings, weights: Path, work: Path, precision: str, instances: dict[str, int], source, driving,
            streams: tuple[int, ...] | None = None):
     """The sweep's rows and one stream's served frames (for the comparisons)."""
     from ..serve import TritonServer
@@ -233,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rehearse", action="store_true", help="CPU, tiny networks, small sweeps")
     parser.add_argument("--work", type=Path, help="scratch directory (default: a temporary one)")
     args = parser.parse_args(argv)
-    plan = Plan(args.rehearse)
+    plan = CheckSettings(args.rehearse)
     work = args.work or Path(tempfile.mkdtemp(prefix="lp-device-check-"))
     work.mkdir(parents=True, exist_ok=True)
     from ..weights import load_networks, write_synthetic_weights
@@ -274,9 +282,8 @@ def main(argv: list[str] | None = None) -> int:
             lambda: sweep_section("fp32", {}, "fp32", streams=(1,)))
 
     def comparisons():
-        from ..pipeline import Animator, DrivingFrame
-        from ..torch_cuda import TorchCudaRunner
-        animator = Animator(TorchCudaRunner(copy.deepcopy(networks), plan.device, "fp32", graph_batch_sizes=()))
+        from ..pipeline import Animator, DrivingFrame, TorchRunner
+        animator = Animator(TorchRunner(copy.deepcopy(networks), plan.device, precision="fp32"))
         [state] = animator.register_sources([source], [spec.parse_options({})])
         in_process = [animator.animate([state], [DrivingFrame(crop=f)])[0] for f in driving]
         fp32, fast = images["fp32"], images["fast"]

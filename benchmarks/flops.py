@@ -18,7 +18,7 @@ def layer_flops(networks, model_spec, inputs: dict[str, np.ndarray]) -> float:
     import torch
     from torch import nn
 
-    from ..export.served import ServedModel
+    from ..networks.served import ServedModel
     from ..networks.blocks import SpectralNormConv2d
     served = ServedModel(networks, model_spec).eval()
     total = [0.0]

@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from .. import repository, runtimes
+from .. import runtimes
 from .inputs import batch_of
 from .timing import Stats, time_calls
 
@@ -99,6 +99,26 @@ def compare_runtimes(weights_dir, config: str, repository, samples: dict[str, li
     return results
 
 
+def timed_subnetwork(kind: str, model_spec, repository, networks=None, threads: int | None = None):
+    """The runner a benchmark times: `kind` on the CPU, built from its plan entry. The torch kinds run `networks`;
+    the others the repository's files, except an openvino_fastconv file that export did not write (the kind was
+    not chosen for that sub-network), which is exported from `networks` into a folder living with the runner."""
+    entry = runtimes.RuntimePlanEntry.of(model_spec.name, kind)
+    if kind in runtimes.TORCH_KINDS:
+        return runtimes.create_subnetwork(entry, model_spec, networks=networks, threads=threads)
+    artefact = entry.path(repository)
+    folder = None
+    if kind == "openvino_fastconv" and not artefact.is_file() and networks is not None:
+        import tempfile
+
+        from ..export.onnx_export import export_fastconv_model
+        folder = tempfile.TemporaryDirectory(prefix="liveportrait-fastconv-")
+        artefact = export_fastconv_model(networks, model_spec.name, Path(folder.name) / entry.artefact)
+    runner = runtimes.create_subnetwork(entry, model_spec, artefact=artefact, threads=threads)
+    runner.scratch = folder          # removed with the runner
+    return runner
+
+
 def measure_kind(kind: str, weights_dir: str, config: str, repository: str, samples: dict[str, list[dict]],
                  models: list[str], batches: list[int], threads: int, budget_s: float):
     """In this process: every model on runtime `kind`, one session at a time; (results, {(model, batch): outputs})."""
@@ -107,16 +127,15 @@ def measure_kind(kind: str, weights_dir: str, config: str, repository: str, samp
     from .. import spec
     from ..weights import load_networks
     torch.set_num_threads(threads)
-    networks = load_networks(weights_dir, config) if kind in runtimes.NETWORK_KINDS else None
+    networks = (load_networks(weights_dir, config) if kind in (*runtimes.TORCH_KINDS, "openvino_fastconv")
+                else None)
     specs = spec.submodel_specs(config)
     results, outputs = [], {}
     for model in models:
         feeds = {b: batch_of(samples[model], b) for b in batches}
         start = time.perf_counter()
         try:
-            session = runtimes.create_subnetwork(
-                kind, specs[model], networks=networks, threads=threads,
-                artefact=None if networks is not None else runtimes.artefact_path(repository, model, kind))
+            session = timed_subnetwork(kind, specs[model], repository, networks, threads)
         except Exception as exc:    # a runtime that cannot load this graph is a result, not a crash
             results += [RuntimeResult(model, kind, b, error=f"{type(exc).__name__}: {exc}") for b in batches]
             continue
@@ -152,7 +171,7 @@ def winners(results: list[RuntimeResult], batch: int = 1, target: str = "local")
     candidates: dict[str, list[RuntimeResult]] = {}
     for r in results:
         if (r.batch == batch and r.parity_ok and r.stats is not None
-                and r.kind in repository.SERVED_KINDS[target]):
+                and r.kind in runtimes.KINDS):
             candidates.setdefault(r.model, []).append(r)
     order = list(runtimes.KINDS)
     chosen = {}
@@ -175,7 +194,7 @@ def write_choice(path: str | Path, chosen: dict[str, str], target: str = "local"
     sub-networks not measured keep their kind. Returns the entry written."""
     path = Path(path)
     document = json.loads(path.read_text()) if path.is_file() else {"targets": {}}
-    entry = repository.check_runtimes(target, {**document["targets"].get(target, {}), **chosen})
+    entry = {m: e.kind for m, e in runtimes.plan_of({**document["targets"].get(target, {}), **chosen}).items()}
     document["targets"][target] = entry
     path.write_text(json.dumps(document, indent=2) + "\n")
     return entry

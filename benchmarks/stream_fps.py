@@ -31,7 +31,7 @@ import numpy as np
 from .. import spec
 from ..config import CONFIGS
 from ..pipeline import Animator, DrivingFrame, OnnxRunner, TorchRunner
-from .cli import served_kinds
+from ..repository import served_plan
 from .inputs import DEFAULT_DRIVING, DEFAULT_SOURCE, read_driving, read_source
 
 
@@ -224,7 +224,7 @@ def run(args) -> int:
         # one runner in memory at a time, and none while the server runs: at full size, batches of 4 take GBs
         runners = {"in-process PyTorch": lambda: TorchRunner(load_networks(weights_dir, args.config)),
                    "in-process served runtimes": lambda: OnnxRunner(args.repository, args.config,
-                                                                     served_kinds(args.repository))}
+                                                                     served_plan(args.repository))}
         for mode, make in runners.items():
             runner = make()
             for streams in sorted({1, args.streams}):

@@ -15,7 +15,7 @@ from pathlib import Path
 from .. import spec
 from ..config import CONFIGS
 from ..networks.grid_sample import MODES as GRID_SAMPLE_MODES
-from ..repository import SERVED_KINDS
+from ..runtimes import KINDS
 
 TARGETS = ("local", "ngc")
 PRECISIONS = ("fp32", "fp16")
@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--validate-batches", type=batch_sizes, default=(1, 3), metavar="B[,B...]",
                         help="batch sizes at which the runtimes are compared with PyTorch (default 1,3)")
     parser.add_argument("--runtime", action="append", default=[], metavar="MODEL=KIND",
-                        help=f"serve MODEL on runtime KIND ({', '.join(SERVED_KINDS['local'])}) instead of the "
+                        help=f"serve MODEL on runtime KIND ({', '.join(KINDS)}) instead of the "
                              "committed choice for the target (liveportrait_triton/runtime_choice.json); "
                              "repeatable. Each file is validated on ONNX Runtime and on the kind serving it")
 
@@ -70,13 +70,13 @@ def load(args):
 
 
 def run(args) -> int:
-    from .. import repository   # rendered by the server side of the package
+    from .. import repository, runtimes   # rendered and run by the server side of the package
     from ..weights import WeightsError
     from .onnx_export import OPSET, export_repository
     from .validate import ValidationError
     try:
-        overrides = repository.parse_runtime_overrides(args.runtime)
-        chosen = repository.served_runtimes(args.target, overrides) if args.target == "local" else {}
+        plan = (runtimes.runtime_plan(args.target, runtimes.parse_runtime_overrides(args.runtime))
+                if args.target == "local" else {})
         networks = load(args)
     except (WeightsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -84,7 +84,7 @@ def run(args) -> int:
     started = time.perf_counter()
     try:
         exported = export_repository(networks, args.repository, args.grid_sample, args.validate_batches,
-                                     chosen=chosen)
+                                     plan=plan)
     except ValidationError as exc:
         print(f"error: export failed validation: {exc}", file=sys.stderr)
         return 1
@@ -94,13 +94,14 @@ def run(args) -> int:
             "opset": OPSET[args.grid_sample],
             "weights": str(Path(args.weights).resolve()) if args.weights else f"synthetic seed {args.synthetic}",
             "tensorrt_precision": args.precision,
-            "runtime": chosen.get(item.model),
+            "runtime": plan[item.model].kind if item.model in plan else None,
+            "runtime_plan": plan[item.model].parameters() if item.model in plan else None,
             "validation": [{"runtime": c.kind, "batch": c.batch, "max_abs_diff": c.max_abs_diff, "bound": c.bound,
                             "share_differing": c.share_differing} for c in item.comparisons],
         }
         (item.path.parent / MANIFEST_FILENAME).write_text(json.dumps(manifest, indent=2) + "\n")
     print(f"exported and validated {len(exported)} models in {time.perf_counter() - started:.0f} s")
     repository.write_repository_configs(args.repository, target=args.target, config=args.config,
-                                        runtime_overrides=overrides)
+                                        plan=plan or None)
     print(f"wrote Triton configs for target {args.target!r} into {args.repository}")
     return 0

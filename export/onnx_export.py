@@ -22,7 +22,7 @@ from ..networks.grid_sample import MODES as GRID_SAMPLE_MODES
 from ..pipeline import TorchRunner
 from ..weights import Networks, save_network_file
 from .sample_inputs import fraction_inside_grid, sample_inputs
-from .served import NETWORK_FIELD, ServedModel, served_models
+from ..networks.served import NETWORK_FIELD, ServedModel, served_models
 from .validate import Comparison, ValidationError, check_graph, compare
 
 OPSET = {"decomposed": 17, "native": 20}
@@ -134,13 +134,16 @@ class ExportedModel:
         return "\n".join(parts)
 
 
-def validation_kinds(chosen: str | None) -> tuple[str, ...]:
-    """The runtime kinds an export is checked on: ONNX Runtime always (the ONNX file), and the kind chosen to
-    serve it when that kind runs a file export writes (OpenVINO: the ONNX file; openvino_fastconv: its own
-    model_fastconv.onnx; the torch kinds: the network file model.pt); TensorRT engines are checked by
-    `liveportrait-triton tensorrt`."""
-    served = chosen in runtimes.ONNX_KINDS or chosen in runtimes.TORCH_KINDS
-    return ("onnxruntime",) + ((chosen,) if served and chosen != "onnxruntime" else ())
+def validation_entries(model: str, served: runtimes.RuntimePlanEntry | None) -> list[runtimes.RuntimePlanEntry]:
+    """The runners an export is checked on, as plan entries on the CPU in fp32: ONNX Runtime always (the ONNX
+    file), and the kind of the plan's `served` entry when that kind runs a file export writes (OpenVINO: the ONNX
+    file; openvino_fastconv: its own model_fastconv.onnx; the torch kinds: the network file model.pt); TensorRT
+    engines are checked by `liveportrait-triton tensorrt`."""
+    kinds = ["onnxruntime"]
+    if served is not None and served.kind != "onnxruntime" and served.kind in (*runtimes.ONNX_KINDS,
+                                                                               *runtimes.TORCH_KINDS):
+        kinds.append(served.kind)
+    return [runtimes.RuntimePlanEntry.of(model, kind) for kind in kinds]
 
 
 def _remove_served_files(final: Path) -> None:
@@ -151,9 +154,9 @@ def _remove_served_files(final: Path) -> None:
 
 def export_repository(networks: Networks, repository: str | os.PathLike, grid_sample: str = "decomposed",
                       validate_batches: tuple[int, ...] = (1, 3), models: tuple[str, ...] = spec.SUBMODELS,
-                      chosen: dict[str, str] | None = None, log=print) -> list[ExportedModel]:
+                      plan: runtimes.RuntimePlan | None = None, log=print) -> list[ExportedModel]:
     """Export, check and compare every served model into `<repository>/<model>/1/model.onnx`, on ONNX Runtime
-    and on the kind `chosen` ({model: kind}) to serve it (`validation_kinds`).
+    and on the kind the runtime `plan` serves it on (`validation_entries`).
 
     PyTorch references use the native F.grid_sample whatever `grid_sample` says, so the comparison also checks
     the decomposed grid sample. A file is moved into place only after it passed (and a model.plan built from an
@@ -190,7 +193,8 @@ def export_repository(networks: Networks, repository: str | os.PathLike, grid_sa
                 feeds = {k: v[:batch] for k, v in inputs[model].items()}
                 with grid_sample_mode(networks, "native"):
                     references.append((feeds, reference_runner.run(model, feeds)))
-            for kind in validation_kinds((chosen or {}).get(model)):
+            for entry in validation_entries(model, (plan or {}).get(model)):
+                kind = entry.kind
                 artefact = partial
                 if kind in runtimes.TORCH_KINDS:     # the network file the torch kinds serve, checked as served
                     artefact = final.with_name(runtimes.TORCH_FILENAME)
@@ -198,7 +202,7 @@ def export_repository(networks: Networks, repository: str | os.PathLike, grid_sa
                 elif kind == "openvino_fastconv":    # its own ONNX file, checked as served
                     artefact = export_fastconv_model(networks, model, final.with_name(runtimes.FASTCONV_ONNX_FILENAME),
                                                      inputs[model], grid_sample)
-                runner = runtimes.create_subnetwork(kind, specs[model], artefact=artefact)
+                runner = runtimes.create_subnetwork(entry, specs[model], artefact=artefact)
                 comparisons += [compare(runner, feeds, reference) for feeds, reference in references]
                 del runner
             problems = [f for c in comparisons for f in c.failures]

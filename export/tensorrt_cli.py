@@ -132,9 +132,10 @@ class _Checker:
         self.inputs = sample_inputs(self.onnx, batch)
 
     def check(self, plan: bytes, model_spec: spec.ModelSpec, precision: str, batches, repeats: int):
-        from ..runtimes import RuntimeLoadError, create_subnetwork
+        from ..runtimes import RuntimeLoadError, RuntimePlanEntry, create_subnetwork
         try:
-            runner = create_subnetwork("tensorrt", model_spec, artefact=plan)
+            entry = RuntimePlanEntry.of(model_spec.name, "tensorrt", precision=precision)
+            runner = create_subnetwork(entry, model_spec, artefact=plan)
         except RuntimeLoadError as exc:
             raise TensorRTError(str(exc)) from exc
         for batch in batches:

@@ -84,16 +84,15 @@ def prepare_weights(weights: Path, work: Path, config: str) -> tuple[Path, str]:
 
 def prepare_repository(weights: Path, work: Path, config: str) -> Path:
     """Export once per weights folder and configuration; later runs reuse the repository."""
-    from . import repository as rendering
-    from . import runtimes, spec
+    from . import runtimes
     from .cli import main as cli_main
     repository = work / f"repository-{config}"
     stamp = repository / "demo-source.json"
     wanted = {"weights": str(weights.resolve()), "config": config,
               "mtime": max(p.stat().st_mtime for p in weights.rglob("*.pth"))}
-    kinds = rendering.served_runtimes("local")
-    complete = all(runtimes.artefact_path(repository, m, kinds[m]).is_file()
-                   and runtimes.artefact_path(repository, m, "onnxruntime").is_file() for m in spec.SUBMODELS)
+    complete = all(entry.path(repository).is_file()
+                   and runtimes.RuntimePlanEntry.of(m, "onnxruntime").path(repository).is_file()
+                   for m, entry in runtimes.runtime_plan("local").items())
     if complete and stamp.is_file() and json.loads(stamp.read_text()) == wanted:
         print(f"[demo] reusing the exported repository {repository}")
         return repository

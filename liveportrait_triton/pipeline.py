@@ -2,7 +2,8 @@
 
 A `Runner` executes one served sub-network on a batch (`run(model, {input: array}) -> {output: array}`, names
 from `spec`). `TorchRunner` runs our PyTorch modules in-process and `OnnxRunner` the exported ONNX files, both
-built by the runtime layer (`runtimes.py`); the Triton pipeline model wraps BLS calls in the same interface.
+built by the runtime layer from a runtime plan (`runtimes.py`); the Triton pipeline model wraps BLS calls to the
+served sub-networks in the same interface (backend/bls.py `BlsRunner`).
 `Animator` holds the logic of the official per-frame block: source registration (F and M once), then for each driving frame M (or a motion
 template frame) -> keypoint maths -> stitching / retargeting MLPs -> W -> G, batched across streams.
 """
@@ -284,29 +285,20 @@ class Animator:
 
 
 class TorchRunner(runtimes.ModelRunner):
-    """Our PyTorch sub-networks in-process (the parity reference for served results): the runtime layer's
-    `torch` kind for every sub-network, on `device`."""
+    """Our PyTorch sub-networks in-process (the parity reference for served results): the plan with the runtime
+    layer's `torch` kind for every sub-network, on `device` in `precision` (fp32 on the CPU: exact)."""
 
-    def __init__(self, networks, device: str = "cpu", threads: int | None = None):
-        super().__init__(runtimes.create_runner("torch", networks.params, networks=networks, device=device,
-                                                threads=threads).runners)
-
-
-def mlp_forward(networks, model: str, t: dict):
-    """The S MLPs take the flattened keypoints concatenated with the second input."""
-    import torch
-    kp = t["kp_source"].reshape(t["kp_source"].shape[0], -1)
-    if model == spec.STITCHING:
-        return networks.stitching(torch.cat([kp, t["kp_driving"].reshape(kp.shape[0], -1)], 1))
-    if model == spec.RETARGET_EYE:
-        return networks.eye(torch.cat([kp, t["eye_ratio"]], 1))
-    return networks.lip(torch.cat([kp, t["lip_ratio"]], 1))
+    def __init__(self, networks, device: str = "cpu", threads: int | None = None, precision: str | None = None):
+        super().__init__(runtimes.create_runner(runtimes.uniform_plan("torch", device, precision), networks.params,
+                                                networks=networks, threads=threads).runners)
 
 
 class OnnxRunner(runtimes.ModelRunner):
-    """Exported `<repository>/<model>/1/model.onnx` files in-process, on the runtime layer's ONNX kinds
-    (`kind` for all, or {model: kind}; default ONNX Runtime)."""
+    """Exported `<repository>/<model>/1/` files in-process on the runtime layer's ONNX kinds (`kind` for all, or
+    {model: kind}; default ONNX Runtime)."""
 
     def __init__(self, repository: str | Path, config: str | dict, kind: str | dict[str, str] = "onnxruntime",
                  threads: int | None = None):
-        super().__init__(runtimes.create_runner(kind, config, repository=repository, threads=threads).runners)
+        kinds = {m: kind for m in spec.SUBMODELS} if isinstance(kind, str) else kind
+        super().__init__(runtimes.create_runner(runtimes.plan_of(kinds), config, repository=repository,
+                                                threads=threads).runners)

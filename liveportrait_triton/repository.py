@@ -4,9 +4,10 @@ Two targets share one layout and every tensor name:
 
 - ``local``: the Triton 2.51 bundled in the `nvidia-pytriton` wheel, which has only the Python backend. Each
   sub-network is a Python-backend model (one generic adapter, `model_repository_templates/subnetwork/model.py`)
-  that runs its exported file on the runtime kind of the layer (runtimes.py) named by its `runtime` parameter.
-  That kind comes from the committed per-target choice (`runtime_choice.json`, written by `liveportrait-triton
-  bench --runtime-choice`, which measures every kind), unless `export --runtime MODEL=KIND` overrides it.
+  that runs the entry of the runtime plan (runtimes.runtime_plan: kind, device, precision, artefact) its
+  parameters report. The plan comes from the committed per-target choice (`runtime_choice.json`, written by
+  `liveportrait-triton bench --runtime-choice`, which measures every kind), unless `export --runtime MODEL=KIND`
+  overrides it.
 - ``ngc``: the NGC `tritonserver` image. Sub-networks use `onnxruntime_onnx` (model.onnx) or `tensorrt_plan`
   (model.plan) directly.
 
@@ -17,10 +18,11 @@ byte, so the committed files can never drift from the spec.
 from __future__ import annotations
 
 import dataclasses
-import json
-import re
 import shutil
 from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
 
 from . import runtimes, spec
 
@@ -30,44 +32,7 @@ TEMPLATES = Path(__file__).parent / "model_repository_templates"
 SUBNETWORK_ADAPTER = TEMPLATES / "subnetwork" / "model.py"
 PIPELINE_ADAPTER = TEMPLATES / "liveportrait" / "model.py"
 ONNX_FILENAME = runtimes.ONNX_FILENAME
-BLS_TENSOR_PATHS = ("numpy", "torch-cpu", "torch-gpu")     # read by backend.bls (which imports no server code here)
 DEFAULT_BLS_TENSORS = {"local": "numpy", "ngc": "torch-gpu"}
-RUNTIME_CHOICE_FILE = Path(__file__).parent / "runtime_choice.json"
-# Kinds a served sub-network of a target can run: the local Python-backend models run the file export writes for
-# the chosen kind (model.onnx, model.plan, or the torch kinds' network file model.pt).
-SERVED_KINDS = {"local": ("onnxruntime", "openvino", "openvino_fastconv", "tensorrt", "torch", "torch_fastconv")}
-
-
-def runtime_choice(target: str = "local", path: str | Path = RUNTIME_CHOICE_FILE) -> dict[str, str]:
-    """{sub-network: kind} committed for `target` (measured by `liveportrait-triton bench --runtime-choice`)."""
-    choices = json.loads(Path(path).read_text())["targets"]
-    if target not in choices:
-        raise ValueError(f"{path} has no runtime choice for target {target!r} (it has {sorted(choices)})")
-    return check_runtimes(target, choices[target])
-
-
-def check_runtimes(target: str, chosen: dict[str, str]) -> dict[str, str]:
-    """`chosen` if it names a servable kind for every sub-network of `target`, else ValueError naming the fault."""
-    missing = [m for m in spec.SUBMODELS if m not in chosen]
-    unknown = sorted(set(chosen) - set(spec.SUBMODELS))
-    bad = {m: k for m, k in chosen.items() if k not in SERVED_KINDS[target]}
-    if missing or unknown or bad:
-        raise ValueError(f"runtime choice for target {target!r}: " + "; ".join(
-            part for part in (missing and f"no kind for {missing}", unknown and f"unknown sub-networks {unknown}",
-                              bad and f"{bad} not servable (choose from {list(SERVED_KINDS[target])})") if part))
-    return {m: chosen[m] for m in spec.SUBMODELS}
-
-
-def parse_runtime_overrides(items: list[str]) -> dict[str, str]:
-    """['MODEL=KIND', ...] (the `export --runtime` option) -> {model: kind}."""
-    out = {}
-    for item in items:
-        model, sep, kind = item.partition("=")
-        if not sep or model not in spec.SUBMODELS or kind not in runtimes.KINDS:
-            raise ValueError(f"--runtime {item!r}: expected MODEL=KIND with MODEL one of {list(spec.SUBMODELS)} "
-                             f"and KIND one of {list(runtimes.KINDS)}")
-        out[model] = kind
-    return out
 
 
 def models_at_once(options: "ServingOptions") -> int:
@@ -88,15 +53,9 @@ class ServingOptions:
     sequence_idle_timeout_s: int = 300              # state of a stream idle this long is freed
     pipeline_instances: int = 1
     threads: int = 0                                # per sub-network; 0: the cores / models_at_once, at load
-    # where the pipeline keeps tensors between sub-networks (backend.bls.TENSOR_PATHS); None: by target, NumPy
+    # where the pipeline keeps tensors between sub-networks (spec.BLS_TENSOR_PATHS); None: by target, NumPy
     # on the host for local, device-resident torch tensors on the GPU for ngc
     bls_tensors: str | None = None
-    # local target: the sub-networks' runtime, `onnxruntime` (model.onnx) or `torch` (our PyTorch modules from the
-    # official checkpoints in weights_dir on torch_device, torch_cuda.TorchCudaRunner)
-    subnetwork_runtime: str = "onnxruntime"
-    weights_dir: str = ""
-    torch_device: str = "cuda"
-    torch_precision: str = "fp16"
 
     def __post_init__(self):
         if not 1 <= self.submodel_max_batch_size <= spec.MAX_BATCH_SIZE:
@@ -107,12 +66,8 @@ class ServingOptions:
             raise ValueError("sequence_idle_timeout_s must be >= 1")
         if self.pipeline_instances < 1 or self.threads < 0:
             raise ValueError("pipeline_instances must be >= 1 and threads >= 0")
-        if self.bls_tensors not in (None, *BLS_TENSOR_PATHS):
-            raise ValueError(f"bls_tensors must be one of {list(BLS_TENSOR_PATHS)}")
-        if self.subnetwork_runtime not in ("onnxruntime", "torch"):
-            raise ValueError("subnetwork_runtime must be onnxruntime or torch")
-        if self.subnetwork_runtime == "torch" and not self.weights_dir:
-            raise ValueError("the torch sub-network runtime needs weights_dir (official checkpoint layout)")
+        if self.bls_tensors not in (None, *spec.BLS_TENSOR_PATHS):
+            raise ValueError(f"bls_tensors must be one of {list(spec.BLS_TENSOR_PATHS)}")
 
 
 def python_shm_bytes(config: str = "full", max_batch_size: int = spec.MAX_BATCH_SIZE) -> int:
@@ -125,12 +80,33 @@ def python_shm_bytes(config: str = "full", max_batch_size: int = spec.MAX_BATCH_
     return -(-largest * max_batch_size // mib) * mib
 
 
+def read_config(path: str | Path) -> model_config_pb2.ModelConfig:
+    """A config.pbtxt parsed by Triton's own ModelConfig message (text_format: unknown fields or bad syntax
+    fail)."""
+    return text_format.Parse(Path(path).read_text(), model_config_pb2.ModelConfig())
+
+
+def config_parameters(config: model_config_pb2.ModelConfig) -> dict[str, str]:
+    """A parsed config's string parameters."""
+    return {key: value.string_value for key, value in config.parameters.items()}
+
+
 def repository_network_config(repository_dir: str | Path) -> str:
     """The network configuration a rendered repository serves (its pipeline config's `network_config`)."""
     path = Path(repository_dir) / spec.PIPELINE / "config.pbtxt"
-    text = path.read_text() if path.is_file() else ""
-    found = re.search(r'key: "network_config"\s*value: \{ string_value: "([^"]+)" \}', text)
-    return found.group(1) if found else "full"
+    return (config_parameters(read_config(path)).get("network_config") if path.is_file() else None) or "full"
+
+
+def served_plan(repository_dir: str | Path) -> runtimes.RuntimePlan:
+    """The runtime plan a rendered local-target repository serves, as its sub-networks' configs report it."""
+    plan = {}
+    for model in spec.SUBMODELS:
+        path = Path(repository_dir) / model / "config.pbtxt"
+        try:
+            plan[model] = runtimes.RuntimePlanEntry.from_parameters(model, config_parameters(read_config(path)))
+        except runtimes.RuntimeLoadError as exc:
+            raise ValueError(f"{path}: {exc} (not a local-target repository rendered by this version)") from exc
+    return plan
 
 
 def _header(target: str, config: str) -> str:
@@ -161,23 +137,19 @@ def _instances(count: int, kind: str) -> str:
 
 
 def render_submodel_config(model: spec.ModelSpec, target: str, config: str, platform: str | None = None,
-                           options: ServingOptions = ServingOptions(), runtime_kind: str = "onnxruntime") -> str:
-    """config.pbtxt of one sub-network: Python backend on `runtime_kind` (local) or a native platform (ngc)."""
+                           options: ServingOptions = ServingOptions(),
+                           entry: runtimes.RuntimePlanEntry | None = None) -> str:
+    """config.pbtxt of one sub-network: Python backend on its runtime plan `entry` (local; default: the
+    committed plan's) or a native platform (ngc)."""
     if target == "local":
-        if runtime_kind not in SERVED_KINDS["local"] and options.subnetwork_runtime != "torch":
-            raise ValueError(f"{model.name}: runtime {runtime_kind!r} is not servable on the local target "
-                             f"(choose from {list(SERVED_KINDS['local'])})")
+        entry = entry or runtimes.runtime_plan(target)[model.name]
         runtime = 'backend: "python"\n'
         instances = _instances(1, "KIND_CPU")
-        if options.subnetwork_runtime == "torch":
-            torch_params = {"network_config": config, "runtime": "torch", "weights_dir": options.weights_dir,
-                            "device": options.torch_device, "precision": options.torch_precision}
-            if options.torch_device.startswith("cuda"):      # inputs arrive in GPU memory, as BLS sends them
-                torch_params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
-            params = _parameters(torch_params)
-        else:
-            params = _parameters({"network_config": config, "runtime": runtime_kind,
-                                  "threads": str(options.threads), "models_at_once": str(models_at_once(options))})
+        params = {"network_config": config, **entry.parameters(),
+                  "threads": str(options.threads), "models_at_once": str(models_at_once(options))}
+        if entry.device != "cpu":      # inputs arrive in GPU memory, as BLS sends them
+            params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
+        params = _parameters(params)
     elif target == "ngc":
         if platform not in PLATFORMS:
             raise ValueError(f"ngc platform must be one of {sorted(PLATFORMS)}, got {platform!r}")
@@ -236,18 +208,18 @@ def ngc_platform(repository_dir: str | Path | None, model: str, platform: str | 
 def render_repository(target: str = "local", config: str = "full", platform: str | None = None,
                       options: ServingOptions = ServingOptions(),
                       repository_dir: str | Path | None = None,
-                      runtime_overrides: dict[str, str] | None = None) -> dict[str, str]:
+                      plan: runtimes.RuntimePlan | None = None) -> dict[str, str]:
     """Every generated file of a repository as {relative path: text} (artefacts such as model.onnx excluded).
 
-    Local sub-networks run the committed `runtime_choice(target)`, with `runtime_overrides` ({model: kind})."""
+    Local sub-networks run `plan` (default: runtimes.runtime_plan(target), the committed choice)."""
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; choose one of {list(TARGETS)}")
-    kinds = served_runtimes(target, runtime_overrides) if target == "local" else {}
+    plan = runtimes.plan_of(plan or runtimes.runtime_plan(target)) if target == "local" else {}
     files = {}
     for name, model in spec.submodel_specs(config).items():
         chosen = ngc_platform(repository_dir, name, platform) if target == "ngc" else None
         files[f"{name}/config.pbtxt"] = render_submodel_config(model, target, config, chosen, options,
-                                                               kinds.get(name, "onnxruntime"))
+                                                               plan.get(name))
         if target == "local":
             files[f"{name}/1/model.py"] = SUBNETWORK_ADAPTER.read_text()
     files[f"{spec.PIPELINE}/config.pbtxt"] = render_pipeline_config(target, config, options)
@@ -255,14 +227,9 @@ def render_repository(target: str = "local", config: str = "full", platform: str
     return files
 
 
-def served_runtimes(target: str, overrides: dict[str, str] | None = None) -> dict[str, str]:
-    """{sub-network: kind} a repository of `target` serves: the committed choice, then `overrides`."""
-    return check_runtimes(target, {**runtime_choice(target), **(overrides or {})})
-
-
 def write_repository_configs(repository_dir: str | Path, target: str = "local", config: str = "full",
                              platform: str | None = None, options: ServingOptions = ServingOptions(),
-                             runtime_overrides: dict[str, str] | None = None) -> list[Path]:
+                             plan: runtimes.RuntimePlan | None = None) -> list[Path]:
     """Write every config.pbtxt and Python-backend model.py of a repository; returns the paths written.
 
     The ONNX (or TensorRT) artefacts are not touched: export writes them. On the ngc target a stale local adapter
@@ -270,7 +237,7 @@ def write_repository_configs(repository_dir: str | Path, target: str = "local", 
     """
     root = Path(repository_dir)
     written = []
-    for rel, text in render_repository(target, config, platform, options, root, runtime_overrides).items():
+    for rel, text in render_repository(target, config, platform, options, root, plan).items():
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)

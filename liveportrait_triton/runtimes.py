@@ -1,52 +1,59 @@
-"""The one runtime layer: (sub-network spec, artefact or networks, runtime kind, device, threads) -> a runner.
+"""The one runtime layer: the runtime plan (which kind, device, precision and artefact runs each served
+sub-network) and the runners it builds.
 
-Everything that runs a sub-network goes through `create_subnetwork`: the served sub-network models
-(backend/subnetwork.py), the in-process pipeline (`pipeline.TorchRunner`, `pipeline.OnnxRunner`), export
-validation, the TensorRT checks and the benchmarks. A `SubnetworkRunner` takes and returns tensors bound by the
-spec's names (`run({input: array}) -> {output: array}`, batch dimension free); `ModelRunner` puts one per
-sub-network behind the `pipeline.Runner` interface, so the same `Animator` runs on any mix of kinds.
+`runtime_plan` is the one place the plan is made: the committed choice per target (`runtime_choice.json`,
+measured by `liveportrait-triton bench --runtime-choice`), then `export --runtime MODEL=KIND` overrides. Every
+runner of a sub-network is built by `create_subnetwork` from a `RuntimePlanEntry`: the served sub-network models
+(backend/subnetwork.py, which read their entry back from config.pbtxt), the in-process pipeline
+(`pipeline.TorchRunner`, `pipeline.OnnxRunner`), export validation, the TensorRT checks, the benchmarks and the
+device check. A `SubnetworkRunner` takes and returns tensors bound by the spec's names (`run({input: array}) ->
+{output: array}`, batch dimension free); `ModelRunner` puts one per sub-network behind the `pipeline.Runner`
+interface, so the same `Animator` runs on any plan.
 
 Kinds:
 - `onnxruntime`: the exported model.onnx in ONNX Runtime's CPU provider; all graph optimisations, sequential
   execution, explicit intra-op threads, one inter-op thread, and no spin-waiting of idle pool threads (spinning
   threads steal the cores the other models' processes need).
 - `openvino`: the exported model.onnx compiled by OpenVINO for CPU in f32 (no bf16 down-casting: it breaks the
-  grid-sample gather indices), latency hint, explicit thread count, threads not pinned to cores, compiled at batch 1 and run
-  item by item (batches gain nothing per item on the CPU).
+  grid-sample gather indices), latency hint, explicit thread count, threads not pinned to cores, compiled at
+  batch 1 and run item by item (batches gain nothing per item on the CPU).
 - `openvino_fastconv`: OpenVINO as above on model_fastconv.onnx, the export of our modules with the fast
   convolution forms ONNX can express (Winograd, low-resolution SPADE; no FFT), export/onnx_export.py
-  `export_fastconv_model`. Built from `networks` (a temporary export) when no file is given.
-- `torch`: our PyTorch modules (export/served.py `ServedModel`, the same call the ONNX export traces), eager, on
-  `device`. `_torch_forward` is the one place that builds it (a CUDA flavour hooks in there).
+  `export_fastconv_model`.
+- `torch`: our PyTorch modules (networks/served.py `ServedModel`, the same call the ONNX export traces) on the
+  entry's device and precision (torch_engine.TorchEngine: autocast below fp32, CUDA graphs on a CUDA device).
 - `torch_fastconv`: the same modules with their heavy convolutions rewritten as faster algorithms computing the
   same function (networks/fast_convolution.py: Winograd, FFT, low-resolution SPADE), CPU. Served from the network
   file export writes (`model.pt`), as is `torch`.
-- `tensorrt`: a model.plan engine on a CUDA GPU (needs `tensorrt` and a CUDA build of PyTorch; see
+- `tensorrt`: a model.plan engine on a CUDA GPU (tensorrt_engine.TensorRTEngine; built by
   export/tensorrt_build.py).
 
 `threads=None` means `default_threads()`: every core this process may use. Torch's thread count is process-wide.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 
 from . import spec
+from .arrays import is_torch
 
 KINDS = {
     "onnxruntime": "ONNX Runtime CPU, ORT_ENABLE_ALL, sequential, no spinning",
     "openvino": "OpenVINO CPU, f32, latency hint",
     "openvino_fastconv": "OpenVINO CPU, f32, the graph with Winograd / DFT / low-resolution SPADE convolutions",
-    "torch": "PyTorch eager (our modules)",
+    "torch": "PyTorch eager (our modules), CPU or CUDA",
     "torch_fastconv": "PyTorch eager, convolutions by Winograd / FFT / low-resolution SPADE (CPU)",
     "tensorrt": "TensorRT engine (CUDA GPU)",
 }
 ONNX_KINDS = ("onnxruntime", "openvino", "openvino_fastconv")    # run an exported ONNX file
 TORCH_KINDS = ("torch", "torch_fastconv")    # run our PyTorch modules
-NETWORK_KINDS = TORCH_KINDS + ("openvino_fastconv",)              # can be built from loaded networks alone
+NETWORK_KINDS = TORCH_KINDS                  # can be built from loaded networks alone
 ONNX_FILENAME = "model.onnx"
 FASTCONV_ONNX_FILENAME = "model_fastconv.onnx"
 PLAN_FILENAME = "model.plan"
@@ -54,10 +61,16 @@ TORCH_FILENAME = "model.pt"                  # weights.save_network_file
 ARTEFACT = {"onnxruntime": ONNX_FILENAME, "openvino": ONNX_FILENAME, "openvino_fastconv": FASTCONV_ONNX_FILENAME,
             "tensorrt": PLAN_FILENAME,
             "torch": TORCH_FILENAME, "torch_fastconv": TORCH_FILENAME}
-
-
+# Numeric precision of a runner: fp32 is the exact numerics (every CPU kind); fp16 is the official GPU default
+# (torch on CUDA under autocast; TensorRT engines built in fp16, export/tensorrt_build.py keeping M and the MLPs
+# in fp32); bf16 runs torch under bf16 autocast.
+PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS_OF_KIND = {"tensorrt": ("fp32", "fp16"), "torch": PRECISIONS}     # every other kind: fp32 only
+CUDA_KINDS = ("torch", "tensorrt")           # kinds that run on a CUDA device (tensorrt only there)
+RUNTIME_CHOICE_FILE = Path(__file__).parent / "runtime_choice.json"
 class RuntimeLoadError(ValueError):
-    """A runner that cannot be built: unknown kind, missing artefact, a graph that is not the spec, no GPU."""
+    """A runner that cannot be built: unknown kind, a plan entry that cannot run, missing artefact, a graph that is
+    not the spec, no GPU."""
 
 
 def default_threads() -> int:
@@ -66,6 +79,12 @@ def default_threads() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:   # not Linux
         return os.cpu_count() or 1
+
+
+def served_threads(threads: int, models_at_once: int) -> int:
+    """Threads of one served sub-network: `threads`, or (0) the cores this process may use shared by the
+    `models_at_once` sub-network executions that can run at the same time."""
+    return threads or max(1, default_threads() // max(1, models_at_once))
 
 
 def available_kinds() -> list[str]:
@@ -81,104 +100,221 @@ def available_kinds() -> list[str]:
     return kinds
 
 
-def artefact_path(repository: str | os.PathLike, model: str, kind: str) -> Path:
-    """Where `liveportrait-triton export` (or `tensorrt`) puts the file kind `kind` runs for `model`."""
-    return Path(repository) / model / "1" / ARTEFACT[kind]
+# ---------------------------------------------------------------------------------------------------------------
+# The runtime plan.
 
+@dataclasses.dataclass(frozen=True)
+class RuntimePlanEntry:
+    """How one served sub-network runs: its runtime kind, device (cpu, cuda, cuda:N), numeric precision and the
+    artefact it loads (the file in `<model>/1/` that export writes for the kind)."""
+    model: str
+    kind: str
+    device: str = "cpu"
+    precision: str = "fp32"
+    artefact: str = ""
+
+    def __post_init__(self):
+        if self.model not in spec.SUBMODELS:
+            raise RuntimeLoadError(f"no served sub-network {self.model!r}; served: {list(spec.SUBMODELS)}")
+        if self.kind not in KINDS:
+            raise RuntimeLoadError(f"{self.model}: unknown runtime {self.kind!r}; choose one of {list(KINDS)}")
+        if not self.artefact:
+            object.__setattr__(self, "artefact", ARTEFACT[self.kind])
+        if self.artefact != ARTEFACT[self.kind]:
+            raise RuntimeLoadError(f"{self.model}: runtime {self.kind!r} loads {ARTEFACT[self.kind]}, "
+                                   f"not {self.artefact!r}")
+        on_cuda = self.device == "cuda" or (self.device.startswith("cuda:") and self.device[5:].isdigit())
+        if not (on_cuda or self.device == "cpu"):
+            raise RuntimeLoadError(f"{self.model}: device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if on_cuda and self.kind not in CUDA_KINDS:
+            raise RuntimeLoadError(f"{self.model}: runtime {self.kind!r} runs on the CPU, not on {self.device!r}")
+        if self.kind == "tensorrt" and not on_cuda:
+            raise RuntimeLoadError(f"{self.model}: runtime 'tensorrt' runs on a CUDA device, not on {self.device!r}")
+        allowed = PRECISIONS_OF_KIND.get(self.kind, ("fp32",))
+        if self.precision not in allowed:
+            raise RuntimeLoadError(f"{self.model}: runtime {self.kind!r} runs in {list(allowed)}, "
+                                   f"not {self.precision!r}")
+
+    @classmethod
+    def of(cls, model: str, kind: str, device: str | None = None,
+           precision: str | None = None) -> "RuntimePlanEntry":
+        """An entry with the kind's defaults: tensorrt on cuda, everything else on the CPU; fp16 on a CUDA device
+        (the official GPU default), fp32 (exact) on the CPU."""
+        device = device or ("cuda" if kind == "tensorrt" else "cpu")
+        return cls(model, kind, device, precision or ("fp32" if device == "cpu" else "fp16"))
+
+    def parameters(self) -> dict[str, str]:
+        """The entry as config.pbtxt parameters (what a served model reads back and reports)."""
+        return {"runtime": self.kind, "device": self.device, "precision": self.precision, "artefact": self.artefact}
+
+    @classmethod
+    def from_parameters(cls, model: str, parameters: Mapping[str, str]) -> "RuntimePlanEntry":
+        """The entry a served model's config.pbtxt parameters give (RuntimeLoadError naming a missing one)."""
+        missing = [key for key in ("runtime", "device", "precision", "artefact") if not parameters.get(key)]
+        if missing:
+            raise RuntimeLoadError(f"{model}: config.pbtxt lacks the runtime plan parameter(s) {missing}: "
+                                   "re-render it with `liveportrait-triton export`")
+        return cls(model, parameters["runtime"], parameters["device"], parameters["precision"],
+                   parameters["artefact"])
+
+    def path(self, repository: str | os.PathLike) -> Path:
+        """Where `liveportrait-triton export` (or `tensorrt`) puts this entry's artefact."""
+        return Path(repository) / self.model / "1" / self.artefact
+
+    def describe(self) -> str:
+        return f"{self.model} runs {self.kind} on {self.device} in {self.precision} from {self.artefact}"
+
+
+RuntimePlan = dict     # {sub-network: RuntimePlanEntry}, in spec.SUBMODELS order
+
+
+def plan_of(kinds: Mapping[str, str | RuntimePlanEntry]) -> RuntimePlan:
+    """A plan naming every served sub-network ({model: kind or entry}), else RuntimeLoadError naming the fault."""
+    missing = [m for m in spec.SUBMODELS if m not in kinds]
+    unknown = sorted(set(kinds) - set(spec.SUBMODELS))
+    if missing or unknown:
+        raise RuntimeLoadError("runtime plan: " + "; ".join(
+            part for part in (missing and f"no kind for {missing}", unknown and f"unknown sub-networks {unknown}")
+            if part))
+    plan = {m: k if isinstance(k, RuntimePlanEntry) else RuntimePlanEntry.of(m, k) for m, k in
+            ((m, kinds[m]) for m in spec.SUBMODELS)}
+    wrong = [m for m, entry in plan.items() if entry.model != m]
+    if wrong:
+        raise RuntimeLoadError(f"runtime plan: entries of {wrong} name another sub-network")
+    return plan
+
+
+def runtime_choice(target: str = "local", path: str | os.PathLike = RUNTIME_CHOICE_FILE) -> dict[str, str]:
+    """{sub-network: kind} committed for `target` (measured by `liveportrait-triton bench --runtime-choice`)."""
+    choices = json.loads(Path(path).read_text())["targets"]
+    if target not in choices:
+        raise RuntimeLoadError(f"{path} has no runtime choice for target {target!r} (it has {sorted(choices)})")
+    return {m: entry.kind for m, entry in plan_of(choices[target]).items()}
+
+
+def runtime_plan(target: str = "local", overrides: Mapping[str, str | RuntimePlanEntry] | None = None,
+                 path: str | os.PathLike = RUNTIME_CHOICE_FILE) -> RuntimePlan:
+    """THE runtime plan of a repository of `target`: the committed choice, then `overrides` ({model: kind or
+    entry}, e.g. `export --runtime MODEL=KIND`)."""
+    return plan_of({**runtime_choice(target, path), **(overrides or {})})
+
+
+def uniform_plan(kind: str, device: str | None = None, precision: str | None = None) -> RuntimePlan:
+    """Every sub-network on one kind (the in-process PyTorch reference, the device check)."""
+    return plan_of({m: RuntimePlanEntry.of(m, kind, device, precision) for m in spec.SUBMODELS})
+
+
+def parse_runtime_overrides(items: list[str]) -> dict[str, str]:
+    """['MODEL=KIND', ...] (the `export --runtime` option) -> {model: kind}."""
+    out = {}
+    for item in items:
+        model, sep, kind = item.partition("=")
+        if not sep or model not in spec.SUBMODELS or kind not in KINDS:
+            raise RuntimeLoadError(f"--runtime {item!r}: expected MODEL=KIND with MODEL one of "
+                                   f"{list(spec.SUBMODELS)} and KIND one of {list(KINDS)}")
+        out[model] = kind
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Runners.
 
 class SubnetworkRunner:
-    """One sub-network on one runtime kind, tensors bound by spec name."""
+    """One sub-network on one runtime plan entry, tensors bound by spec name."""
 
-    def __init__(self, kind: str, model_spec: spec.ModelSpec, device: str, threads: int,
-                 forward: Callable[[list[np.ndarray]], list[np.ndarray]], session=None):
-        self.kind = kind
+    def __init__(self, entry: RuntimePlanEntry, model_spec: spec.ModelSpec, threads: int,
+                 forward: Callable[[list], list], session=None):
+        self.entry = entry
         self.model_spec = model_spec
-        self.device = device
         self.threads = threads
-        self.session = session     # the runtime's own object (ONNX Runtime session, compiled model, engine, module)
+        self.session = session     # the runtime's own object (ONNX Runtime session, compiled model, engine)
         self._forward = forward
 
     @property
     def model(self) -> str:
         return self.model_spec.name
 
-    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    @property
+    def kind(self) -> str:
+        return self.entry.kind
+
+    @property
+    def device(self) -> str:
+        return self.entry.device
+
+    def run(self, inputs: dict) -> dict:
+        """Outputs by name. The torch kinds take torch tensors as they are (and answer with torch tensors on their
+        device); every other value becomes a C-contiguous array of the spec's dtype."""
         missing = [n for n in self.model_spec.input_names if n not in inputs]
         if missing:
             raise KeyError(f"{self.model}: missing input(s) {missing}; it takes {self.model_spec.input_names}")
-        arrays = [np.ascontiguousarray(inputs[t.name], dtype=t.numpy_dtype) for t in self.model_spec.inputs]
+        keep_torch = self.kind in TORCH_KINDS
+        arrays = [inputs[t.name] if keep_torch and is_torch(inputs[t.name])
+                  else np.ascontiguousarray(inputs[t.name], dtype=t.numpy_dtype) for t in self.model_spec.inputs]
         if len({a.shape[0] for a in arrays}) != 1:
             raise ValueError(f"{self.model}: inputs disagree on the batch size: "
-                             f"{ {t.name: a.shape for t, a in zip(self.model_spec.inputs, arrays)} }")
+                             f"{ {t.name: tuple(a.shape) for t, a in zip(self.model_spec.inputs, arrays)} }")
         for t, a in zip(self.model_spec.inputs, arrays):
-            if a.shape[1:] != t.shape:
+            if tuple(a.shape[1:]) != t.shape:
                 raise ValueError(f"{self.model}: input {t.name!r} has shape {list(a.shape)}, "
                                  f"expected [batch, {', '.join(map(str, t.shape))}]")
         return dict(zip(self.model_spec.output_names, self._forward(arrays)))
 
 
-def create_subnetwork(kind: str, model_spec: spec.ModelSpec, *, artefact: str | os.PathLike | bytes | None = None,
-                      networks=None, device: str = "cpu", threads: int | None = None,
-                      precision: str = "fp32") -> SubnetworkRunner:
-    """A runner of `model_spec` on `kind`: ONNX kinds need `artefact` (the ONNX file's path; openvino_fastconv
-    may instead export it from `networks`), `tensorrt` a model.plan (path or bytes), the torch kinds the loaded
-    `networks` (weights.Networks) or their network file (model.pt); `torch` on a CUDA device runs in `precision`, fp16 being the official default, with CUDA graphs
-    (torch_cuda). RuntimeLoadError otherwise."""
-    if kind not in KINDS:
-        raise RuntimeLoadError(f"unknown runtime {kind!r}; choose one of {list(KINDS)}")
+def create_subnetwork(entry: RuntimePlanEntry, model_spec: spec.ModelSpec, *,
+                      artefact: str | os.PathLike | bytes | None = None, networks=None,
+                      threads: int | None = None) -> SubnetworkRunner:
+    """The runner of `model_spec` that plan entry `entry` describes: the ONNX kinds need `artefact` (the file's
+    path), `tensorrt` the engine (path or bytes), the torch kinds the loaded `networks` (weights.Networks) or
+    their network file (model.pt). RuntimeLoadError otherwise. The one constructor of sub-network runners."""
+    if model_spec.name != entry.model:
+        raise RuntimeLoadError(f"plan entry of {entry.model!r} given the spec of {model_spec.name!r}")
     threads = threads or default_threads()
+    kind = entry.kind
     if kind in TORCH_KINDS:
         if networks is None:
             networks = _network_file(model_spec, artefact, kind)
-        if kind == "torch_fastconv" and device != "cpu":
-            raise RuntimeLoadError(f"runtime 'torch_fastconv' is a CPU runtime, not for {device!r}")
-        forward, session = _torch_forward(networks, model_spec, device, threads, precision,
-                                          fast_convolutions=kind == "torch_fastconv")
-        return SubnetworkRunner(kind, model_spec, device, threads, forward, session)
-    if kind == "tensorrt":
+        forward, session = _torch_forward(networks, model_spec, entry, threads)
+    elif kind == "tensorrt":
         forward, session = _tensorrt_forward(model_spec, artefact)
-        return SubnetworkRunner(kind, model_spec, "cuda", threads, forward, session)
-    if device != "cpu":
-        raise RuntimeLoadError(f"runtime {kind!r} runs on the CPU here, not on {device!r}")
-    if kind == "openvino_fastconv" and artefact is None and networks is not None:
-        forward, session = _openvino_fastconv_from_networks(model_spec, networks, threads)
-        return SubnetworkRunner(kind, model_spec, device, threads, forward, session)
-    if artefact is None or not Path(artefact).is_file():
-        raise RuntimeLoadError(f"runtime {kind!r} needs the exported ONNX file of {model_spec.name!r}, got "
-                               f"{str(artefact)!r}: run `liveportrait-triton export` first")
-    build = _onnxruntime_forward if kind == "onnxruntime" else _openvino_forward
-    forward, session = build(model_spec, Path(artefact), threads)
-    return SubnetworkRunner(kind, model_spec, device, threads, forward, session)
+    else:
+        if artefact is None or not Path(artefact).is_file():
+            raise RuntimeLoadError(f"runtime {kind!r} needs the exported ONNX file ({entry.artefact}) of "
+                                   f"{model_spec.name!r}, got {str(artefact)!r}: run `liveportrait-triton export` "
+                                   "first")
+        build = _onnxruntime_forward if kind == "onnxruntime" else _openvino_forward
+        forward, session = build(model_spec, Path(artefact), threads)
+    return SubnetworkRunner(entry, model_spec, threads, forward, session)
 
 
 class ModelRunner:
-    """pipeline.Runner over one SubnetworkRunner per sub-network (any mix of kinds)."""
+    """pipeline.Runner over one SubnetworkRunner per sub-network (any plan)."""
 
     def __init__(self, runners: dict[str, SubnetworkRunner]):
         self.runners = runners
 
-    def run(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    @property
+    def plan(self) -> RuntimePlan:
+        return {m: r.entry for m, r in self.runners.items()}
+
+    def run(self, model: str, inputs: dict) -> dict:
         runner = self.runners.get(model)
         if runner is None:
             raise KeyError(f"no runner for model {model!r}; this one has {sorted(self.runners)}")
         return runner.run(inputs)
 
 
-def create_runner(choice: str | dict[str, str], config: str | dict, *, networks=None,
-                  repository: str | os.PathLike | None = None, device: str = "cpu",
-                  threads: int | None = None) -> ModelRunner:
-    """A ModelRunner for every served sub-network of network `config`: `choice` is one kind for all, or
-    {model: kind}; artefacts come from `repository` (`<model>/1/model.onnx|plan`)."""
-    kinds = {m: choice for m in spec.SUBMODELS} if isinstance(choice, str) else dict(choice)
-    missing = [m for m in spec.SUBMODELS if m not in kinds]
-    if missing:
-        raise RuntimeLoadError(f"no runtime chosen for {missing}")
+def create_runner(plan: RuntimePlan, config: str | dict, *, networks=None,
+                  repository: str | os.PathLike | None = None, threads: int | None = None) -> ModelRunner:
+    """A ModelRunner for every served sub-network of network `config` on `plan` (runtime_plan, uniform_plan):
+    the torch kinds run `networks` when given, every other artefact comes from `repository`."""
+    plan = plan_of(plan)
     specs = spec.submodel_specs(config)
-    return ModelRunner({m: create_subnetwork(k, specs[m], networks=networks, device=device, threads=threads,
+    return ModelRunner({m: create_subnetwork(entry, specs[m], networks=networks, threads=threads,
                                              artefact=None if repository is None
-                                             or (k in TORCH_KINDS and networks is not None)
-                                             else artefact_path(repository, m, k))
-                        for m, k in kinds.items()})
+                                             or (entry.kind in TORCH_KINDS and networks is not None)
+                                             else entry.path(repository))
+                        for m, entry in plan.items()})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -191,7 +327,7 @@ def _check_names(model_spec: spec.ModelSpec, inputs, outputs, what: str) -> None
 
 def _network_file(model_spec: spec.ModelSpec, artefact, kind: str):
     """The networks of a torch kind's model.pt (weights.load_network_file), checked to hold `model_spec`'s."""
-    from .export.served import NETWORK_FIELD
+    from .networks.served import NETWORK_FIELD
     from .weights import WeightsError, load_network_file
     if artefact is None or not Path(artefact).is_file():
         raise RuntimeLoadError(f"runtime {kind!r} runs our PyTorch modules: pass networks=load_networks(...) or "
@@ -206,33 +342,26 @@ def _network_file(model_spec: spec.ModelSpec, artefact, kind: str):
     return networks
 
 
-def _torch_forward(networks, model_spec: spec.ModelSpec, device: str, threads: int, precision: str = "fp32",
-                   fast_convolutions: bool = False):
-    """The torch kinds: the served module on `device` (moved there in place), inference mode, with its heavy
-    convolutions rewritten (a converted copy) for torch_fastconv; on CUDA the PyTorch-CUDA runtime
-    (torch_cuda.TorchCudaRunner: autocast in `precision`, CUDA graphs per batch size)."""
+def _torch_forward(networks, model_spec: spec.ModelSpec, entry: RuntimePlanEntry, threads: int):
+    """The torch kinds: the served module on the entry's device (moved there in place) and precision, with its
+    heavy convolutions rewritten (a converted copy) for torch_fastconv (torch_engine.TorchEngine)."""
     import torch
-    if device.startswith("cuda"):
-        from .torch_cuda import TorchCudaRunner
-        runner = TorchCudaRunner(networks, device, precision)
 
-        def forward_cuda(arrays: list[np.ndarray]) -> list[np.ndarray]:
-            outputs = runner.run(model_spec.name, dict(zip(model_spec.input_names, arrays)))
-            return [outputs[name] for name in model_spec.output_names]
-        return forward_cuda, runner
+    from .networks.served import ServedModel
+    from .torch_engine import TorchEngine
+    if entry.device == "cpu":
+        torch.set_num_threads(threads)
+    served = ServedModel(networks, model_spec)
+    if entry.kind == "torch_fastconv":
+        from .networks.fast_convolution import fast_convolutions
+        served = fast_convolutions(served.eval())
+    engine = TorchEngine(served, entry.device, entry.precision)
+    names, output_names = model_spec.input_names, model_spec.output_names
 
-    from .export.served import ServedModel
-    torch.set_num_threads(threads)
-    served = ServedModel(networks, model_spec).eval().to(device)
-    if fast_convolutions:
-        from .networks.fast_convolution import fast_convolutions as convert
-        served = convert(served)
-
-    def forward(arrays: list[np.ndarray]) -> list[np.ndarray]:
-        with torch.inference_mode():
-            outputs = served(*(torch.from_numpy(a).to(device) for a in arrays))
-        return [o.cpu().numpy() for o in outputs]
-    return forward, served
+    def forward(values: list) -> list:
+        outputs = engine.run(dict(zip(names, values)))
+        return [outputs[name] for name in output_names]
+    return forward, engine
 
 
 def _onnxruntime_forward(model_spec: spec.ModelSpec, path: Path, threads: int):
@@ -260,10 +389,9 @@ def _onnxruntime_forward(model_spec: spec.ModelSpec, path: Path, threads: int):
 
 def _openvino_forward(model_spec: spec.ModelSpec, path: Path, threads: int):
     """OpenVINO compiles the graph once at batch 1 (static shapes) and runs a batch item by item into the
-    batch's output arrays. Measured on the 2-core Xeon, full size: a batch of 2-4 is no cheaper per item than
-    single items (W 0.85-0.91 s/item, G 1.65-1.74 s/item with the fast convolutions), while every further
-    compiled batch size costs 0.7-1.6 GB and seconds of compilation, and a dynamic-batch graph pays seconds at
-    the first call of each new size and runs W 7% slower."""
+    batch's output arrays: on the CPU a batch is no cheaper per item, while every further compiled batch size
+    costs memory and compilation time, and a dynamic-batch graph recompiles at each new size (measurements:
+    benchmarks/results/, runtime_choice.md)."""
     import openvino as ov
     core = ov.Core()
     config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
@@ -298,22 +426,8 @@ def _openvino_forward(model_spec: spec.ModelSpec, path: Path, threads: int):
     return forward, compiled
 
 
-def _openvino_fastconv_from_networks(model_spec: spec.ModelSpec, networks, threads: int):
-    """openvino_fastconv without an exported file (the benchmarks): export it to a temporary folder that lives
-    as long as the runner."""
-    import tempfile
-    from .export.onnx_export import export_fastconv_model
-    folder = tempfile.TemporaryDirectory(prefix="liveportrait-fastconv-")
-    path = export_fastconv_model(networks, model_spec.name, Path(folder.name) / FASTCONV_ONNX_FILENAME)
-    forward, model = _openvino_forward(model_spec, path, threads)
-
-    def forward_keeping_folder(arrays: list[np.ndarray], _folder=folder) -> list[np.ndarray]:
-        return forward(arrays)
-    return forward_keeping_folder, model
-
-
 def _tensorrt_forward(model_spec: spec.ModelSpec, artefact):
-    from .export.tensorrt_build import EngineRunner, TensorRTError, import_tensorrt
+    from .tensorrt_engine import TensorRTEngine, TensorRTError, import_tensorrt
     if artefact is None:
         raise RuntimeLoadError(f"runtime 'tensorrt' needs the engine (model.plan) of {model_spec.name!r}: run "
                                "`liveportrait-triton tensorrt` first")
@@ -325,7 +439,7 @@ def _tensorrt_forward(model_spec: spec.ModelSpec, artefact):
         raise RuntimeLoadError(f"runtime 'tensorrt': {artefact} not found (run `liveportrait-triton tensorrt`)")
     try:
         import_tensorrt()
-        engine = EngineRunner(plan, model_spec)
+        engine = TensorRTEngine(plan, model_spec)
     except TensorRTError as exc:
         raise RuntimeLoadError(str(exc)) from exc
     names = model_spec.input_names

@@ -82,6 +82,9 @@ SUBMODELS = (APPEARANCE, MOTION, WARPING, GENERATOR, STITCHING, RETARGET_EYE, RE
 SOURCE_SIZE = 256      # network input crop, H = W
 OUTPUT_SIZE = 512      # generator output, H = W
 MAX_BATCH_SIZE = 16    # largest batch any served sub-network accepts (TensorRT profiles cover 1..16)
+# Where the pipeline model keeps tensors between sub-networks (its `bls_tensors` parameter, backend/bls.py):
+# NumPy on the host, torch tensors in CPU memory, or device-resident torch tensors on the GPU.
+BLS_TENSOR_PATHS = ("numpy", "torch-cpu", "torch-gpu")
 
 
 def submodel_specs(config: str | dict = "full") -> dict[str, ModelSpec]:

@@ -162,11 +162,12 @@ def tiny_repository(tmp_path_factory, tiny_weights_dir) -> Path:
     return out
 
 
-def rendered_copy(repository: Path, destination: Path, **serving) -> Path:
-    """A copy of a tiny repository's ONNX files with configs re-rendered using other ServingOptions."""
+def rendered_copy(repository: Path, destination: Path, plan=None, **serving) -> Path:
+    """A copy of a tiny repository's ONNX files with configs re-rendered using other ServingOptions (and another
+    runtime plan, when given)."""
     from liveportrait_triton import repository as repo
     repo.copy_artefacts(repository, destination)
-    repo.write_repository_configs(destination, "local", "tiny", options=repo.ServingOptions(**serving))
+    repo.write_repository_configs(destination, "local", "tiny", options=repo.ServingOptions(**serving), plan=plan)
     return destination
 
 

@@ -75,9 +75,9 @@ def test_bench_end_to_end(tmp_path, tiny_weights_dir, tiny_repository, tiny_serv
     assert {r["runner"] for r in sections["inprocess"]} == {"torch", "served"}
     assert len(sections["server_stream"]) == 1
     # every sub-network on PyTorch and on its served kind, with counted FLOPs and a share of the GEMM rate
-    from liveportrait_triton.repository import served_runtimes
+    from liveportrait_triton.runtimes import runtime_plan
     modules = {(r["model"], r["runner"]): r for r in sections["module"]}
-    assert set(modules) == {(m, k) for m, served in served_runtimes("local").items() for k in ("torch", served)}
+    assert set(modules) == {(m, k) for m, served in runtime_plan("local").items() for k in ("torch", served.kind)}
     for row in modules.values():
         assert float(row["flop"]) > 0 and 0 < float(row["gemm_fraction"]) < 5, row
     generator = {k: float(r["flop"]) for (m, k), r in modules.items() if m == spec.GENERATOR}
@@ -120,10 +120,9 @@ def test_runtime_choice(tmp_path, tiny_weights_dir, tiny_repository):
     """Every kind measured with parity and FLOP rate; the winners land in the choice file that export renders
     (unmeasured sub-networks keep their committed kind)."""
     import json
-    from liveportrait_triton import repository
     out = tmp_path / "choice"
     choice_file = tmp_path / "runtime_choice.json"
-    choice_file.write_text(repository.RUNTIME_CHOICE_FILE.read_text())
+    choice_file.write_text(runtimes.RUNTIME_CHOICE_FILE.read_text())
     done = bench("--runtime-choice", "--config", "tiny", "--weights", str(tiny_weights_dir), "--repository",
                  str(tiny_repository), "--source", str(SOURCE), "--driving", str(DRIVING), "--out", str(out),
                  "--runtime-budget-s", "0.2", "--submodels", f"{spec.WARPING},{spec.STITCHING}",
@@ -136,8 +135,8 @@ def test_runtime_choice(tmp_path, tiny_weights_dir, tiny_repository):
     text = (out / "runtime_choice.md").read_text()
     assert "## Winner per sub-network" in text and f"| {spec.WARPING} |" in text and "% of GEMM" in text
     written = json.loads(choice_file.read_text())["targets"]["local"]
-    committed = repository.runtime_choice("local")
-    served = [r for r in rows if r["batch"] == "1" and r["runtime"] in repository.SERVED_KINDS["local"]]
+    committed = runtimes.runtime_choice("local")
+    served = [r for r in rows if r["batch"] == "1" and r["runtime"] in runtimes.KINDS]
     fastest = {r["model"]: min(float(o["p50_ms"]) for o in served if o["model"] == r["model"]) for r in served}
     for model, best in fastest.items():     # within TIE of the fastest, the first kind in runtimes.KINDS order
         ties = [r["runtime"] for r in served if r["model"] == model and float(r["p50_ms"]) <= best * (1 + TIE)]
@@ -148,15 +147,16 @@ def test_runtime_choice(tmp_path, tiny_weights_dir, tiny_repository):
 
 
 def test_serving_layout_rerenders_the_configs(tmp_path):
-    """--pipeline-instances / --model-threads re-render the repository's configs; the note says the layout."""
+    """--pipeline-instances / --model-threads re-render the repository's configs (the plan it serves stays); the
+    note says the layout."""
     import argparse
     from liveportrait_triton import repository
     from liveportrait_triton.benchmarks.cli import _serving_layout
-    repository.write_repository_configs(tmp_path, "local", "tiny")
+    plan = runtimes.runtime_plan("local", {spec.WARPING: "torch"})
+    repository.write_repository_configs(tmp_path, "local", "tiny", plan=plan)
     note = _serving_layout(argparse.Namespace(pipeline_instances=2, model_threads=1, config="tiny"), tmp_path)
     assert note == "serving layout: 2 pipeline instance(s), one instance of each sub-network with 1 thread(s) each"
-    pipeline = (tmp_path / spec.PIPELINE / "config.pbtxt").read_text()
-    assert "count: 2" in pipeline
-    warping = (tmp_path / spec.WARPING / "config.pbtxt").read_text()
-    assert 'key: "threads"\n  value: { string_value: "1" }' in warping
-    assert 'key: "models_at_once"\n  value: { string_value: "2" }' in warping
+    assert repository.read_config(tmp_path / spec.PIPELINE / "config.pbtxt").instance_group[0].count == 2
+    warping = repository.config_parameters(repository.read_config(tmp_path / spec.WARPING / "config.pbtxt"))
+    assert (warping["threads"], warping["models_at_once"]) == ("1", "2")
+    assert repository.served_plan(tmp_path) == plan

@@ -10,7 +10,7 @@ import torch
 from liveportrait_triton import runtimes, spec
 from liveportrait_triton.benchmarks import flops
 from liveportrait_triton.benchmarks.inputs import batch_of, record_submodel_inputs
-from liveportrait_triton.benchmarks.runtime_choice import parity
+from liveportrait_triton.benchmarks.runtime_choice import parity, timed_subnetwork
 from liveportrait_triton.pipeline import Animator, DrivingFrame, TorchRunner
 
 CPU_KINDS = ("torch", "onnxruntime", "openvino", "openvino_fastconv")
@@ -28,10 +28,9 @@ def inputs(tiny_networks, source_crops, driving_crops):
 def test_runtime_matches_pytorch(kind, tiny_networks, tiny_repository, inputs):
     reference = TorchRunner(tiny_networks)
     for model in spec.SUBMODELS:
-        runner = runtimes.create_subnetwork(
-            kind, TINY[model], networks=tiny_networks, threads=2,
-            artefact=None if kind in runtimes.NETWORK_KINDS else runtimes.artefact_path(tiny_repository, model, kind))
+        runner = timed_subnetwork(kind, TINY[model], tiny_repository, tiny_networks, threads=2)
         assert runner.model == model and runner.kind == kind and runner.threads == 2
+        assert runner.entry == runtimes.RuntimePlanEntry(model, kind, "cpu", "fp32", runtimes.ARTEFACT[kind])
         for batch in (1, 3):
             feeds = {k: v[:batch] for k, v in inputs[model].items()}
             outputs = runner.run(feeds)
@@ -45,8 +44,8 @@ def test_runtime_matches_pytorch(kind, tiny_networks, tiny_repository, inputs):
 
 def test_openvino_serves_every_batch_size(tiny_networks, tiny_repository, inputs):
     """OpenVINO's graph is compiled at batch 1; batches of any size run item by item and give PyTorch's rows."""
-    runner = runtimes.create_subnetwork("openvino", TINY[spec.STITCHING], threads=1,
-                                        artefact=runtimes.artefact_path(tiny_repository, spec.STITCHING, "openvino"))
+    entry = runtimes.RuntimePlanEntry.of(spec.STITCHING, "openvino")
+    runner = runtimes.create_subnetwork(entry, TINY[spec.STITCHING], threads=1, artefact=entry.path(tiny_repository))
     reference = TorchRunner(tiny_networks)
     many = {k: np.concatenate([v] * 3) for k, v in inputs[spec.STITCHING].items()}        # 9 rows
     for batch in (1, 2, 9):
@@ -58,10 +57,9 @@ def test_openvino_serves_every_batch_size(tiny_networks, tiny_repository, inputs
 def test_runner_animates_like_pytorch(tiny_networks, tiny_repository, source_crops, driving_crops):
     """A mixed ModelRunner (the committed local choice) drives the whole Animator; frames match PyTorch within
     one level."""
-    from liveportrait_triton.repository import served_runtimes
     images = {}
     for name, runner in (("torch", TorchRunner(tiny_networks)),
-                         ("served", runtimes.create_runner(served_runtimes("local"), "tiny",
+                         ("served", runtimes.create_runner(runtimes.runtime_plan("local"), "tiny",
                                                            repository=tiny_repository))):
         animator = Animator(runner)
         [state] = animator.register_sources([source_crops["s0"]], [spec.parse_options({})])
@@ -83,17 +81,27 @@ def test_layer_flops_count_convolutions_and_linears(tiny_networks, inputs):
 
 
 def test_errors_name_the_problem(tiny_networks, tmp_path):
+    entry = runtimes.RuntimePlanEntry.of
     with pytest.raises(runtimes.RuntimeLoadError, match="unknown runtime 'tensorflow'"):
-        runtimes.create_subnetwork("tensorflow", TINY[spec.WARPING], networks=tiny_networks)
+        entry(spec.WARPING, "tensorflow")
     with pytest.raises(runtimes.RuntimeLoadError, match="pass networks="):
-        runtimes.create_subnetwork("torch", TINY[spec.WARPING])
+        runtimes.create_subnetwork(entry(spec.WARPING, "torch"), TINY[spec.WARPING])
     with pytest.raises(runtimes.RuntimeLoadError, match="liveportrait-triton export"):
-        runtimes.create_subnetwork("onnxruntime", TINY[spec.WARPING], artefact=tmp_path / "missing.onnx")
-    with pytest.raises(runtimes.RuntimeLoadError, match="runs on the CPU here, not on 'cuda'"):
-        runtimes.create_subnetwork("openvino", TINY[spec.WARPING], artefact=tmp_path / "x.onnx", device="cuda")
-    with pytest.raises(runtimes.RuntimeLoadError, match="no runtime chosen"):
+        runtimes.create_subnetwork(entry(spec.WARPING, "onnxruntime"), TINY[spec.WARPING],
+                                   artefact=tmp_path / "missing.onnx")
+    with pytest.raises(runtimes.RuntimeLoadError, match="plan entry of 'stitching' given the spec of 'warping_module'"):
+        runtimes.create_subnetwork(entry(spec.STITCHING, "onnxruntime"), TINY[spec.WARPING])
+    with pytest.raises(runtimes.RuntimeLoadError, match="'openvino' runs on the CPU, not on 'cuda'"):
+        entry(spec.WARPING, "openvino", "cuda")
+    with pytest.raises(runtimes.RuntimeLoadError, match="'tensorrt' runs on a CUDA device, not on 'cpu'"):
+        entry(spec.WARPING, "tensorrt", "cpu")
+    with pytest.raises(runtimes.RuntimeLoadError, match=r"'onnxruntime' runs in \['fp32'\], not 'fp16'"):
+        entry(spec.WARPING, "onnxruntime", precision="fp16")
+    with pytest.raises(runtimes.RuntimeLoadError, match="device must be cpu, cuda or cuda:N, got 'gpu'"):
+        entry(spec.WARPING, "torch", "gpu")
+    with pytest.raises(runtimes.RuntimeLoadError, match="no kind for"):
         runtimes.create_runner({spec.WARPING: "torch"}, "tiny", networks=tiny_networks)
-    runner = runtimes.create_subnetwork("torch", TINY[spec.STITCHING], networks=tiny_networks)
+    runner = runtimes.create_subnetwork(entry(spec.STITCHING, "torch"), TINY[spec.STITCHING], networks=tiny_networks)
     with pytest.raises(KeyError, match="missing input"):
         runner.run({"kp_source": np.zeros((1, 21, 3), np.float32)})
     with pytest.raises(ValueError, match="expected \\[batch, 21, 3\\]"):

@@ -159,17 +159,25 @@ def test_unknown_tensor_path_is_refused(tiny_networks):
 # -- the CPU device-resident path on the real bundled server ----------------------------------------------------
 
 @pytest.mark.server
-def test_served_torch_path_matches_in_process(tiny_repository, tiny_weights_dir, tmp_path, tiny_networks,
+def test_served_torch_path_matches_in_process(tiny_repository, tmp_path, tiny_networks,
                                               source_crops, driving_crops):
     """The GPU serving configuration with CPU for the GPU: torch tensors through the real stub's DLPack
-    (pb_utils.Tensor.from_dlpack / torch.from_dlpack) and sub-networks on the torch runtime (TorchCudaRunner)."""
+    (pb_utils.Tensor.from_dlpack / torch.from_dlpack) and every sub-network on the plan entry torch/cpu/fp32 (the
+    same entry as torch/cuda but its device), serving the network files model.pt. Each served model logs the plan
+    entry it runs at load."""
     from test_server import frame_of, stream
+    from liveportrait_triton import repository as rendering
+    from liveportrait_triton import runtimes
+    from liveportrait_triton.networks.served import NETWORK_FIELD
     from liveportrait_triton.serve import TritonServer
-    repository = rendered_copy(tiny_repository, tmp_path / "repository", bls_tensors="torch-cpu",
-                               subnetwork_runtime="torch", weights_dir=str(tiny_weights_dir), torch_device="cpu",
-                               torch_precision="fp32")
-    assert 'string_value: "torch-cpu"' in (repository / spec.PIPELINE / "config.pbtxt").read_text()
-    assert 'string_value: "torch"' in (repository / spec.WARPING / "config.pbtxt").read_text()
+    from liveportrait_triton.weights import save_network_file
+    plan = runtimes.uniform_plan("torch", "cpu")
+    repository = rendered_copy(tiny_repository, tmp_path / "repository", plan=plan, bls_tensors="torch-cpu")
+    for model, entry in plan.items():
+        save_network_file(tiny_networks, NETWORK_FIELD[model], entry.path(repository))
+    pipeline = rendering.config_parameters(rendering.read_config(repository / spec.PIPELINE / "config.pbtxt"))
+    assert pipeline["bls_tensors"] == "torch-cpu"
+    assert rendering.served_plan(repository) == plan
     animator = Animator(TorchRunner(tiny_networks))
     [state] = animator.register_sources([source_crops["s1"]], [spec.parse_options({})])
     want = [animator.animate([state], [DrivingFrame(crop=f)])[0] for f in driving_crops]
@@ -178,6 +186,9 @@ def test_served_torch_path_matches_in_process(tiny_repository, tiny_weights_dir,
                  for i, f in enumerate(driving_crops)]
     with TritonServer(repository, log_file=tmp_path / "tritonserver.log") as server:
         results = stream(server.grpc_url, requests)
+    log = (tmp_path / "tritonserver.log").read_text()
+    for entry in plan.values():
+        assert f"liveportrait_triton runtime plan: {entry.describe()}" in log
     for i, result in enumerate(results[1:]):
         index, image = frame_of(result)
         assert index == i

@@ -13,7 +13,7 @@ import onnx
 import pytest
 import torch
 
-from liveportrait_triton import repository, spec
+from liveportrait_triton import spec
 from liveportrait_triton.cli import main as cli_main
 from liveportrait_triton.export.onnx_export import OPSET, export_repository, grid_sample_mode, model_path
 from liveportrait_triton.export.sample_inputs import fraction_inside_grid, sample_inputs
@@ -21,7 +21,7 @@ from liveportrait_triton.export.validate import (UINT8_SHARE_DIFFERING, Validati
                                                  io_problems, output_difference)
 from liveportrait_triton.networks.grid_sample import grid_sample_3d
 from liveportrait_triton.pipeline import OnnxRunner, TorchRunner
-from liveportrait_triton.runtimes import create_subnetwork
+from liveportrait_triton.runtimes import RuntimePlanEntry, create_subnetwork, runtime_plan
 
 BATCHES = (1, 3)
 
@@ -88,8 +88,8 @@ def test_generator_image_is_the_official_parse_output(tiny_networks, tiny_inputs
 def test_uint8_rule_catches_rounding(tiny_repository, tiny_networks, tiny_inputs):
     """An image rounded instead of truncated is within one level everywhere, yet fails the share rule."""
     feeds = tiny_inputs[spec.GENERATOR]
-    runner = create_subnetwork("onnxruntime", spec.submodel_specs("tiny")[spec.GENERATOR],
-                               artefact=model_path(tiny_repository, spec.GENERATOR))
+    runner = create_subnetwork(RuntimePlanEntry.of(spec.GENERATOR, "onnxruntime"),
+                               spec.submodel_specs("tiny")[spec.GENERATOR], artefact=model_path(tiny_repository, spec.GENERATOR))
     with torch.no_grad():
         image = tiny_networks.spade_generator(torch.from_numpy(feeds["warped_feature"])).numpy()
     rounded = np.round(np.clip(np.transpose(image, (0, 2, 3, 1)), 0, 1) * 255).astype(np.uint8)
@@ -212,8 +212,8 @@ def test_cli_export_tiny(tmp_path, capsys):
         assert model_path(tmp_path, model).is_file()
         manifest = json.loads((model_path(tmp_path, model).parent / "export.json").read_text())
         assert manifest["grid_sample"] == "decomposed" and manifest["tensorrt_precision"] == "fp32"
-        chosen = repository.served_runtimes("local")[model]
-        assert manifest["runtime"] == chosen
+        chosen = runtime_plan("local")[model].kind
+        assert manifest["runtime"] == chosen and manifest["runtime_plan"] == runtime_plan("local")[model].parameters()
         assert [(v["runtime"], v["batch"]) for v in manifest["validation"]] == [
             (kind, batch) for kind in dict.fromkeys(("onnxruntime", chosen)) for batch in (1, 2)]
         assert (tmp_path / model / "config.pbtxt").is_file()
@@ -248,8 +248,9 @@ def test_cli_runtime_override(tmp_path, capsys):
 def test_full_size_export(full_networks, tmp_path):
     """Every full-size model exported and validated at batch 1 (batch 3 would add about 40 s of W and G on 2
     cores for no extra coverage: the tiny tests check batch 3 and the batch axis is the same graph)."""
-    chosen = repository.served_runtimes("local")
-    exported = export_repository(full_networks, tmp_path, "decomposed", (1,), chosen=chosen, log=lambda _: None)
+    plan = runtime_plan("local")
+    chosen = {m: entry.kind for m, entry in plan.items()}
+    exported = export_repository(full_networks, tmp_path, "decomposed", (1,), plan=plan, log=lambda _: None)
     assert [e.model for e in exported] == list(spec.SUBMODELS)
     assert model_path(tmp_path, spec.GENERATOR).stat().st_size > 100 * 2 ** 20
     for e in exported:

@@ -11,12 +11,12 @@ from liveportrait_triton import spec
 from liveportrait_triton.cli import main as cli_main
 from liveportrait_triton.export.onnx_export import export_model, grid_sample_mode, model_path
 from liveportrait_triton.export.sample_inputs import sample_inputs
-from liveportrait_triton.export.served import served_models
+from liveportrait_triton.networks.served import served_models
 from liveportrait_triton.export.tensorrt_build import (FP16_ENGINE_TOLERANCES, FP16_IMAGE_LEVELS, TensorRTError,
                                                        engine_bound, engine_precision, preflight, profile_shapes,
                                                        require_cuda_torch)
 from liveportrait_triton.pipeline import TorchRunner
-from liveportrait_triton.runtimes import RuntimeLoadError, create_subnetwork
+from liveportrait_triton.runtimes import RuntimeLoadError, RuntimePlanEntry, create_subnetwork
 
 TENSORRT_INSTALLED = importlib.util.find_spec("tensorrt") is not None
 
@@ -62,9 +62,11 @@ def test_tensorrt_kind_says_what_is_missing(tmp_path):
     plan = tmp_path / "model.plan"
     plan.write_bytes(b"engine")
     with pytest.raises(RuntimeLoadError, match="tensorrt is not installed"):
-        create_subnetwork("tensorrt", spec.submodel_specs("tiny")[spec.GENERATOR], artefact=plan)
+        create_subnetwork(RuntimePlanEntry.of(spec.GENERATOR, "tensorrt"), spec.submodel_specs("tiny")[spec.GENERATOR],
+                          artefact=plan)
     with pytest.raises(RuntimeLoadError, match="run `liveportrait-triton tensorrt`"):
-        create_subnetwork("tensorrt", spec.submodel_specs("tiny")[spec.GENERATOR], artefact=tmp_path / "none.plan")
+        create_subnetwork(RuntimePlanEntry.of(spec.GENERATOR, "tensorrt"), spec.submodel_specs("tiny")[spec.GENERATOR],
+                          artefact=tmp_path / "none.plan")
 
 
 @pytest.fixture(scope="module")

@@ -146,7 +146,7 @@ def test_full_size_warping_and_generator_match_the_official_chain(full_networks,
     one uint8 level."""
     import copy
 
-    from liveportrait_triton.export.served import parse_output
+    from liveportrait_triton.networks.served import parse_output
     fast = copy.copy(full_networks)
     fast.warping_module = fc.fast_convolutions(full_networks.warping_module, runtime)
     fast.spade_generator = fc.fast_convolutions(full_networks.spade_generator, runtime)

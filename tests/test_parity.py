@@ -155,7 +155,7 @@ def chain(full_networks, reference):
 
 @pytest.mark.slow
 def test_warping_and_generator_chain(chain, reference):
-    from liveportrait_triton.export.served import parse_output
+    from liveportrait_triton.networks.served import parse_output
     warped, image = chain
     for key, name in W_OUTPUTS.items():
         assert_matches(reference, name, warped[key], TOL_VOLUME)
@@ -174,7 +174,7 @@ def test_warping_module(full_networks, full_reference, mode):
 
 def test_spade_generator(full_networks, full_reference):
     """G alone on the official W output (full vectors only), then the served generator's last step."""
-    from liveportrait_triton.export.served import parse_output
+    from liveportrait_triton.networks.served import parse_output
     with torch.no_grad():
         out = full_networks.spade_generator(torch.from_numpy(full_reference["W_out"]))
     assert_close(out.numpy(), full_reference["G_out"], TOL_IMAGE, "G_out")

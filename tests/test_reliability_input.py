@@ -23,6 +23,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from liveportrait_triton import spec
+from liveportrait_triton.runtimes import RuntimePlanEntry
 from liveportrait_triton.pipeline import InputError
 from liveportrait_triton.backend.outcomes import Failure
 from liveportrait_triton.backend.requests import RawRequest, parse_request
@@ -345,7 +346,7 @@ def test_non_finite_ratios_are_refused_before_any_network_runs():
 
 
 def test_subnetwork_refuses_only_the_requests_with_non_finite_inputs(tiny_repository):
-    network = Subnetwork.load(TINY[spec.STITCHING], "onnxruntime", tiny_repository / spec.STITCHING / "1")
+    network = Subnetwork.load(TINY[spec.STITCHING], RuntimePlanEntry.of(spec.STITCHING, "onnxruntime"), tiny_repository / spec.STITCHING / "1")
     good = {"kp_source": kp(2, 0.1), "kp_driving": kp(2, 0.2)}
     bad = {"kp_source": kp(1), "kp_driving": kp(1, INF)}
     outcomes = network.serve_requests([good, bad, good])

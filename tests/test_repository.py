@@ -6,7 +6,7 @@ from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
 from conftest import REPO
-from liveportrait_triton import repository, spec
+from liveportrait_triton import repository, runtimes, spec
 from liveportrait_triton.backend.model_config import ConfigError, check_model_config
 from liveportrait_triton.backend.pipeline_model import PipelineBackend
 
@@ -35,28 +35,51 @@ def test_committed_repository_is_rendered_byte_for_byte():
     assert committed == set(rendered), f"unexpected files: {sorted(committed - set(rendered))}"
 
 
-def test_served_runtimes_are_the_rendered_choice():
-    """Every committed sub-network config runs the kind of the committed choice (runtime_choice.json); a config
-    whose runtime parameter disagrees with it fails here."""
-    choice = repository.runtime_choice("local")
-    assert set(choice) == set(spec.SUBMODELS)
+def test_served_models_report_the_runtime_plan():
+    """Every committed sub-network config reports its entry of THE runtime plan (runtimes.runtime_plan: the
+    committed choice of runtime_choice.json) in its parameters, and the served model reads that same entry back;
+    a config whose runtime, device, precision or artefact disagrees with the plan fails here."""
+    plan = runtimes.runtime_plan("local")
+    assert list(plan) == list(spec.SUBMODELS)
+    assert {m: e.kind for m, e in plan.items()} == runtimes.runtime_choice("local")
+    for name, entry in plan.items():
+        config = parse((COMMITTED / name / "config.pbtxt").read_text())
+        reported = runtimes.RuntimePlanEntry.from_parameters(name, repository.config_parameters(config))
+        assert reported == entry == runtimes.RuntimePlanEntry(name, entry.kind, "cpu", "fp32",
+                                                             runtimes.ARTEFACT[entry.kind]), name
+    assert repository.served_plan(COMMITTED) == plan
+
+
+def test_a_cuda_plan_renders_device_inputs():
+    """torch on CUDA is the plan entry torch/cuda/fp16, rendered like any other entry; its inputs stay in GPU
+    memory (FORCE_CPU_ONLY_INPUT_TENSORS no)."""
+    plan = runtimes.uniform_plan("torch", "cuda")
+    rendered = repository.render_repository("local", "tiny", plan=plan)
     for name in spec.SUBMODELS:
-        pb = parse((COMMITTED / name / "config.pbtxt").read_text())
-        assert pb.parameters["runtime"].string_value == choice[name], name
-        assert choice[name] in repository.SERVED_KINDS["local"]
+        parameters = repository.config_parameters(parse(rendered[f"{name}/config.pbtxt"]))
+        assert runtimes.RuntimePlanEntry.from_parameters(name, parameters) == plan[name]
+        assert (parameters["device"], parameters["precision"], parameters["artefact"]) == ("cuda", "fp16", "model.pt")
+        assert parameters["FORCE_CPU_ONLY_INPUT_TENSORS"] == "no"
+    cpu = repository.config_parameters(parse(repository.render_repository("local", "tiny")[f"{spec.WARPING}/config.pbtxt"]))
+    assert "FORCE_CPU_ONLY_INPUT_TENSORS" not in cpu
 
 
 def test_runtime_overrides_and_their_errors():
-    rendered = repository.render_repository("local", "tiny", runtime_overrides={spec.WARPING: "onnxruntime"})
+    plan = runtimes.runtime_plan("local", {spec.WARPING: "onnxruntime"})
+    rendered = repository.render_repository("local", "tiny", plan=plan)
     assert parse(rendered[f"{spec.WARPING}/config.pbtxt"]).parameters["runtime"].string_value == "onnxruntime"
-    assert repository.parse_runtime_overrides([f"{spec.GENERATOR}=openvino"]) == {spec.GENERATOR: "openvino"}
+    assert runtimes.parse_runtime_overrides([f"{spec.GENERATOR}=openvino"]) == {spec.GENERATOR: "openvino"}
     for bad in ("spade_generator", "spade_generator=tensorflow", "gen=openvino"):
         with pytest.raises(ValueError, match="expected MODEL=KIND"):
-            repository.parse_runtime_overrides([bad])
-    with pytest.raises(ValueError, match=r"\{'spade_generator': 'tensorflow'\} not servable"):
-        repository.render_repository("local", "tiny", runtime_overrides={spec.GENERATOR: "tensorflow"})
-    rendered = repository.render_repository("local", "tiny", runtime_overrides={spec.GENERATOR: "torch_fastconv"})
+            runtimes.parse_runtime_overrides([bad])
+    with pytest.raises(ValueError, match="spade_generator: unknown runtime 'tensorflow'"):
+        runtimes.runtime_plan("local", {spec.GENERATOR: "tensorflow"})
+    with pytest.raises(ValueError, match=r"unknown sub-networks \['gen'\]"):
+        runtimes.runtime_plan("local", {"gen": "torch"})
+    plan = runtimes.runtime_plan("local", {spec.GENERATOR: "torch_fastconv"})
+    rendered = repository.render_repository("local", "tiny", plan=plan)
     assert parse(rendered[f"{spec.GENERATOR}/config.pbtxt"]).parameters["runtime"].string_value == "torch_fastconv"
+    assert parse(rendered[f"{spec.GENERATOR}/config.pbtxt"]).parameters["artefact"].string_value == "model.pt"
 
 
 def test_threads_are_shared_by_the_models_that_run_at_once():

@@ -11,6 +11,7 @@ from onnx import TensorProto, helper
 
 from conftest import assert_images_close
 from liveportrait_triton import spec
+from liveportrait_triton.runtimes import RuntimePlanEntry
 from liveportrait_triton.pipeline import Animator, DrivingFrame, InputError, TorchRunner
 from liveportrait_triton.backend.model_config import ConfigError
 from liveportrait_triton.backend.outcomes import Failure, FrameResult
@@ -44,7 +45,7 @@ def stitching_like_onnx(path, weights: np.ndarray, output_name: str = "delta") -
 def test_subnetwork_batches_requests_and_splits_back(tmp_path):
     weights = RNG.standard_normal((126, 65)).astype(np.float32)
     stitching_like_onnx(tmp_path / "model.onnx", weights)
-    net = Subnetwork.load(spec.submodel_specs("tiny")[spec.STITCHING], "onnxruntime", tmp_path)
+    net = Subnetwork.load(spec.submodel_specs("tiny")[spec.STITCHING], RuntimePlanEntry.of(spec.STITCHING, "onnxruntime"), tmp_path)
     requests = [{"kp_source": RNG.standard_normal((b, 21, 3)).astype(np.float32),
                  "kp_driving": RNG.standard_normal((b, 21, 3)).astype(np.float32)} for b in (1, 3, 2)]
     outputs = net.run_requests(requests)
@@ -61,15 +62,15 @@ def test_subnetwork_refuses_a_graph_that_is_not_the_spec(tmp_path):
     stitching_like_onnx(tmp_path / "model.onnx", np.zeros((126, 65), np.float32), output_name="stitching_delta")
     for kind in ("onnxruntime", "openvino"):
         with pytest.raises(ConfigError, match=r"outputs \['stitching_delta'\].*\['delta'\]"):
-            Subnetwork.load(spec.submodel_specs("tiny")[spec.STITCHING], kind, tmp_path)
+            Subnetwork.load(spec.submodel_specs("tiny")[spec.STITCHING], RuntimePlanEntry.of(spec.STITCHING, kind), tmp_path)
     with pytest.raises(ConfigError, match=r"model.plan not found \(runtime 'tensorrt'"):
-        Subnetwork.load(spec.submodel_specs("tiny")[spec.STITCHING], "tensorrt", tmp_path)
+        Subnetwork.load(spec.submodel_specs("tiny")[spec.STITCHING], RuntimePlanEntry.of(spec.STITCHING, "tensorrt"), tmp_path)
     with pytest.raises(ConfigError, match="model.onnx not found"):
-        Subnetwork.load(spec.submodel_specs("tiny")[spec.STITCHING], "onnxruntime", tmp_path / "missing")
+        Subnetwork.load(spec.submodel_specs("tiny")[spec.STITCHING], RuntimePlanEntry.of(spec.STITCHING, "onnxruntime"), tmp_path / "missing")
 
 
 def test_subnetwork_config_names_a_servable_runtime(tmp_path):
-    """initialize refuses a runtime parameter that is missing, unknown or not servable, naming the choices."""
+    """initialize refuses a runtime plan entry that is missing, unknown or inconsistent, naming the choices."""
     from liveportrait_triton import repository
     from test_repository import as_triton_json, parse
     stitching_like_onnx(tmp_path / "model.onnx", RNG.standard_normal((126, 65)).astype(np.float32))
@@ -77,14 +78,20 @@ def test_subnetwork_config_names_a_servable_runtime(tmp_path):
     config = as_triton_json(parse(repository.render_submodel_config(model, "local", "tiny")))
     assert Subnetwork.from_config(config, tmp_path).runner.kind == "onnxruntime"
     config["parameters"]["runtime"]["string_value"] = "tensorflow"
-    with pytest.raises(ConfigError, match=r"runtime 'tensorflow' is not servable here; the local target serves "
-                                          r"\['onnxruntime', 'openvino', 'openvino_fastconv', 'tensorrt', 'torch', 'torch_fastconv'\]"):
+    with pytest.raises(ConfigError, match=r"unknown runtime 'tensorflow'; choose one of "
+                                          r"\['onnxruntime', 'openvino', 'openvino_fastconv', 'torch', 'torch_fastconv', 'tensorrt'\]"):
         Subnetwork.from_config(config, tmp_path)
     config["parameters"]["runtime"]["string_value"] = "torch_fastconv"
+    with pytest.raises(ConfigError, match=r"runtime 'torch_fastconv' loads model.pt, not 'model.onnx'"):
+        Subnetwork.from_config(config, tmp_path)
+    config["parameters"]["artefact"]["string_value"] = "model.pt"
     with pytest.raises(ConfigError, match=r"model.pt not found \(runtime 'torch_fastconv'"):
         Subnetwork.from_config(config, tmp_path)
+    config["parameters"]["device"]["string_value"] = "cuda"
+    with pytest.raises(ConfigError, match=r"runtime 'torch_fastconv' runs on the CPU, not on 'cuda'"):
+        Subnetwork.from_config(config, tmp_path)
     del config["parameters"]["runtime"]
-    with pytest.raises(ConfigError, match="no parameter 'runtime'"):
+    with pytest.raises(ConfigError, match=r"lacks the runtime plan parameter\(s\) \['runtime'\]"):
         Subnetwork.from_config(config, tmp_path)
 
 
@@ -98,7 +105,8 @@ def test_torch_kinds_serve_the_exported_network_file(tmp_path, tiny_networks, ki
     from test_repository import as_triton_json, parse
     save_network_file(tiny_networks, "warping_module", tmp_path / "model.pt")
     model = spec.submodel_specs("tiny")[spec.WARPING]
-    config = as_triton_json(parse(repository.render_submodel_config(model, "local", "tiny", runtime_kind=kind)))
+    config = as_triton_json(parse(repository.render_submodel_config(model, "local", "tiny",
+                                                                    entry=RuntimePlanEntry.of(spec.WARPING, kind))))
     served = Subnetwork.from_config(config, tmp_path)
     assert served.runner.kind == kind
     feeds = sample_inputs(TorchRunner(tiny_networks), 2)[spec.WARPING]

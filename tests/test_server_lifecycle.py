@@ -44,9 +44,9 @@ def test_a_taken_port_is_reported_before_starting(tiny_repository):
 
 
 def test_a_model_that_fails_to_load_is_named(tiny_repository, tmp_path):
-    from liveportrait_triton import repository, runtimes
+    from liveportrait_triton import runtimes
     broken = rendered_copy(tiny_repository, tmp_path / "repository")
-    served = runtimes.artefact_path(broken, spec.WARPING, repository.served_runtimes("local")[spec.WARPING])
+    served = runtimes.runtime_plan("local")[spec.WARPING].path(broken)
     served.unlink()                      # the file W's runtime kind serves (model.onnx or model.pt)
     server = TritonServer(broken, log_file=tmp_path / "triton.log")
     with pytest.raises(ServerError) as failed:

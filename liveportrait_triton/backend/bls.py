@@ -18,7 +18,6 @@ import numpy as np
 
 from .. import spec
 from ..arrays import is_torch
-from ..repository import BLS_TENSOR_PATHS as TENSOR_PATHS
 from .model_config import ConfigError
 from .tensors import backend_array, backend_tensor, backend_torch
 
@@ -38,8 +37,8 @@ class BlsRunner:
     """
 
     def __init__(self, pb_utils, network_config: str, tensors: str = "numpy"):
-        if tensors not in TENSOR_PATHS:
-            raise ConfigError(f"bls_tensors must be one of {list(TENSOR_PATHS)}, got {tensors!r}")
+        if tensors not in spec.BLS_TENSOR_PATHS:
+            raise ConfigError(f"bls_tensors must be one of {list(spec.BLS_TENSOR_PATHS)}, got {tensors!r}")
         self.pb_utils = pb_utils
         self.specs = spec.submodel_specs(network_config)
         self.tensors = tensors

@@ -18,6 +18,11 @@ def config_parameter(model_config: dict, key: str, default: str | None = None) -
     return value
 
 
+def config_parameters(model_config: dict) -> dict[str, str]:
+    """Every string parameter of a parsed config.pbtxt (Triton's JSON form)."""
+    return {key: value.get("string_value", "") for key, value in model_config.get("parameters", {}).items()}
+
+
 def check_model_config(model_config: dict, model_spec: spec.ModelSpec) -> None:
     """The config's inputs and outputs must be the spec's: same names, data types, dims and optional flags."""
     name = model_config.get("name")

@@ -1,6 +1,6 @@
-"""One served sub-network: its artefact on the runtime kind its config names (or, with `runtime: torch`, our
-PyTorch modules from a weights directory on a device, tensors kept there), checked against the spec, batched
-across requests."""
+"""One served sub-network: the runtime plan entry its config.pbtxt reports (runtime, device, precision, artefact),
+built by runtimes.create_subnetwork, checked against the spec, batched across requests. A torch entry on a CUDA
+device takes and answers torch tensors on that device (its inputs arrive in GPU memory, as BLS sends them)."""
 from __future__ import annotations
 
 import traceback
@@ -10,8 +10,7 @@ import numpy as np
 
 from .. import runtimes, spec
 from ..arrays import concatenate, is_torch
-from ..repository import SERVED_KINDS
-from .model_config import ConfigError, check_model_config, config_parameter
+from .model_config import ConfigError, check_model_config, config_parameter, config_parameters
 from .outcomes import Failure
 
 
@@ -23,53 +22,53 @@ def thread_count(model_config: dict) -> int:
     for key, value in values.items():
         if not value.isdigit():
             raise ConfigError(f"model {name!r}: parameter {key} must be a non-negative integer, got {value!r}")
-    threads, sharing = int(values["threads"]), max(1, int(values["models_at_once"]))
-    return threads or max(1, runtimes.default_threads() // sharing)
+    return runtimes.served_threads(int(values["threads"]), int(values["models_at_once"]))
 
 
 class Subnetwork:
-    """One served sub-network on any kind of the runtime layer: request batching and NaN/Inf refusal."""
+    """One served sub-network on its plan entry: request batching and NaN/Inf refusal."""
 
     def __init__(self, runner: runtimes.SubnetworkRunner):
         self.runner = runner
         self.spec = runner.model_spec
 
+    @property
+    def entry(self) -> runtimes.RuntimePlanEntry:
+        return self.runner.entry
+
     @classmethod
-    def load(cls, model_spec: spec.ModelSpec, kind: str, version_dir: str | Path, threads: int | None = None,
-             target: str = "local") -> "Subnetwork":
-        """The artefact of `kind` in version_dir on that kind; ConfigError naming what does not fit."""
-        if kind not in SERVED_KINDS[target]:
-            raise ConfigError(f"model {model_spec.name!r}: runtime {kind!r} is not servable here; the "
-                              f"{target} target serves {list(SERVED_KINDS[target])} (see repository.py)")
-        path = Path(version_dir) / runtimes.ARTEFACT[kind]
+    def load(cls, model_spec: spec.ModelSpec, entry: runtimes.RuntimePlanEntry, version_dir: str | Path,
+             threads: int | None = None) -> "Subnetwork":
+        """The entry's artefact in version_dir on the entry's kind; ConfigError naming what does not fit."""
+        path = Path(version_dir) / entry.artefact
         if not path.is_file():
-            raise ConfigError(f"model {model_spec.name!r}: {path} not found (runtime {kind!r}; run "
+            raise ConfigError(f"model {model_spec.name!r}: {path} not found (runtime {entry.kind!r}; run "
                               f"`liveportrait-triton export`)")
         try:
-            return cls(runtimes.create_subnetwork(kind, model_spec, artefact=path, threads=threads))
+            return cls(runtimes.create_subnetwork(entry, model_spec, artefact=path, threads=threads))
         except runtimes.RuntimeLoadError as exc:
             raise ConfigError(f"model {model_spec.name!r}: {exc}") from exc
 
     @classmethod
     def from_config(cls, model_config: dict, version_dir: str | Path) -> "Subnetwork":
-        """Validate a sub-network's config.pbtxt (Triton's JSON form) and load its artefact from version_dir."""
+        """Validate a sub-network's config.pbtxt (Triton's JSON form), read its plan entry and load it."""
         name = model_config.get("name")
         specs = spec.submodel_specs(config_parameter(model_config, "network_config"))
         if name not in specs:
             raise ConfigError(f"{name!r} is not a served sub-network; expected one of {list(specs)}")
         check_model_config(model_config, specs[name])
-        kind = config_parameter(model_config, "runtime")
-        return cls.load(specs[name], kind, version_dir, thread_count(model_config))
-
-    def _run(self, feeds: dict) -> dict:
-        return self.runner.run(feeds)
+        try:
+            entry = runtimes.RuntimePlanEntry.from_parameters(name, config_parameters(model_config))
+        except runtimes.RuntimeLoadError as exc:
+            raise ConfigError(f"model {name!r}: {exc}") from exc
+        return cls.load(specs[name], entry, version_dir, thread_count(model_config))
 
     def run_requests(self, requests: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
         """Concatenate the requests' inputs along the batch axis, run once, split the outputs back per request."""
         sizes = [int(r[self.spec.inputs[0].name].shape[0]) for r in requests]
         feeds = {t.name: concatenate([r[t.name] for r in requests]) if len(requests) > 1 else requests[0][t.name]
                  for t in self.spec.inputs}
-        outputs = self._run(feeds)
+        outputs = self.runner.run(feeds)
         bounds = np.cumsum(sizes)[:-1].tolist()
         split = {name: (array.tensor_split(bounds) if is_torch(array) else np.split(array, bounds))
                  for name, array in outputs.items()}
@@ -100,44 +99,3 @@ class Subnetwork:
             for i, result in zip(valid, results):
                 outcomes[i] = result
         return outcomes
-
-
-class TorchSubnetwork(Subnetwork):
-    """One served sub-network on our PyTorch modules (torch_cuda.TorchCudaRunner: a CUDA device in fp16 with CUDA
-    graphs, or the CPU), weights from the official checkpoint layout; torch tensors in and out stay on its device."""
-
-    def __init__(self, model_spec: spec.ModelSpec, runner):
-        self.spec = model_spec
-        self.runner = runner
-
-    @classmethod
-    def from_config(cls, model_config: dict, version_dir: str | Path) -> "TorchSubnetwork":
-        """Parameters: weights_dir (official layout), device (cuda, cuda:N or cpu), precision (fp32/fp16/bf16)."""
-        from ..torch_cuda import PRECISIONS, TorchCudaRunner
-        from ..weights import load_networks
-        name = model_config.get("name")
-        network_config = config_parameter(model_config, "network_config")
-        specs = spec.submodel_specs(network_config)
-        if name not in specs:
-            raise ConfigError(f"{name!r} is not a served sub-network; expected one of {list(specs)}")
-        check_model_config(model_config, specs[name])
-        precision = config_parameter(model_config, "precision", "fp16")
-        if precision not in PRECISIONS:
-            raise ConfigError(f"model {name!r}: precision must be one of {list(PRECISIONS)}")
-        weights = Path(config_parameter(model_config, "weights_dir"))
-        if not weights.is_dir():
-            raise ConfigError(f"model {name!r}: weights_dir {weights} does not exist")
-        networks = load_networks(weights, network_config)
-        return cls(specs[name], TorchCudaRunner(networks, config_parameter(model_config, "device", "cuda"), precision))
-
-    def _run(self, feeds: dict) -> dict:
-        return self.runner.run(self.spec.name, feeds)
-
-
-def subnetwork_from_config(model_config: dict, version_dir: str | Path) -> Subnetwork:
-    """The served sub-network a config.pbtxt asks for: our PyTorch modules from the official checkpoints in its
-    `weights_dir` on a device (ServingOptions.subnetwork_runtime="torch"), or a kind of the runtime layer running
-    the file export wrote for it."""
-    if config_parameter(model_config, "weights_dir", ""):
-        return TorchSubnetwork.from_config(model_config, version_dir)
-    return Subnetwork.from_config(model_config, version_dir)

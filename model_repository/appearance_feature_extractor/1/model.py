@@ -1,9 +1,7 @@
 """Triton Python-backend adapter of one LivePortrait sub-network (the same file for every one).
 
-Generated into the repository by liveportrait_triton.repository; the logic (config checks, the runtime kind its
-`runtime` parameter names, NaN/Inf refusal, batching across requests) is
-liveportrait_triton.backend.subnetwork (`runtime: torch` serves our PyTorch modules; its GPU inputs stay on the
-GPU).
+Generated into the repository by liveportrait_triton.repository; the logic (config checks, the runtime plan entry
+its parameters report, NaN/Inf refusal, batching across requests) is liveportrait_triton.backend.subnetwork.
 """
 import json
 from pathlib import Path
@@ -11,7 +9,7 @@ from pathlib import Path
 import triton_python_backend_utils as pb_utils
 
 from liveportrait_triton.backend.outcomes import Failure, error_response
-from liveportrait_triton.backend.subnetwork import subnetwork_from_config
+from liveportrait_triton.backend.subnetwork import Subnetwork
 from liveportrait_triton.backend.tensors import backend_tensor, backend_value
 
 
@@ -25,7 +23,8 @@ def to_response(outcome):
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
-        self.network = subnetwork_from_config(config, Path(args["model_repository"]) / args["model_version"])
+        self.network = Subnetwork.from_config(config, Path(args["model_repository"]) / args["model_version"])
+        pb_utils.Logger.log_info(f"liveportrait_triton runtime plan: {self.network.entry.describe()}")
 
     def execute(self, requests):
         inputs = [{name: backend_value(pb_utils.get_input_tensor_by_name(request, name))

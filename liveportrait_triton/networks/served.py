@@ -1,9 +1,9 @@
 """Served sub-networks as nn.Modules whose positional inputs and tuple outputs follow the tensor spec.
 
 Exporters bind graph inputs and outputs by position, so each served model gets a wrapper whose `forward` takes the
-spec's inputs in the spec's order and returns the spec's outputs in the spec's order. The mapping from a served
-model to the network call is the same one `pipeline.TorchRunner` uses, so an exported graph computes exactly what
-the in-process pipeline computes.
+spec's inputs in the spec's order and returns the spec's outputs in the spec's order. The runtime layer's torch
+kinds run the same modules (`named_outputs`), so an exported graph computes exactly what the in-process pipeline
+computes. Nothing here imports the exporter or the server: they both look down at this module.
 """
 from __future__ import annotations
 
@@ -11,8 +11,6 @@ import torch
 from torch import nn
 
 from .. import spec
-from ..pipeline import mlp_forward
-from ..weights import Networks
 
 # served model -> the Networks field that holds its network
 NETWORK_FIELD = {
@@ -24,6 +22,16 @@ NETWORK_FIELD = {
     spec.RETARGET_EYE: "eye",
     spec.RETARGET_LIP: "lip",
 }
+
+
+def mlp_forward(networks, model: str, t: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The S MLPs take the flattened keypoints concatenated with the second input."""
+    kp = t["kp_source"].reshape(t["kp_source"].shape[0], -1)
+    if model == spec.STITCHING:
+        return networks.stitching(torch.cat([kp, t["kp_driving"].reshape(kp.shape[0], -1)], 1))
+    if model == spec.RETARGET_EYE:
+        return networks.eye(torch.cat([kp, t["eye_ratio"]], 1))
+    return networks.lip(torch.cat([kp, t["lip_ratio"]], 1))
 
 
 def parse_output(image: torch.Tensor) -> torch.Tensor:
@@ -38,13 +46,13 @@ def parse_output(image: torch.Tensor) -> torch.Tensor:
 class ServedModel(nn.Module):
     """forward(*inputs in spec order) -> tuple of outputs in spec order, for one served model."""
 
-    def __init__(self, networks: Networks, model_spec: spec.ModelSpec):
+    def __init__(self, networks, model_spec: spec.ModelSpec):
         super().__init__()
         if model_spec.name not in NETWORK_FIELD:
             raise KeyError(f"no network serves model {model_spec.name!r}; served models: {sorted(NETWORK_FIELD)}")
         self.model_spec = model_spec
         self.field = NETWORK_FIELD[model_spec.name]
-        # Registered under the Networks field name, so pipeline.mlp_forward can take this module as `networks`.
+        # Registered under the Networks field name, so mlp_forward can take this module as `networks`.
         self.add_module(self.field, getattr(networks, self.field))
 
     def named_outputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -68,7 +76,7 @@ class ServedModel(nn.Module):
         return tuple(out[n] for n in self.model_spec.output_names)
 
 
-def served_models(networks: Networks) -> dict[str, ServedModel]:
+def served_models(networks) -> dict[str, ServedModel]:
     """A ServedModel for every served sub-network, in spec.SUBMODELS order."""
     specs = spec.submodel_specs(networks.params)
     return {name: ServedModel(networks, specs[name]) for name in spec.SUBMODELS}
