@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
-import re
 import statistics
 import subprocess
 import tempfile
@@ -114,11 +113,8 @@ def render(plan: CheckSettings, repository: Path, weights: Path, precision: str,
         entry.path(repository).parent.mkdir(parents=True, exist_ok=True)
         save_network_file(networks, NETWORK_FIELD[model], entry.path(repository))
     options = ServingOptions(bls_tensors=plan.bls_tensors, pipeline_max_batch_size=max(plan.streams),
-                             max_candidate_sequences=max(plan.streams) * 2)
+                             max_candidate_sequences=max(plan.streams) * 2, instances=instances)
     write_repository_configs(repository, "local", plan.config, options=options, plan=runtime_plan)
-    for model, count in instances.items():
-        path = repository / model / "config.pbtxt"
-        path.write_text(re.sub(r"count: \d+", f"count: {count}", path.read_text()))
     return repository
 
 

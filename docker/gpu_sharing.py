@@ -24,10 +24,10 @@ import sys
 from pathlib import Path
 
 import yaml
-from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from liveportrait_triton import spec
+from liveportrait_triton.repository import config_text, parse_config
 
 PROFILES_DIR = Path(__file__).resolve().parent / "gpu-sharing"
 SIZING_FILE = PROFILES_DIR / "sizing.yaml"
@@ -142,9 +142,9 @@ class Profile:
                                                         gpus=list(self.gpus))]
         raise ProfileError(f"profile {self.source} does not know model {model!r}")
 
-    def apply(self, model: str, config_text: str) -> str:
+    def apply(self, model: str, text: str) -> str:
         """A config.pbtxt with this profile's instance groups (everything else as it was)."""
-        config = text_format.Parse(config_text, model_config_pb2.ModelConfig())
+        config = parse_config(text)
         if config.name != model:
             raise ProfileError(f"config of directory {model!r} names model {config.name!r}")
         if model in self.instances and any(g.kind != KIND_GPU for g in config.instance_group):
@@ -152,9 +152,8 @@ class Profile:
                                "exported with --target ngc")
         del config.instance_group[:]
         config.instance_group.extend(self.instance_groups(model))
-        header = (f"# Rendered for the ngc target, then instance groups set by docker/gpu_sharing.py from "
-                  f"{Path(self.source).name}.\n")
-        return header + text_format.MessageToString(config)
+        return config_text(config, f"# Rendered for the ngc target, then instance groups set by docker/gpu_sharing.py "
+                                   f"from {Path(self.source).name}.\n")
 
 
 def assemble(source: str | Path, out: str | Path, profile: Profile | None = None) -> list[str]:

@@ -11,15 +11,18 @@ Two targets share one layout and every tensor name:
 - ``ngc``: the NGC `tritonserver` image. Sub-networks use `onnxruntime_onnx` (model.onnx) or `tensorrt_plan`
   (model.plan) directly.
 
-The `liveportrait` pipeline model is a Python-backend sequence model on both targets. The default repository
-(`model_repository/`, full networks, local target) is committed fully rendered and a test re-renders it byte for
-byte, so the committed files can never drift from the spec.
+The `liveportrait` pipeline model is a Python-backend sequence model on both targets. Configs are data: each is
+built as Triton's own `ModelConfig` protobuf message (`submodel_config`, `pipeline_config`; instance counts,
+threads and the runtime plan are parameters) and written in protobuf text format; `read_config` reads one back
+through the same message. The default repository (`model_repository/`, full networks, local target) is committed
+fully rendered and a test re-renders it byte for byte, so the committed files can never drift from the spec.
 """
 from __future__ import annotations
 
 import dataclasses
 import shutil
 from pathlib import Path
+from typing import Mapping
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
@@ -53,6 +56,8 @@ class ServingOptions:
     sequence_idle_timeout_s: int = 300              # state of a stream idle this long is freed
     pipeline_instances: int = 1
     threads: int = 0                                # per sub-network; 0: the cores / models_at_once, at load
+    # instances of a sub-network ({model: count}; 1 where not named)
+    instances: Mapping[str, int] = dataclasses.field(default_factory=dict)
     # where the pipeline keeps tensors between sub-networks (spec.BLS_TENSOR_PATHS); None: by target, NumPy
     # on the host for local, device-resident torch tensors on the GPU for ngc
     bls_tensors: str | None = None
@@ -66,6 +71,9 @@ class ServingOptions:
             raise ValueError("sequence_idle_timeout_s must be >= 1")
         if self.pipeline_instances < 1 or self.threads < 0:
             raise ValueError("pipeline_instances must be >= 1 and threads >= 0")
+        if set(self.instances) - set(spec.SUBMODELS) or any(c < 1 for c in self.instances.values()):
+            raise ValueError(f"instances must map served sub-networks {list(spec.SUBMODELS)} to counts >= 1, "
+                             f"got {dict(self.instances)}")
         if self.bls_tensors not in (None, *spec.BLS_TENSOR_PATHS):
             raise ValueError(f"bls_tensors must be one of {list(spec.BLS_TENSOR_PATHS)}")
 
@@ -80,10 +88,14 @@ def python_shm_bytes(config: str = "full", max_batch_size: int = spec.MAX_BATCH_
     return -(-largest * max_batch_size // mib) * mib
 
 
+def parse_config(text: str) -> model_config_pb2.ModelConfig:
+    """config.pbtxt text parsed by Triton's own ModelConfig message (unknown fields or bad syntax fail)."""
+    return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+
 def read_config(path: str | Path) -> model_config_pb2.ModelConfig:
-    """A config.pbtxt parsed by Triton's own ModelConfig message (text_format: unknown fields or bad syntax
-    fail)."""
-    return text_format.Parse(Path(path).read_text(), model_config_pb2.ModelConfig())
+    """A config.pbtxt file parsed by Triton's own ModelConfig message."""
+    return parse_config(Path(path).read_text())
 
 
 def config_parameters(config: model_config_pb2.ModelConfig) -> dict[str, str]:
@@ -115,83 +127,101 @@ def _header(target: str, config: str) -> str:
             f"repository.write_repository_configs().\n")
 
 
-def _tensor(t: spec.TensorSpec, indent: str = "  ") -> str:
-    lines = [f"{indent}{{", f'{indent}  name: "{t.name}"', f"{indent}  data_type: {t.triton_type}",
-             f"{indent}  dims: [ {', '.join(str(d) for d in t.shape)} ]"]
+def config_text(config: model_config_pb2.ModelConfig, header: str = "") -> str:
+    """The config.pbtxt text of a ModelConfig (protobuf text format, after an optional comment header)."""
+    return header + text_format.MessageToString(config)
+
+
+def _tensor(message, t: spec.TensorSpec):
+    message.name = t.name
+    message.data_type = model_config_pb2.DataType.Value(t.triton_type)
+    message.dims.extend(t.shape)
     if t.optional:
-        lines.append(f"{indent}  optional: true")
-    lines.append(f"{indent}}}")
-    return "\n".join(lines)
+        message.optional = True
 
 
-def _tensors(kind: str, tensors) -> str:
-    return f"{kind} [\n" + ",\n".join(_tensor(t) for t in tensors) + "\n]\n"
+def _io(pb: model_config_pb2.ModelConfig, model: spec.ModelSpec) -> None:
+    for t in model.inputs:
+        _tensor(pb.input.add(), t)
+    for t in model.outputs:
+        _tensor(pb.output.add(), t)
 
 
-def _parameters(params: dict[str, str]) -> str:
-    return "".join(f'parameters {{\n  key: "{k}"\n  value: {{ string_value: "{v}" }}\n}}\n' for k, v in params.items())
+def _parameters(pb: model_config_pb2.ModelConfig, params: dict[str, str]) -> None:
+    for key, value in params.items():
+        pb.parameters[key].string_value = value
 
 
-def _instances(count: int, kind: str) -> str:
-    return f"instance_group [\n  {{\n    count: {count}\n    kind: {kind}\n  }}\n]\n"
+def _instances(pb: model_config_pb2.ModelConfig, count: int, kind: str) -> None:
+    pb.instance_group.add(count=count, kind=model_config_pb2.ModelInstanceGroup.Kind.Value(kind))
+
+
+def submodel_config(model: spec.ModelSpec, target: str, config: str, platform: str | None = None,
+                    options: ServingOptions = ServingOptions(),
+                    entry: runtimes.RuntimePlanEntry | None = None) -> model_config_pb2.ModelConfig:
+    """The ModelConfig of one sub-network: Python backend on its runtime plan `entry` (local; default: the
+    committed plan's) or a native platform (ngc); `options.instances` instances of it."""
+    pb = model_config_pb2.ModelConfig(name=model.name, max_batch_size=options.submodel_max_batch_size)
+    if target == "local":
+        entry = entry or runtimes.runtime_plan(target)[model.name]
+        pb.backend = "python"
+        params = {"network_config": config, **entry.parameters(),
+                  "threads": str(options.threads), "models_at_once": str(models_at_once(options))}
+        if entry.device != "cpu":      # inputs arrive in GPU memory, as BLS sends them
+            params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
+        instance_kind = "KIND_CPU"
+    elif target == "ngc":
+        if platform not in PLATFORMS:
+            raise ValueError(f"ngc platform must be one of {sorted(PLATFORMS)}, got {platform!r}")
+        pb.platform, pb.default_model_filename = platform, PLATFORMS[platform]
+        params = {"network_config": config}
+        instance_kind = "KIND_GPU"
+    else:
+        raise ValueError(f"unknown target {target!r}; choose one of {list(TARGETS)}")
+    pb.dynamic_batching.max_queue_delay_microseconds = options.submodel_queue_delay_us
+    _io(pb, model)
+    _instances(pb, options.instances.get(model.name, 1), instance_kind)
+    _parameters(pb, params)
+    return pb
 
 
 def render_submodel_config(model: spec.ModelSpec, target: str, config: str, platform: str | None = None,
                            options: ServingOptions = ServingOptions(),
                            entry: runtimes.RuntimePlanEntry | None = None) -> str:
-    """config.pbtxt of one sub-network: Python backend on its runtime plan `entry` (local; default: the
-    committed plan's) or a native platform (ngc)."""
-    if target == "local":
-        entry = entry or runtimes.runtime_plan(target)[model.name]
-        runtime = 'backend: "python"\n'
-        instances = _instances(1, "KIND_CPU")
-        params = {"network_config": config, **entry.parameters(),
-                  "threads": str(options.threads), "models_at_once": str(models_at_once(options))}
-        if entry.device != "cpu":      # inputs arrive in GPU memory, as BLS sends them
-            params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
-        params = _parameters(params)
-    elif target == "ngc":
-        if platform not in PLATFORMS:
-            raise ValueError(f"ngc platform must be one of {sorted(PLATFORMS)}, got {platform!r}")
-        runtime = f'platform: "{platform}"\ndefault_model_filename: "{PLATFORMS[platform]}"\n'
-        instances = _instances(1, "KIND_GPU")
-        params = _parameters({"network_config": config})
-    else:
+    """config.pbtxt of one sub-network (submodel_config as text)."""
+    return config_text(submodel_config(model, target, config, platform, options, entry), _header(target, config))
+
+
+def pipeline_config(target: str, config: str,
+                    options: ServingOptions = ServingOptions()) -> model_config_pb2.ModelConfig:
+    """The ModelConfig of the `liveportrait` sequence model (Python backend, BLS to the sub-networks)."""
+    if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; choose one of {list(TARGETS)}")
-    return (_header(target, config) + f'name: "{model.name}"\n' + runtime
-            + f"max_batch_size: {options.submodel_max_batch_size}\n"
-            + f"dynamic_batching {{\n  max_queue_delay_microseconds: {options.submodel_queue_delay_us}\n}}\n"
-            + _tensors("input", model.inputs) + _tensors("output", model.outputs) + instances + params)
-
-
-def _control(name: str) -> str:
-    kind = spec.SEQUENCE_CONTROLS[name]
-    body = ("data_type: TYPE_UINT64" if name == "CORRID" else "int32_false_true: [ 0, 1 ]")
-    return (f'    {{\n      name: "{name}"\n      control [\n        {{\n          kind: {kind}\n'
-            f"          {body}\n        }}\n      ]\n    }}")
+    pb = model_config_pb2.ModelConfig(name=spec.PIPELINE, backend="python",
+                                      max_batch_size=options.pipeline_max_batch_size)
+    sequence = pb.sequence_batching
+    sequence.max_sequence_idle_microseconds = options.sequence_idle_timeout_s * 1_000_000
+    for name, kind in spec.SEQUENCE_CONTROLS.items():
+        control = sequence.control_input.add(name=name).control.add(
+            kind=model_config_pb2.ModelSequenceBatching.Control.Kind.Value(kind))
+        if name == "CORRID":
+            control.data_type = model_config_pb2.TYPE_UINT64
+        else:
+            control.int32_false_true.extend([0, 1])
+    sequence.oldest.max_candidate_sequences = options.max_candidate_sequences
+    sequence.oldest.preferred_batch_size.append(options.pipeline_max_batch_size)
+    sequence.oldest.max_queue_delay_microseconds = options.pipeline_queue_delay_us
+    _io(pb, spec.PIPELINE_SPEC)
+    _instances(pb, options.pipeline_instances, "KIND_CPU")
+    _parameters(pb, {"network_config": config,
+                     "sequence_idle_timeout_s": str(options.sequence_idle_timeout_s),
+                     "bls_tensors": options.bls_tensors or DEFAULT_BLS_TENSORS[target]})
+    return pb
 
 
 def render_pipeline_config(target: str, config: str, options: ServingOptions = ServingOptions()) -> str:
-    """config.pbtxt of the `liveportrait` sequence model (Python backend, BLS to the sub-networks)."""
-    if target not in TARGETS:
-        raise ValueError(f"unknown target {target!r}; choose one of {list(TARGETS)}")
-    controls = ",\n".join(_control(name) for name in spec.SEQUENCE_CONTROLS)
-    sequence = (
-        "sequence_batching {\n"
-        f"  max_sequence_idle_microseconds: {options.sequence_idle_timeout_s * 1_000_000}\n"
-        f"  control_input [\n{controls}\n  ]\n"
-        "  oldest {\n"
-        f"    max_candidate_sequences: {options.max_candidate_sequences}\n"
-        f"    preferred_batch_size: [ {options.pipeline_max_batch_size} ]\n"
-        f"    max_queue_delay_microseconds: {options.pipeline_queue_delay_us}\n"
-        "  }\n}\n")
-    return (_header(target, config) + f'name: "{spec.PIPELINE}"\nbackend: "python"\n'
-            + f"max_batch_size: {options.pipeline_max_batch_size}\n" + sequence
-            + _tensors("input", spec.PIPELINE_SPEC.inputs) + _tensors("output", spec.PIPELINE_SPEC.outputs)
-            + _instances(options.pipeline_instances, "KIND_CPU")
-            + _parameters({"network_config": config,
-                           "sequence_idle_timeout_s": str(options.sequence_idle_timeout_s),
-                           "bls_tensors": options.bls_tensors or DEFAULT_BLS_TENSORS[target]}))
+    """config.pbtxt of the `liveportrait` sequence model (pipeline_config as text)."""
+    return config_text(pipeline_config(target, config, options), _header(target, config))
 
 
 def ngc_platform(repository_dir: str | Path | None, model: str, platform: str | None) -> str:

@@ -21,6 +21,7 @@ from liveportrait_triton.export.validate import (UINT8_SHARE_DIFFERING, Validati
                                                  io_problems, output_difference)
 from liveportrait_triton.networks.grid_sample import grid_sample_3d
 from liveportrait_triton.pipeline import OnnxRunner, TorchRunner
+from liveportrait_triton.repository import served_plan
 from liveportrait_triton.runtimes import RuntimePlanEntry, create_subnetwork, runtime_plan
 
 BATCHES = (1, 3)
@@ -224,7 +225,7 @@ def test_cli_runtime_override(tmp_path, capsys):
     code = cli_main(["export", "--synthetic", "0", "--config", "tiny", "--repository", str(tmp_path),
                      "--validate-batches", "1", "--runtime", f"{spec.GENERATOR}=openvino"])
     assert code == 0, capsys.readouterr().err
-    assert 'key: "runtime"\n  value: { string_value: "openvino" }' in (tmp_path / spec.GENERATOR / "config.pbtxt").read_text()
+    assert served_plan(tmp_path)[spec.GENERATOR] == RuntimePlanEntry.of(spec.GENERATOR, "openvino")
     manifest = json.loads((model_path(tmp_path, spec.GENERATOR).parent / "export.json").read_text())
     assert [v["runtime"] for v in manifest["validation"]] == ["onnxruntime", "openvino"]
     code = cli_main(["export", "--synthetic", "0", "--config", "tiny", "--repository", str(tmp_path / "torch"),

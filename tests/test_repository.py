@@ -35,6 +35,35 @@ def test_committed_repository_is_rendered_byte_for_byte():
     assert committed == set(rendered), f"unexpected files: {sorted(committed - set(rendered))}"
 
 
+def test_committed_configs_are_data_equal_to_a_fresh_render():
+    """Every committed config.pbtxt parses with protobuf's text format into Triton's ModelConfig, and equals (as a
+    message) the renderer's ModelConfig of today's spec and plan."""
+    committed = sorted(COMMITTED.glob("*/config.pbtxt"))
+    assert [p.parent.name for p in committed] == sorted([*spec.SUBMODELS, spec.PIPELINE])
+    specs = spec.submodel_specs("full")
+    for path in committed:
+        pb = parse(path.read_text())
+        name = path.parent.name
+        fresh = (repository.pipeline_config("local", "full") if name == spec.PIPELINE
+                 else repository.submodel_config(specs[name], "local", "full"))
+        assert pb == fresh, f"{path} differs from a fresh render: re-render, don't edit"
+        assert repository.read_config(path) == pb
+
+
+def test_instances_and_threads_are_renderer_parameters():
+    options = repository.ServingOptions(instances={spec.WARPING: 2, spec.GENERATOR: 3}, threads=2,
+                                        pipeline_instances=2)
+    rendered = repository.render_repository("local", "tiny", options=options)
+    counts = {name: parse(rendered[f"{name}/config.pbtxt"]).instance_group[0].count
+              for name in (*spec.SUBMODELS, spec.PIPELINE)}
+    assert counts == {**{m: 1 for m in spec.SUBMODELS}, spec.WARPING: 2, spec.GENERATOR: 3, spec.PIPELINE: 2}
+    assert parse(rendered[f"{spec.WARPING}/config.pbtxt"]).parameters["threads"].string_value == "2"
+    with pytest.raises(ValueError, match="instances must map served sub-networks"):
+        repository.ServingOptions(instances={"gen": 2})
+    with pytest.raises(ValueError, match="instances must map served sub-networks"):
+        repository.ServingOptions(instances={spec.WARPING: 0})
+
+
 def test_served_models_report_the_runtime_plan():
     """Every committed sub-network config reports its entry of THE runtime plan (runtimes.runtime_plan: the
     committed choice of runtime_choice.json) in its parameters, and the served model reads that same entry back;
