@@ -1,8 +1,8 @@
 """`liveportrait-triton bench`: time the per-frame pipeline in-process (PyTorch eager and the served kinds) and
 through Triton, every sub-network against the machine's GEMM rate, run perf_analyzer on every sub-network (batch
 sweep) and on the `liveportrait` sequence model (concurrency sweep), and write CSV, markdown and PNG plots with the
-machine and versions. `--runtime-choice` instead times every runtime kind per sub-network and writes the winners
-into the choice file that `export` renders (benchmarks/results/runtime_choice.md).
+machine and versions, into `--out`. `--runtime-choice` instead times every runtime kind per sub-network and writes
+the winners into the choice file from which `runtimes.runtime_plan` takes its defaults.
 
 Everything runs on real inputs: a source portrait and frames of a driving video, cropped to 256x256.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 from .. import spec
 from ..config import CONFIGS
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+DEFAULT_OUT = Path("bench_results")           # under the current working directory, never inside the package
 INPROCESS_RUNNERS = ("torch", "served")     # or any runtimes kind for every sub-network
 
 
@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"source portrait (default {DEFAULT_SOURCE} when present)")
     parser.add_argument("--driving", default=str(DEFAULT_DRIVING) if DEFAULT_DRIVING.is_file() else None,
                         help=f"driving video or image (default {DEFAULT_DRIVING} when present)")
-    parser.add_argument("--out", default=str(DEFAULT_OUT), metavar="DIR", help=f"results folder (default {DEFAULT_OUT})")
+    parser.add_argument("--out", default=str(DEFAULT_OUT), metavar="DIR", help=f"results folder (default ./{DEFAULT_OUT}, under the current directory)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="intra-op threads in-process")
     parser.add_argument("--warmup", type=int, default=1, help="untimed frames before timing each one-stream run")
     parser.add_argument("--frames", type=int, default=5, help="timed frames of each one-stream run")

@@ -78,24 +78,6 @@ def transform_keypoints(kp, R, exp, scale, t) -> np.ndarray:
     return out
 
 
-@dataclasses.dataclass(frozen=True)
-class MotionOptions:
-    """How driving motion moves the source (the official inference options that act per frame)."""
-    relative: bool = True
-    region: str = "all"
-    stitching: bool = True
-    eye_retargeting: bool = False
-    lip_retargeting: bool = False
-    driving_multiplier: float = 1.0
-    expression_friendly: bool = False
-
-    def __post_init__(self):
-        if self.region not in REGIONS:
-            raise ValueError(f"unknown animation region {self.region!r}; choose one of {list(REGIONS)}")
-        if not np.isfinite(self.driving_multiplier) or not 0.0 <= self.driving_multiplier <= 10.0:
-            raise ValueError(f"driving multiplier {self.driving_multiplier!r} is outside [0, 10]")
-
-
 def new_motion(source: MotionInfo, driving: MotionInfo, anchor: MotionInfo, region: str = "all",
                relative: bool = True, lip_array: np.ndarray | None = None):
     """(R_new, delta_new, scale_new, t_new) of the official per-frame block.

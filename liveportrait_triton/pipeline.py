@@ -284,7 +284,7 @@ class Animator:
         return list(images)
 
 
-class TorchRunner(runtimes.ModelRunner):
+class TorchRunner(runtimes.PlanRunner):
     """Our PyTorch sub-networks in-process (the parity reference for served results): the plan with the runtime
     layer's `torch` kind for every sub-network, on `device` in `precision` (fp32 on the CPU: exact)."""
 
@@ -293,7 +293,7 @@ class TorchRunner(runtimes.ModelRunner):
                                                 networks=networks, threads=threads).runners)
 
 
-class OnnxRunner(runtimes.ModelRunner):
+class OnnxRunner(runtimes.PlanRunner):
     """Exported `<repository>/<model>/1/` files in-process on the runtime layer's ONNX kinds (`kind` for all, or
     {model: kind}; default ONNX Runtime)."""
 

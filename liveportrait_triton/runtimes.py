@@ -7,7 +7,7 @@ runner of a sub-network is built by `create_subnetwork` from a `RuntimePlanEntry
 (backend/subnetwork.py, which read their entry back from config.pbtxt), the in-process pipeline
 (`pipeline.TorchRunner`, `pipeline.OnnxRunner`), export validation, the TensorRT checks, the benchmarks and the
 device check. A `SubnetworkRunner` takes and returns tensors bound by the spec's names (`run({input: array}) ->
-{output: array}`, batch dimension free); `ModelRunner` puts one per sub-network behind the `pipeline.Runner`
+{output: array}`, batch dimension free); `PlanRunner` puts one per sub-network behind the `pipeline.Runner`
 interface, so the same `Animator` runs on any plan.
 
 Kinds:
@@ -287,8 +287,8 @@ def create_subnetwork(entry: RuntimePlanEntry, model_spec: spec.ModelSpec, *,
     return SubnetworkRunner(entry, model_spec, threads, forward, session)
 
 
-class ModelRunner:
-    """pipeline.Runner over one SubnetworkRunner per sub-network (any plan)."""
+class PlanRunner:
+    """pipeline.Runner over a runtime plan: one SubnetworkRunner per sub-network."""
 
     def __init__(self, runners: dict[str, SubnetworkRunner]):
         self.runners = runners
@@ -305,12 +305,12 @@ class ModelRunner:
 
 
 def create_runner(plan: RuntimePlan, config: str | dict, *, networks=None,
-                  repository: str | os.PathLike | None = None, threads: int | None = None) -> ModelRunner:
-    """A ModelRunner for every served sub-network of network `config` on `plan` (runtime_plan, uniform_plan):
+                  repository: str | os.PathLike | None = None, threads: int | None = None) -> PlanRunner:
+    """A PlanRunner for every served sub-network of network `config` on `plan` (runtime_plan, uniform_plan):
     the torch kinds run `networks` when given, every other artefact comes from `repository`."""
     plan = plan_of(plan)
     specs = spec.submodel_specs(config)
-    return ModelRunner({m: create_subnetwork(entry, specs[m], networks=networks, threads=threads,
+    return PlanRunner({m: create_subnetwork(entry, specs[m], networks=networks, threads=threads,
                                              artefact=None if repository is None
                                              or (entry.kind in TORCH_KINDS and networks is not None)
                                              else entry.path(repository))

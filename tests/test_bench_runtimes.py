@@ -55,7 +55,7 @@ def test_openvino_serves_every_batch_size(tiny_networks, tiny_repository, inputs
 
 
 def test_runner_animates_like_pytorch(tiny_networks, tiny_repository, source_crops, driving_crops):
-    """A mixed ModelRunner (the committed local choice) drives the whole Animator; frames match PyTorch within
+    """A mixed PlanRunner (the committed local choice) drives the whole Animator; frames match PyTorch within
     one level."""
     images = {}
     for name, runner in (("torch", TorchRunner(tiny_networks)),
