@@ -48,7 +48,8 @@ def to_host(runner: Runner, model: str, name: str, value) -> np.ndarray:
 
 
 class InputError(ValueError):
-    """A request that cannot be served as sent (the caller's fault)."""
+    """A request that cannot be served as sent (the caller's fault), raised by its validation
+    (backend/requests.py)."""
 
 
 def crop_to_input(crops: np.ndarray) -> np.ndarray:
@@ -59,17 +60,6 @@ def crop_to_input(crops: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.transpose(crops.astype(np.float32) / np.float32(255.0), (0, 3, 1, 2)))
 
 
-def check_crop(name: str, crop) -> np.ndarray:
-    """A (256, 256, 3) uint8 crop, or InputError naming what is wrong."""
-    arr = np.asarray(crop)
-    want = (spec.SOURCE_SIZE, spec.SOURCE_SIZE, 3)
-    if arr.dtype != np.uint8:
-        raise InputError(f"{name}: expected dtype uint8, got {arr.dtype}")
-    if arr.shape != want:
-        raise InputError(f"{name}: expected shape {list(want)} (H, W, RGB), got {list(arr.shape)}")
-    return arr
-
-
 @dataclasses.dataclass
 class MotionFrame:
     """One frame of template motion (official template keys R, exp, t, scale)."""
@@ -78,21 +68,13 @@ class MotionFrame:
     t: np.ndarray
     scale: np.ndarray
 
-    def validated(self) -> "MotionFrame":
-        shapes = {"R": (3, 3), "exp": (NUM_KP, 3), "t": (3,), "scale": (1,)}
-        out = {}
-        for name, shape in shapes.items():
-            arr = np.asarray(getattr(self, name), dtype=np.float32)
-            if arr.size != int(np.prod(shape)):
-                raise InputError(f"motion_{name}: expected shape {list(shape)}, got {list(arr.shape)}")
-            if not np.all(np.isfinite(arr)):
-                raise InputError(f"motion_{name}: contains NaN or Inf")
-            out[name] = arr.reshape(shape)
-        return MotionFrame(**out)
-
     def info(self) -> K.MotionInfo:
-        return K.MotionInfo(R=self.R.reshape(1, 3, 3), t=self.t.reshape(1, 3), exp=self.exp.reshape(1, NUM_KP, 3),
-                            scale=self.scale.reshape(1, 1))
+        """As a batch of one, in float32 (the server's requests are checked against the spec before they get here:
+        backend/requests.py)."""
+        def batch_of_one(value, *shape):
+            return np.asarray(value, np.float32).reshape(1, *shape)
+        return K.MotionInfo(R=batch_of_one(self.R, 3, 3), t=batch_of_one(self.t, 3),
+                            exp=batch_of_one(self.exp, NUM_KP, 3), scale=batch_of_one(self.scale, 1))
 
 
 @dataclasses.dataclass
@@ -134,7 +116,9 @@ class StreamState:
 
 
 class Animator:
-    """The LivePortrait per-frame computation over a Runner."""
+    """The LivePortrait per-frame computation over a Runner. It trusts what it is given: the served pipeline
+    validates every request once, before it gets here (backend/requests.py); in-process callers pass well-formed
+    crops, motion and the ratios their options need."""
 
     def __init__(self, runner: Runner):
         self.runner = runner
@@ -143,7 +127,7 @@ class Animator:
     def register_sources(self, crops: list[np.ndarray], options: list[dict],
                          eye_ratios: list | None = None, lip_ratios: list | None = None) -> list[StreamState]:
         """F and M on a batch of source crops; one StreamState each."""
-        batch = crop_to_input(np.stack([check_crop("source", c) for c in crops]))
+        batch = crop_to_input(np.stack(crops))
         appearance, raw_motion = run_concurrently(self.runner, [(spec.APPEARANCE, {"image": batch}),
                                                                 (spec.MOTION, {"image": batch})])
         volume = appearance["feature_volume"]
@@ -156,10 +140,6 @@ class Animator:
                                yaw=motion.yaw[i:i + 1], roll=motion.roll[i:i + 1])
             eye = None if eye_ratios is None or eye_ratios[i] is None else np.asarray(eye_ratios[i], np.float32).reshape(1, 2)
             lip = None if lip_ratios is None or lip_ratios[i] is None else np.asarray(lip_ratios[i], np.float32).reshape(1, 1)
-            if opts["eye_retargeting"] and eye is None:
-                raise InputError("eye_retargeting is on but the START request has no source_eye_ratio")
-            if opts["lip_retargeting"] and lip is None:
-                raise InputError("lip_retargeting is on but the START request has no source_lip_ratio")
             states.append(StreamState(options=opts, feature_volume=batch_item(volume, i),
                                       source=src, x_s=x_s[i:i + 1], source_eye_ratio=eye, source_lip_ratio=lip,
                                       anchor=src if opts["anchor"] == "source" else None))
@@ -172,7 +152,7 @@ class Animator:
         infos: list[K.MotionInfo | None] = [f.motion.info() if isinstance(f, DrivingFrame) and f.motion is not None
                                             else None for f in frames]
         if crops:
-            batch = crop_to_input(np.stack([check_crop("driving", frames[i].crop) for i in crops]))
+            batch = crop_to_input(np.stack([frames[i].crop for i in crops]))
             m = K.MotionInfo.from_raw(self.runner.run(spec.MOTION, {"image": batch}))
             for j, i in enumerate(crops):
                 infos[i] = K.MotionInfo(R=m.R[j:j + 1], t=m.t[j:j + 1], exp=m.exp[j:j + 1], scale=m.scale[j:j + 1])
@@ -215,13 +195,9 @@ class Animator:
             x = base.copy()
             calls = []      # eye and lip deltas are independent: computed together, added eye first
             if o["eye_retargeting"]:
-                if frame.eye_ratio is None:
-                    raise InputError("eye_retargeting is on but the frame has no driving_eye_ratio")
                 ratio = np.concatenate([state.source_eye_ratio, np.float32([[frame.eye_ratio]])], axis=1)
                 calls.append((spec.RETARGET_EYE, {"kp_source": x_s, "eye_ratio": ratio}))
             if o["lip_retargeting"]:
-                if frame.lip_ratio is None:
-                    raise InputError("lip_retargeting is on but the frame has no driving_lip_ratio")
                 ratio = np.concatenate([state.source_lip_ratio, np.float32([[frame.lip_ratio]])], axis=1)
                 calls.append((spec.RETARGET_LIP, {"kp_source": x_s, "lip_ratio": ratio}))
             for out in run_concurrently(self.runner, calls):

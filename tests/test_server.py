@@ -103,7 +103,7 @@ class InProcess:
                 driving = DrivingFrame(crop=self.driving[i], eye_ratio=0.35 if retarget else None,
                                        lip_ratio=0.1 if retarget else None)
             else:
-                driving = DrivingFrame(motion=self.template[i].validated())
+                driving = DrivingFrame(motion=self.template[i])
             out.append(animator.animate([state], [driving])[0])
         return out
 

@@ -10,8 +10,7 @@ from .. import spec
 from ..pipeline import Animator, InputError, StreamState
 from .model_config import ConfigError, check_model_config, config_parameter
 from .outcomes import Failure, FrameResult
-from .requests import (PipelineRequest, RawRequest, check_edit, check_frame, check_source_frame, parse_request,
-                       plan_rounds)
+from .requests import PipelineRequest, RawRequest, check_in_sequence, parse_request, plan_rounds
 from .sequences import SequenceListener, SequenceStore, release_free_memory
 
 
@@ -61,30 +60,19 @@ class PipelineCore:
             self._register([parsed[i] for i in starts], starts, live, outcomes)
         driving = []        # requests rendered in this round: driving frames and edits
         for i, state in live.items():
-            frame = parsed[i].edit or parsed[i].frame
             try:
-                check_source_frame(state.options, parsed[i])
+                check_in_sequence(state, parsed[i])
             except InputError as exc:
                 outcomes[i] = Failure(str(exc))
                 continue
-            if frame is None:
+            if parsed[i].edit is None and parsed[i].frame is None:
                 outcomes[i] = FrameResult(image=None, frame_index=-1)
                 continue
-            try:
-                if parsed[i].edit is None:
-                    check_frame(state.options, frame)
-                else:
-                    check_edit(state, frame)
-            except InputError as exc:
-                outcomes[i] = Failure(str(exc))
-                continue
             driving.append(i)
-        if driving:
+        if driving:     # validated requests only: the Animator takes them as they are
             try:
                 images = self.animator.animate([live[i] for i in driving],
                                                [parsed[i].edit or parsed[i].frame for i in driving])
-            except InputError as exc:
-                images = [Failure(str(exc))] * len(driving)
             except Exception as exc:    # a sub-network failed: the server's fault, reported without a traceback
                 images = [Failure(f"animation failed: {exc}", False, traceback.format_exc())] * len(driving)
             for i, image in zip(driving, images):
@@ -101,10 +89,6 @@ class PipelineCore:
             states = self.animator.register_sources(
                 [r.source for r in requests], [r.options for r in requests],
                 [r.source_eye_ratio for r in requests], [r.source_lip_ratio for r in requests])
-        except InputError as exc:
-            for i in indices:
-                outcomes[i] = Failure(str(exc))
-            return
         except Exception as exc:
             for i in indices:
                 outcomes[i] = Failure(f"source registration failed: {exc}", False, traceback.format_exc())

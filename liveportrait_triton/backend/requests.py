@@ -1,4 +1,10 @@
-"""Reading and validating requests of the `liveportrait` model (each rule once)."""
+"""Reading and validating requests of the `liveportrait` model, each rule once.
+
+A request is validated in two steps, each once: `parse_request` checks what the request alone says (every tensor
+against the spec: name, dtype, shape, NaN/Inf; which inputs go together; options and edits), and
+`check_in_sequence` what depends on its sequence (the ratios the sequence's options need, source-video frames,
+edits of the source). What passes is a `PipelineRequest` the Animator takes as it is.
+"""
 from __future__ import annotations
 
 import collections
@@ -72,10 +78,8 @@ def parse_request(raw: RawRequest) -> PipelineRequest:
         request.source = arrays["source"]
         request.source_eye_ratio = arrays.get("source_eye_ratio")
         request.source_lip_ratio = arrays.get("source_lip_ratio")
-        if request.options["eye_retargeting"] and request.source_eye_ratio is None:
-            raise InputError("option eye_retargeting is on but the START request has no source_eye_ratio")
-        if request.options["lip_retargeting"] and request.source_lip_ratio is None:
-            raise InputError("option lip_retargeting is on but the START request has no source_lip_ratio")
+        require_ratios(request.options, "the START request", "source", request.source_eye_ratio,
+                       request.source_lip_ratio)
     else:
         if parameters:
             spec.parse_options(parameters)      # an unknown name is named as such first
@@ -94,9 +98,9 @@ def parse_request(raw: RawRequest) -> PipelineRequest:
     lip = arrays.get("driving_lip_ratio")
     if "driving" in arrays or motion:
         template = None
-        if motion:
+        if motion:      # each checked against the spec above
             template = MotionFrame(R=arrays["motion_R"], exp=arrays["motion_exp"], t=arrays["motion_t"],
-                                   scale=arrays["motion_scale"]).validated()
+                                   scale=arrays["motion_scale"])
         request.frame = DrivingFrame(crop=arrays.get("driving"), motion=template,
                                      eye_ratio=None if eye is None else float(eye[0]),
                                      lip_ratio=None if lip is None else float(lip[0]))
@@ -119,12 +123,22 @@ def split_edit(parameters: dict[str, Any]) -> tuple[dict[str, Any], Edit | None]
     return options, Edit(spec.parse_edit(controls))
 
 
-def check_frame(options: dict, frame: DrivingFrame) -> None:
-    """Per-frame inputs the sequence's options require."""
-    if options["eye_retargeting"] and frame.eye_ratio is None:
-        raise InputError("option eye_retargeting is on but the frame has no driving_eye_ratio")
-    if options["lip_retargeting"] and frame.lip_ratio is None:
-        raise InputError("option lip_retargeting is on but the frame has no driving_lip_ratio")
+def require_ratios(options: dict, where: str, side: str, eye, lip) -> None:
+    """The eye/lip ratios (`side` source or driving) that the sequence's retargeting options need."""
+    for name, value in (("eye", eye), ("lip", lip)):
+        if options[f"{name}_retargeting"] and value is None:
+            raise InputError(f"option {name}_retargeting is on but {where} has no {side}_{name}_ratio")
+
+
+def check_in_sequence(state: StreamState, request: PipelineRequest) -> None:
+    """What a request of a live sequence must carry given the sequence (its options and source state); a
+    source-video frame gets its own source attached. InputError names the fault."""
+    options = state.options
+    check_source_frame(options, request)
+    if request.edit is not None:
+        check_edit(state, request.edit)
+    elif request.frame is not None:
+        require_ratios(options, "the frame", "driving", request.frame.eye_ratio, request.frame.lip_ratio)
 
 
 def check_source_frame(options: dict, request: PipelineRequest) -> None:
@@ -151,10 +165,7 @@ def check_source_frame(options: dict, request: PipelineRequest) -> None:
     if frame.motion is None:
         raise InputError("a source-video frame carries the target motion as motion_* (the smoothed rotation and "
                          "expression for this source frame), not a `driving` crop")
-    for name in ("eye", "lip"):
-        if options[f"{name}_retargeting"] and getattr(request, f"source_{name}_ratio") is None:
-            raise InputError(f"option {name}_retargeting is on but the source-video frame has no "
-                             f"source_{name}_ratio")
+    require_ratios(options, "the source-video frame", "source", request.source_eye_ratio, request.source_lip_ratio)
     frame.source = request.source
     frame.source_eye_ratio = request.source_eye_ratio
     frame.source_lip_ratio = request.source_lip_ratio
