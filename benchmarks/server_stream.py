@@ -18,7 +18,8 @@ class StreamError(RuntimeError):
     """The server answered a frame with an error, or not in time."""
 
 
-def _tensor(grpcclient, name: str, array: np.ndarray):
+def pipeline_input(grpcclient, name: str, array: np.ndarray):
+    """One input of a `liveportrait` request (one item: the batch dimension added), typed by the spec."""
     t = spec.PIPELINE_SPEC.input(name)
     array = np.ascontiguousarray(array, dtype=t.numpy_dtype)[None]
     tensor = grpcclient.InferInput(name, list(array.shape), t.dtype)
@@ -39,9 +40,9 @@ def stream_frames(url: str, source: np.ndarray, driving: list[np.ndarray], seque
     client.start_stream(callback=lambda result, error: answers.put((result, error)))
     try:
         for i, crop in enumerate(driving):
-            inputs = [_tensor(grpcclient, "driving", crop)]
+            inputs = [pipeline_input(grpcclient, "driving", crop)]
             if i == 0:
-                inputs.insert(0, _tensor(grpcclient, "source", source))
+                inputs.insert(0, pipeline_input(grpcclient, "source", source))
             start = time.perf_counter()
             client.async_stream_infer(spec.PIPELINE, inputs, outputs=outputs, request_id=str(i),
                                       sequence_id=sequence_id, sequence_start=i == 0,

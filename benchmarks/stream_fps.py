@@ -33,6 +33,7 @@ from ..config import CONFIGS
 from ..pipeline import Animator, DrivingFrame, OnnxRunner, TorchRunner
 from ..repository import served_plan
 from .inputs import DEFAULT_DRIVING, DEFAULT_SOURCE, read_driving, read_source
+from .server_stream import pipeline_input
 
 
 @dataclasses.dataclass
@@ -62,14 +63,6 @@ def in_process(runner, source: np.ndarray, warm: list[np.ndarray], timed: list[n
     return time.perf_counter() - start
 
 
-def _input(grpcclient, name: str, array: np.ndarray):
-    tensor_spec = spec.PIPELINE_SPEC.input(name)
-    array = np.ascontiguousarray(array, dtype=tensor_spec.numpy_dtype)[None]
-    tensor = grpcclient.InferInput(name, list(array.shape), tensor_spec.dtype)
-    tensor.set_data_from_numpy(array)
-    return tensor
-
-
 class ServerStream:
     """One sequence on its own gRPC stream, one request in flight."""
 
@@ -84,7 +77,7 @@ class ServerStream:
         self._send({"source": source}, start=True)
 
     def _send(self, arrays: dict, start: bool = False, end: bool = False):
-        inputs = [_input(self.grpcclient, name, array) for name, array in arrays.items()]
+        inputs = [pipeline_input(self.grpcclient, name, array) for name, array in arrays.items()]
         self.client.async_stream_infer(spec.PIPELINE, inputs, sequence_id=self.sequence_id, sequence_start=start,
                                        sequence_end=end)
         result, error = self.answers.get(timeout=self.timeout_s)

@@ -15,10 +15,9 @@ from pathlib import Path
 from .. import spec
 from ..config import CONFIGS
 from ..networks.grid_sample import MODES as GRID_SAMPLE_MODES
-from ..runtimes import KINDS
+from ..runtimes import KINDS, PRECISIONS_OF_KIND
 
 TARGETS = ("local", "ngc")
-PRECISIONS = ("fp32", "fp16")
 MANIFEST_FILENAME = "export.json"
 
 
@@ -47,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grid-sample", choices=GRID_SAMPLE_MODES, default="decomposed",
                         help="5-D grid sample in the warping module: decomposed (gathers, opset 17, builds in "
                              "TensorRT 10) or native (ONNX GridSample, opset 20, ONNX Runtime only)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp16",
+    parser.add_argument("--precision", choices=PRECISIONS_OF_KIND["tensorrt"], default="fp16",
                         help="precision of the TensorRT engines that `liveportrait-triton tensorrt` later builds from "
                              "this export (recorded in export.json; default fp16, where motion_extractor and the S "
                              "MLPs stay fp32). The ONNX files always stay FP32: inputs, outputs and weights")

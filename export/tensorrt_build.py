@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .. import spec
-from ..tensorrt_engine import TensorRTError, import_tensorrt, require_cuda_torch
+from .. import runtimes, spec
+from ..tensorrt_engine import TensorRTError, import_tensorrt
 from .validate import TOLERANCES, UINT8_LEVELS, output_difference
 
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = runtimes.PRECISIONS_OF_KIND["tensorrt"]     # the plan's precisions of a TensorRT engine
 DEFAULT_OPT_BATCH = 4
 DEFAULT_WORKSPACE_GIB = 8
 ALWAYS_FP32 = {spec.MOTION: "pose-bin softmax and ConvNeXt LayerNorm/GRN statistics",

@@ -15,12 +15,13 @@ import time
 from pathlib import Path
 
 from .. import spec
+from ..tensorrt_engine import TensorRTError, import_tensorrt, require_cuda_torch
 from .cli import MANIFEST_FILENAME, batch_sizes
 from .onnx_export import ENGINE_MANIFEST_FILENAME, PLAN_FILENAME, model_path
+from .tensorrt_build import (DEFAULT_OPT_BATCH, DEFAULT_WORKSPACE_GIB, PRECISIONS, build_engine, check_engine,
+                             engine_precision, preflight)
 
 REJECTED_PLAN_FILENAME = "model.rejected.plan"
-from .tensorrt_build import (DEFAULT_OPT_BATCH, DEFAULT_WORKSPACE_GIB, PRECISIONS, TensorRTError, build_engine,
-                             check_engine, engine_precision, import_tensorrt, preflight, require_cuda_torch)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

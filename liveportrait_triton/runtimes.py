@@ -53,7 +53,6 @@ KINDS = {
 }
 ONNX_KINDS = ("onnxruntime", "openvino", "openvino_fastconv")    # run an exported ONNX file
 TORCH_KINDS = ("torch", "torch_fastconv")    # run our PyTorch modules
-NETWORK_KINDS = TORCH_KINDS                  # can be built from loaded networks alone
 ONNX_FILENAME = "model.onnx"
 FASTCONV_ONNX_FILENAME = "model_fastconv.onnx"
 PLAN_FILENAME = "model.plan"

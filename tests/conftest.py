@@ -9,6 +9,7 @@ parity vectors, the official example media and motion templates; tests that need
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +161,14 @@ def tiny_repository(tmp_path_factory, tiny_weights_dir) -> Path:
     if code != 0:
         pytest.fail(f"export of the tiny repository failed with status {code}")
     return out
+
+
+def serve_command(repository: Path) -> tuple[list[str], list[int]]:
+    """`liveportrait-triton serve` of `repository` on free loopback ports, and the ports (http, grpc, metrics)."""
+    from liveportrait_triton.serve import free_port
+    ports = [free_port() for _ in range(3)]
+    return [sys.executable, "-m", "liveportrait_triton", "serve", "--repository", str(repository),
+            "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])], ports
 
 
 def rendered_copy(repository: Path, destination: Path, plan=None, **serving) -> Path:

@@ -12,9 +12,9 @@ from liveportrait_triton.cli import main as cli_main
 from liveportrait_triton.export.onnx_export import export_model, grid_sample_mode, model_path
 from liveportrait_triton.export.sample_inputs import sample_inputs
 from liveportrait_triton.networks.served import served_models
-from liveportrait_triton.export.tensorrt_build import (FP16_ENGINE_TOLERANCES, FP16_IMAGE_LEVELS, TensorRTError,
-                                                       engine_bound, engine_precision, preflight, profile_shapes,
-                                                       require_cuda_torch)
+from liveportrait_triton.export.tensorrt_build import (FP16_ENGINE_TOLERANCES, FP16_IMAGE_LEVELS, engine_bound,
+                                                       engine_precision, preflight, profile_shapes)
+from liveportrait_triton.tensorrt_engine import TensorRTError, require_cuda_torch
 from liveportrait_triton.pipeline import TorchRunner
 from liveportrait_triton.runtimes import RuntimeLoadError, RuntimePlanEntry, create_subnetwork
 

@@ -10,7 +10,6 @@ import os
 import queue
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,10 +17,10 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from conftest import rendered_copy, server_metric
+from conftest import rendered_copy, serve_command, server_metric
 from liveportrait_triton import spec
 from liveportrait_triton.client.client import DrivingInput, LivePortraitClient, RequestFailed, SourceInput
-from liveportrait_triton.serve import TritonServer, free_port
+from liveportrait_triton.serve import TritonServer
 
 pytestmark = pytest.mark.server
 
@@ -198,9 +197,7 @@ def test_killed_stub_fails_loudly(tiny_repository, tmp_path, source_crops, drivi
 
 
 def test_serve_command_stops_when_a_stub_dies(tiny_repository):
-    ports = [free_port() for _ in range(3)]
-    command = [sys.executable, "-m", "liveportrait_triton", "serve", "--repository", str(tiny_repository),
-               "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])]
+    command, _ = serve_command(tiny_repository)
     cli = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for line in cli.stdout:

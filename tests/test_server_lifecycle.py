@@ -12,7 +12,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from conftest import rendered_copy, server_metric
+from conftest import rendered_copy, serve_command, server_metric
 from liveportrait_triton import spec
 from liveportrait_triton.serve import ServerError, TritonServer, explain_log, free_port
 
@@ -117,9 +117,7 @@ def test_idle_sequences_are_evicted(tiny_repository, tmp_path, source_crops):
 
 
 def test_cli_serves_until_interrupted_and_leaves_no_process(tiny_repository):
-    ports = [free_port() for _ in range(3)]
-    command = [sys.executable, "-m", "liveportrait_triton", "serve", "--repository", str(tiny_repository),
-               "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])]
+    command, ports = serve_command(tiny_repository)
     cli = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         lines = []
