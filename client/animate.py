@@ -111,7 +111,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_.add_argument("--in-flight", type=int, default=4, help="frames awaiting the server at once (default 4)")
     run_.add_argument("--retry", type=float, default=0.0, metavar="SECONDS",
                       help="if the server restarts mid-stream, reconnect for up to SECONDS and continue without "
-                           "losing or repeating frames (default 0: fail)")
+                           "losing or repeating frames; if it is full (\"server at capacity\"), keep starting new "
+                           "streams for up to SECONDS (default 0: fail)")
     run_.add_argument("--profile", action="store_true", help="print where the time went, stage by stage")
     run_.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -84,7 +84,7 @@ def short_idle_server(tiny_repository, tmp_path_factory):
     """A server whose sequences are freed after IDLE_TIMEOUT_S idle seconds, with room for 256 live sequences."""
     root = tmp_path_factory.mktemp("short_idle")
     repository = rendered_copy(tiny_repository, root / "repository", sequence_idle_timeout_s=IDLE_TIMEOUT_S,
-                               max_candidate_sequences=256)
+                               max_candidate_sequences=512, max_live_sequences=256)
     with TritonServer(repository, log_file=root / "tritonserver.log") as server:
         yield server
 
