@@ -160,3 +160,54 @@ def test_animate_command_says_the_server_is_full(small_server, source_crops, dri
     err = capsys.readouterr().err.strip()
     assert code == 1 and not out.exists()
     assert err.startswith("error:") and len(err.splitlines()) == 1 and spec.CAPACITY_REFUSAL in err, err
+
+
+@pytest.mark.slow
+def test_a_stream_refused_by_a_full_cluster_retries_until_admitted(tiny_repository, tmp_path, source_crops,
+                                                                     driving_crops):
+    """`liveportrait-triton cluster` with 2 replicas of capacity 1: once both hold a stream, a new stream is
+    refused; with retry_s (`--retry`) it starts new sequences, which the proxy hashes anew, until a replica frees
+    its slot, and then completes every frame."""
+    import shutil
+    from liveportrait_triton.cluster import LocalCluster
+    if shutil.which("haproxy") is None:
+        pytest.skip("HAProxy is not installed (scripts/install.sh installs the Debian package haproxy)")
+    repository = rendered_copy(tiny_repository, tmp_path / "repository", max_candidate_sequences=8,
+                               max_live_sequences=1, threads=1)
+    source = SourceInput(source_crops["s0"])
+    drivings = [DrivingInput(crop=c) for c in driving_crops]
+    with LocalCluster(repository, 2, log_dir=tmp_path / "cluster") as cluster:
+        client = LivePortraitClient(cluster.grpc_url)
+        held, refusals = [], 0
+        while len(held) < 2:                # new sequences hash onto either replica: fill both
+            stream = client.stream(source, max_in_flight=1)
+            stream.send(drivings[0])
+            try:
+                while not stream.ready():
+                    time.sleep(0.02)
+                held.append(stream)
+            except ServerAtCapacity:
+                refusals += 1
+            assert refusals < 50, "the proxy never placed a stream on the second replica"
+        outcome: list = []
+
+        def retried():
+            try:
+                with LivePortraitClient(cluster.grpc_url) as own:
+                    stream = own.stream(source, max_in_flight=2, retry_s=120)
+                    got = send_frames(stream, drivings, FRAMES)
+                    outcome.append((got + stream.finish(), stream.reconnects))
+            except BaseException as exc:    # reported below
+                outcome.append(exc)
+
+        worker = threading.Thread(target=retried)
+        worker.start()
+        time.sleep(3)
+        assert worker.is_alive() and not outcome, outcome
+        held[0].finish()
+        worker.join(timeout=180)
+        held[1].finish()
+        client.close()
+    assert outcome and not isinstance(outcome[0], BaseException), outcome
+    got, reconnects = outcome[0]
+    assert reconnects >= 1 and [r.number for r in got] == list(range(FRAMES))
