@@ -337,6 +337,11 @@ class AnimationStream:
     yet answered, so no frame is lost or duplicated. Frames are matched to answers by request id and checked
     against the server's frame_index.
 
+    Live sources use `offer()` instead of `send()`: when `max_in_flight` frames already await answers (the server
+    is behind), the offered frame is dropped and counted in `dropped` rather than queued, so the newest frame goes
+    out as soon as an answer frees a slot and a frame's latency stays bounded by the window (a blocking send
+    would let a camera's frames age without bound). File-based animation uses `send()`: every frame.
+
     A START refused by a full server ("server at capacity") is ENDed at once, which frees the slot Triton gave
     it; with `retry_s` > 0 a new sequence is started every RETRY_PAUSE_S for up to retry_s seconds (a proxy may
     place it on another replica), else ServerAtCapacity is raised.
@@ -359,6 +364,7 @@ class AnimationStream:
         self._ended = False
         self._end_number: int | None = None
         self.reconnects = 0
+        self.dropped = 0                # frames `offer` dropped because the window was full
         self._failed_reconnects = 0
         self._refused_until: float | None = None     # while starts are refused: when to stop trying
         self._open(sequence_id)
@@ -564,6 +570,19 @@ class AnimationStream:
             self._connection_lost(exc)
         self._ended = last
         return number
+
+    def has_room(self) -> bool:
+        """Whether a frame can be sent without waiting (answers that arrived are taken in first)."""
+        while self._handle(block=False):
+            pass
+        return len(self._pending) < self.max_in_flight
+
+    def offer(self, driving: DrivingInput, last: bool = False) -> int | None:
+        """Send a live frame if the window has room, else drop it (counted in `dropped`): its number, or None."""
+        if not self.has_room() and not last:
+            self.dropped += 1
+            return None
+        return self.send(driving, last=last)
 
     def ready(self) -> list[FrameResult]:
         """The results that have arrived and are next in order (does not block)."""

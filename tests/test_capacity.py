@@ -211,3 +211,17 @@ def test_a_stream_refused_by_a_full_cluster_retries_until_admitted(tiny_reposito
     assert outcome and not isinstance(outcome[0], BaseException), outcome
     got, reconnects = outcome[0]
     assert reconnects >= 1 and [r.number for r in got] == list(range(FRAMES))
+
+
+def test_a_live_stream_drops_frames_while_the_server_is_behind(small_server, source_crops, driving_crops):
+    """`offer` sends a frame only when the window has room (the newest frame wins): offered faster than the server
+    answers, frames are dropped and counted rather than queued, what is sent all comes back, and the last frame
+    (the END) is always sent."""
+    drivings = [DrivingInput(crop=c) for c in driving_crops]
+    with LivePortraitClient(small_server.grpc_url) as client, \
+            client.stream(SourceInput(source_crops["s0"]), max_in_flight=1) as stream:
+        numbers = [stream.offer(drivings[i % len(drivings)], last=i == 19) for i in range(20)]
+        got = stream.ready() + stream.finish()
+    sent = [n for n in numbers if n is not None]
+    assert stream.dropped == numbers.count(None) > 0 and numbers[-1] is not None
+    assert sent == list(range(len(sent))) and [r.number for r in got] == sent
