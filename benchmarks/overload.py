@@ -12,9 +12,12 @@ fps = throughput / S. Then 2 x S streams run at that rate for `--seconds`, each 
   them over; a frame waits in the client while the window is full, so its age grows while the server is behind.
   The camera stops at the end of the run: frames not sent by then are not delivered.
 - `offer` (after, the live rule): `AnimationStream.offer` drops the frame when the window is full, so the newest
-  frame goes out as soon as an answer frees a slot.
+  frame goes out as soon as an answer frees a slot; run with the same window and with a window of 1 (what the web
+  page's Live tab keeps in flight), since the rule bounds a frame's age by the frames in flight.
 
-Latency is a frame's answer time minus its capture time, over every answered frame of every stream. Results go to
+Latency is a frame's answer time minus its capture time, over every answered frame of every stream. "Offered" counts
+the frames handed to `send` / `offer` before the camera stopped: a blocking send hands over fewer (the later
+frames never leave the camera's buffer). Results go to
 `overload.csv` and `overload.md` in `--out`, with the machine and its load.
 """
 from __future__ import annotations
@@ -128,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     kept_up, fps = args.kept_up, throughput / args.kept_up
     print(f"throughput {throughput:.2f} frames/s: keeps up with {kept_up} streams at {fps:.2f} fps; "
           f"running {2 * kept_up}", flush=True)
-    rows = [run_mode(args.server, source, drivings, mode, 2 * kept_up, fps, args.seconds, args.in_flight)
-            for mode in ("send", "offer")]
+    rows = [run_mode(args.server, source, drivings, mode, 2 * kept_up, fps, args.seconds, window)
+            for mode, window in (("send", args.in_flight), ("offer", args.in_flight), ("offer", 1))]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "overload.csv", "w", newline="") as handle:
@@ -139,13 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info()
     lines = [f"# Live streams at 2x what the server keeps up with (`benchmarks/overload.py`)", "",
              f"Server throughput ({PROBE_STREAMS} streams, flat out): {throughput:.2f} frames/s, so it keeps up with "
-             f"{kept_up} streams at {fps:.2f} fps; {2 * kept_up} streams ran for {args.seconds:g} s, window "
-             f"{args.in_flight} frames. Latency: answer time minus the frame's capture time.", "",
-             "| rule | streams | offered / stream | delivered / stream (min / mean / max) | dropped / stream | "
-             "p50 ms | p99 ms | max ms |", "|---|---|---|---|---|---|---|---|"]
+             f"{kept_up} streams at {fps:.2f} fps; {2 * kept_up} streams ran for {args.seconds:g} s. Latency: "
+             "answer time minus the frame's capture time.", "",
+             "| rule | window | streams | offered / stream | delivered / stream (min / mean / max) | dropped / stream | "
+             "p50 ms | p99 ms | max ms |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         name = "blocking send (before)" if r["mode"] == "send" else "live rule: offer, newest wins (after)"
-        lines.append(f"| {name} | {r['streams']} | {r['frames_offered_per_stream']} | {r['frames_delivered_min']} / "
+        lines.append(f"| {name} | {r['in_flight']} | {r['streams']} | {r['frames_offered_per_stream']} | "
+                     f"{r['frames_delivered_min']} / "
                      f"{r['frames_delivered_mean']} / {r['frames_delivered_max']} | {r['frames_dropped_mean']} | "
                      f"{r['latency_p50_ms']} | {r['latency_p99_ms']} | {r['latency_max_ms']} |")
     lines += ["", "Machine: " + "; ".join(f"{k} {v}" for k, v in info.items()), ""]
