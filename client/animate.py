@@ -35,6 +35,7 @@ from .templates import TemplateError, is_template, load_template
 
 # driving_type follows the driving input, source_video the source input
 CLI_OPTIONS = [name for name in spec.PIPELINE_OPTIONS if name not in ("driving_type", "source_video")]
+DROPPED = -1        # a live frame not sent because the server was behind (AnimationStream.offer)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -111,7 +112,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_.add_argument("--in-flight", type=int, default=4, help="frames awaiting the server at once (default 4)")
     run_.add_argument("--retry", type=float, default=0.0, metavar="SECONDS",
                       help="if the server restarts mid-stream, reconnect for up to SECONDS and continue without "
-                           "losing or repeating frames (default 0: fail)")
+                           "losing or repeating frames; if it is full (\"server at capacity\"), keep starting new "
+                           "streams for up to SECONDS (default 0: fail)")
     run_.add_argument("--profile", action="store_true", help="print where the time went, stage by stage")
     run_.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -419,16 +421,21 @@ def _animate_stream(args, client, kind, faces, template, reader, output, compari
         results: dict = {}
         latencies: list[float] = []
 
+        previous = None                 # the last animated frame written: stands in for a dropped live frame
+
         def write_ready(final: bool = False) -> None:
-            nonlocal written
+            nonlocal written, previous
             while waiting:
                 prepared, number = waiting[0]
-                if number is not None and number not in results:
+                if number not in (None, DROPPED) and number not in results:
                     if not final:
                         return
                     raise RequestFailed(f"driving frame {prepared.number} got no answer")
                 waiting.popleft()
-                animated = results.pop(number).image if number is not None else None
+                if number == DROPPED:
+                    animated = previous
+                else:
+                    animated = previous = results.pop(number).image if number is not None else None
                 if overlay is not None and animated is not None:
                     with timer("draw keypoints"):
                         animated = overlay.draw(animated, overlay.keypoints(prepared.driving))
@@ -459,7 +466,10 @@ def _animate_stream(args, client, kind, faces, template, reader, output, compari
             while upcoming is not None:
                 current, upcoming = upcoming, next(frames, None)
                 number = None
-                if current.driving is not None:
+                if current.driving is not None and kind == "webcam":     # live: newest frame wins, see offer()
+                    number = stream.offer(current.driving, last=upcoming is None)
+                    number = DROPPED if number is None else number
+                elif current.driving is not None:
                     with timer("send (blocks while the window is full)"):
                         number = stream.send(current.driving, last=upcoming is None)
                 waiting.append((current, number))
@@ -494,6 +504,9 @@ def _animate_stream(args, client, kind, faces, template, reader, output, compari
     summary = Summary(output, written, wall)
     if interrupted:
         print(f"stopped by Ctrl+C after {written} frames", file=sys.stderr)
+    if stream.dropped:
+        print(f"the server was behind: {stream.dropped} of {written} camera frames were not sent (the previous "
+              "animated frame stands in for each; a live stream sends the newest frame)", file=sys.stderr)
     if args.profile:
         summary.profile = _profile_report(timer, written, wall, latencies, stream,
                                           statistics_delta(stats_before, server_statistics(client._client,

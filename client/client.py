@@ -45,6 +45,20 @@ class RequestFailed(RuntimeError):
     """The server refused or failed a request (its message is kept)."""
 
 
+class ServerAtCapacity(RequestFailed):
+    """The server refused a new sequence: it holds as many live streams as it admits (try later or elsewhere)."""
+
+
+def _refused_at_capacity(exc: BaseException) -> bool:
+    return spec.CAPACITY_REFUSAL in str(exc)
+
+
+def _failure(what: str, exc: BaseException) -> RequestFailed:
+    """`what: <the server's first line>`, as ServerAtCapacity when the server was full, else RequestFailed."""
+    kind = ServerAtCapacity if _refused_at_capacity(exc) else RequestFailed
+    return kind(f"{what}: {_first_line(exc)}")
+
+
 @dataclasses.dataclass
 class DrivingInput:
     """One driving frame for the pipeline: a 256x256 RGB crop or template motion, plus optional ratios."""
@@ -262,7 +276,7 @@ class LivePortraitClient:
         try:
             result = self._client.infer(**request)
         except TRANSPORT_ERRORS as exc:
-            raise RequestFailed(f"{self.model} request failed: {_first_line(exc)}") from exc
+            raise _failure(f"{self.model} request failed", exc) from exc
         index = int(result.as_numpy("frame_index").reshape(-1)[0])
         image = result.as_numpy("image")
         return (None if image is None else image.reshape(image.shape[-3:])), index
@@ -322,6 +336,15 @@ class AnimationStream:
     driving frame to rebuild the relative-motion anchor (its answer is discarded), then resends every frame not
     yet answered, so no frame is lost or duplicated. Frames are matched to answers by request id and checked
     against the server's frame_index.
+
+    Live sources use `offer()` instead of `send()`: when `max_in_flight` frames already await answers (the server
+    is behind), the offered frame is dropped and counted in `dropped` rather than queued, so the newest frame goes
+    out as soon as an answer frees a slot and a frame's latency stays bounded by the window (a blocking send
+    would let a camera's frames age without bound). File-based animation uses `send()`: every frame.
+
+    A START refused by a full server ("server at capacity") is ENDed at once, which frees the slot Triton gave
+    it; with `retry_s` > 0 a new sequence is started every RETRY_PAUSE_S for up to retry_s seconds (a proxy may
+    place it on another replica), else ServerAtCapacity is raised.
     """
 
     MAX_RECONNECTS_WITHOUT_PROGRESS = 5
@@ -341,7 +364,9 @@ class AnimationStream:
         self._ended = False
         self._end_number: int | None = None
         self.reconnects = 0
+        self.dropped = 0                # frames `offer` dropped because the window was full
         self._failed_reconnects = 0
+        self._refused_until: float | None = None     # while starts are refused: when to stop trying
         self._open(sequence_id)
 
     # -- connection -----------------------------------------------------------------------------------------
@@ -442,6 +467,27 @@ class AnimationStream:
             self.reconnects += 1
             return
 
+    def _refused(self, cause: BaseException) -> None:
+        """The server refused this sequence's START: END it (Triton frees its slot), then start a new sequence
+        (retry on, within retry_s of the first refusal) or raise ServerAtCapacity."""
+        try:
+            self._grpc.async_stream_infer(**self._request({}, "end", end=True))
+        except TRANSPORT_ERRORS:        # the stream is gone: Triton frees the slot at its idle timeout
+            pass
+        self._close_grpc()
+        now = time.monotonic()
+        if self._refused_until is None:
+            self._refused_until = now + self.retry_s
+        if now >= self._refused_until:
+            self._abort()
+            hint = f"still full after {self.retry_s:g} s" if self.retry_s > 0 else \
+                "use --retry SECONDS to keep trying"
+            raise ServerAtCapacity(f"{self.client.where()} refused the stream: {_first_line(cause)} ({hint})") \
+                from cause
+        time.sleep(self.RETRY_PAUSE_S)
+        self._failed_reconnects -= 1    # a refusal is not a broken connection: retry_s alone bounds the tries
+        self._reconnect(cause)
+
     def _close_grpc(self, cancel: bool = False) -> None:
         if self._closed:
             return
@@ -462,6 +508,9 @@ class AnimationStream:
         if attempt != self._attempt:
             return True                 # an answer of a broken connection: its frames are resent
         if error is not None:
+            if _refused_at_capacity(error):
+                self._refused(error)
+                return True
             if _is_connection_error(error) or not self._server_healthy():
                 self._connection_lost(error)        # e.g. in-flight frames fail while the server shuts down
                 return True
@@ -481,6 +530,7 @@ class AnimationStream:
         number = int(tag)
         driving, sent = self._pending.pop(number)
         self._failed_reconnects = 0
+        self._refused_until = None
         image = result.as_numpy("image")
         self._done[number] = FrameResult(number, image.reshape(image.shape[-3:]), when - sent)
         return True
@@ -520,6 +570,19 @@ class AnimationStream:
             self._connection_lost(exc)
         self._ended = last
         return number
+
+    def has_room(self) -> bool:
+        """Whether a frame can be sent without waiting (answers that arrived are taken in first)."""
+        while self._handle(block=False):
+            pass
+        return len(self._pending) < self.max_in_flight
+
+    def offer(self, driving: DrivingInput, last: bool = False) -> int | None:
+        """Send a live frame if the window has room, else drop it (counted in `dropped`): its number, or None."""
+        if not self.has_room() and not last:
+            self.dropped += 1
+            return None
+        return self.send(driving, last=last)
 
     def ready(self) -> list[FrameResult]:
         """The results that have arrived and are next in order (does not block)."""
@@ -608,7 +671,7 @@ class AsyncLivePortraitClient:
         try:
             result = await self._client.infer(**request)
         except TRANSPORT_ERRORS as exc:
-            raise RequestFailed(f"{self.model} request failed: {_first_line(exc)}") from exc
+            raise _failure(f"{self.model} request failed", exc) from exc
         image = result.as_numpy("image")
         return image.reshape(image.shape[-3:])
 
@@ -640,8 +703,7 @@ class AsyncLivePortraitClient:
         next_out = 0
         async for result, error in self._client.stream_infer(requests(), headers=session_headers(sequence_id)):
             if error is not None:
-                raise RequestFailed(f"the server failed a frame of sequence {sequence_id}: {_first_line(error)}") \
-                    from error
+                raise _failure(f"the server failed a frame of sequence {sequence_id}", error) from error
             tag = result.get_response().id
             if tag == "end":
                 break

@@ -1,18 +1,21 @@
 """Reading and writing images and videos, frame by frame, with outputs written atomically.
 
-Videos are decoded and encoded by the ffmpeg binary of `imageio-ffmpeg` through pipes, one frame at a time, so
-memory does not grow with the video's length. Outputs go to a temporary file beside the target and are renamed
-into place only when complete: an error or an interrupt leaves no half-written file behind.
+Videos are decoded, encoded and muxed in-process by PyAV (FFmpeg's libraries), one frame at a time, so memory
+does not grow with the video's length. No ffmpeg process is started: forking one from a process whose gRPC
+channels are active killed the child before it could exec (grpcio's fork handler restarts its poller thread in the
+child, whose epoll descriptor subprocess then closes: SIGABRT), which showed as a broken pipe when writing and as
+"Could not load meta information" when reading a valid video; and nothing waits a fixed time for a header.
+Outputs go to a temporary file beside the target and are renamed into place only when complete: an error or an
+interrupt leaves no half-written file behind. Every failure is a MediaError naming the file and the cause.
 """
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import queue
 import tempfile
 import threading
-import time
+from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -122,40 +125,67 @@ class VideoInfo:
 
 
 class VideoReader:
-    """Iterates a video file's frames as RGB uint8 arrays, decoding one at a time."""
+    """Iterates a video file's frames as RGB uint8 arrays, decoding one at a time (shown upright: the display
+    rotation a phone records is applied, as ffmpeg's autorotate does). The first frame is decoded on opening, so a
+    file that does not decode fails there."""
 
-    HEADER_ATTEMPTS = 3
-    HEADER_WAIT_S = 9.5         # imageio-ffmpeg's own wait for ffmpeg's header is 10 s
+    def __init__(self, path: str | Path, what: str = "driving video"):
+        import av
+        self.path = require_file(path, what)
+        self._what = what
+        try:
+            self._container = av.open(str(self.path), metadata_errors="ignore")
+        except (av.FFmpegError, UnicodeDecodeError) as exc:
+            raise MediaError(f"{what} {self.path} is not a video ffmpeg can decode ({_first_line(exc)})") from exc
+        if not self._container.streams.video:
+            self._container.close()
+            raise MediaError(f"{what} {self.path} has no video stream")
+        self._stream = self._container.streams.video[0]
+        self._stream.thread_type = "AUTO"
+        self._frames = self._decode()
+        try:
+            self._first = next(self._frames, None)
+        except MediaError:
+            self._container.close()
+            raise
+        rate = self._stream.average_rate or self._stream.guessed_rate
+        fps = float(rate) if rate else 25.0
+        count = self._stream.frames or None
+        if count is None and self._container.duration:
+            count = int(round(self._container.duration / 1e6 * fps))
+        if self._first is not None:
+            size = (self._first.shape[1], self._first.shape[0])
+        else:
+            size = (self._stream.codec_context.width, self._stream.codec_context.height)
+        audio = self._container.streams.audio
+        self.info = VideoInfo(fps=fps, size=size, frame_count=count,
+                              audio_codec=audio[0].codec_context.name if audio else None)
 
-    def __init__(self, path: str | Path):
-        import imageio_ffmpeg
-        self.path = require_file(path, "driving video")
-        for attempt in range(self.HEADER_ATTEMPTS):
-            self._frames = imageio_ffmpeg.read_frames(str(self.path), pix_fmt="rgb24")
-            began = time.monotonic()
-            try:
-                meta = next(self._frames)
-                break
-            except (OSError, RuntimeError, StopIteration) as exc:
-                self._frames.close()
-                # imageio-ffmpeg gives ffmpeg 10 s to print the header: on a loaded machine a good file can miss
-                # that, so a failure that took the whole wait is tried again; a file ffmpeg refuses fails at once
-                if time.monotonic() - began < self.HEADER_WAIT_S or attempt == self.HEADER_ATTEMPTS - 1:
-                    raise MediaError(f"driving video {self.path} is not a video ffmpeg can decode "
-                                     f"({str(exc).splitlines()[0]})") from exc
-        fps = float(meta.get("fps") or 25.0)
-        duration = meta.get("duration")
-        count = int(round(duration * fps)) if duration else None
-        self.info = VideoInfo(fps=fps, size=tuple(meta["size"]), frame_count=count,
-                              audio_codec=meta.get("audio_codec"))
+    def _decode(self) -> Iterator[np.ndarray]:
+        import av
+        try:
+            for frame in self._container.decode(self._stream):
+                image = frame.to_ndarray(format="rgb24")
+                turns = int(round(frame.rotation / 90)) % 4 if frame.rotation else 0
+                yield np.ascontiguousarray(np.rot90(image, turns)) if turns else image
+        except av.FFmpegError as exc:
+            raise MediaError(f"{self._what} {self.path}: decoding failed ({_first_line(exc)})") from exc
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        w, h = self.info.size
-        for raw in self._frames:
-            yield np.frombuffer(raw, dtype=np.uint8).reshape(h, w, 3)
+        if self._first is not None:
+            first, self._first = self._first, None
+            yield first
+            yield from self._frames
 
     def close(self) -> None:
         self._frames.close()
+        self._container.close()
+
+
+def _first_line(exc: BaseException) -> str:
+    """The cause in one line (an FFmpeg error's own text, without its errno and file name)."""
+    text = (getattr(exc, "strerror", None) or str(exc)).strip() or type(exc).__name__
+    return text.splitlines()[0]
 
 
 class WebcamReader:
@@ -241,15 +271,15 @@ class VideoWriter:
     """H.264 mp4 written frame by frame, optionally with the audio track of another file.
 
     Every frame written is in the video: the audio is trimmed or padded with silence to the video's length, never
-    the video to the audio's (`-shortest` would end it with the audio and could drop the last frames). With audio
-    the frames go to a video-only temporary file first; `close()` then muxes the audio in (video stream copied,
-    audio encoded to AAC, padded by `apad` and cut at frames / fps). The file appears at `path` only after
-    `close()` succeeds; `abort()` (or an exception inside a `with`) removes the partial output.
+    the video to the audio's. With audio the frames go to a video-only temporary file first; `close()` then muxes
+    the audio in (video packets copied, audio encoded to AAC, padded with silence and cut at frames / fps). The file
+    appears at `path` only after `close()` succeeds; `abort()` (or an exception inside a `with`) removes the partial
+    output. `quality` 0..10 as imageio-ffmpeg's: x264 CRF = int((1 - quality / 10) * 51).
     """
 
     def __init__(self, path: str | Path, size: tuple[int, int], fps: float, audio_from: str | Path | None = None,
                  quality: float = 7):
-        import imageio_ffmpeg
+        import av
         w, h = size
         if w % 2 or h % 2:
             raise MediaError(f"H.264 output needs even sides, got {w}x{h}")
@@ -257,41 +287,98 @@ class VideoWriter:
         self._tmp = self._atomic.__enter__()
         self._audio_from, self._fps = audio_from, fps
         self._video_only = None if audio_from is None else self._tmp.with_name(self._tmp.stem + ".video.mp4")
-        self._gen = imageio_ffmpeg.write_frames(str(self._video_only or self._tmp), (w, h), fps=fps, quality=quality,
-                                                codec="libx264", macro_block_size=2,
-                                                output_params=["-movflags", "+faststart"], ffmpeg_log_level="error")
-        self._gen.send(None)
+        try:
+            self._container = av.open(str(self._video_only or self._tmp), mode="w", format="mp4",
+                                      options={"movflags": "+faststart"})
+            self._stream = self._container.add_stream("libx264", rate=Fraction(fps).limit_denominator(100_000))
+            self._stream.width, self._stream.height, self._stream.pix_fmt = w, h, "yuv420p"
+            self._stream.options = {"crf": str(int((1 - quality / 10) * 51))}
+        except (av.FFmpegError, ValueError) as exc:
+            self._discard()
+            raise MediaError(f"cannot start an H.264 video {self._atomic.path}: {_first_line(exc)}") from exc
         self.size, self.frames = (w, h), 0
 
     def write(self, frame: np.ndarray) -> None:
+        import av
         if frame.shape[1::-1] != self.size:
             raise MediaError(f"frame size {frame.shape[1::-1]} differs from the video's {self.size}")
-        self._gen.send(np.ascontiguousarray(frame, dtype=np.uint8))
+        # RGB -> YUV 4:2:0 with bicubic chroma filtering, as the ffmpeg command's scaler does (PyAV's default is
+        # bilinear, which moves textured pixels a little more)
+        picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame, dtype=np.uint8), format="rgb24") \
+            .reformat(format="yuv420p", interpolation="BICUBIC")
+        picture.pts = self.frames
+        try:
+            self._container.mux(self._stream.encode(picture))
+        except av.FFmpegError as exc:
+            raise MediaError(f"encoding frame {self.frames} of {self._atomic.path} failed: {_first_line(exc)}") \
+                from exc
         self.frames += 1
 
     def _mux_audio(self) -> None:
         """The video-only file plus the audio, cut or padded to exactly the video's duration, into the output."""
-        import subprocess
-        import imageio_ffmpeg
-        command = [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-y", "-i", str(self._video_only),
-                   "-i", str(self._audio_from), "-map", "0:v:0", "-map", "1:a:0", "-c:v", "copy", "-c:a", "aac",
-                   "-af", "apad", "-t", f"{self.frames / self._fps:.6f}", "-movflags", "+faststart", str(self._tmp)]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise MediaError(f"ffmpeg failed adding the audio of {self._audio_from}: "
-                             f"{(done.stderr.strip() or 'no message').splitlines()[-1]}")
+        import av
+        try:
+            source = av.open(str(self._audio_from), metadata_errors="ignore")
+        except av.FFmpegError as exc:
+            raise MediaError(f"cannot read the audio of {self._audio_from}: {_first_line(exc)}") from exc
+        with source, av.open(str(self._video_only)) as video, \
+                av.open(str(self._tmp), mode="w", format="mp4", options={"movflags": "+faststart"}) as out:
+            if not source.streams.audio:
+                raise MediaError(f"{self._audio_from} has no audio stream")
+            audio_in = source.streams.audio[0]
+            video_out = out.add_stream_from_template(video.streams.video[0])
+            rate = audio_in.codec_context.sample_rate or 48_000
+            audio_out = out.add_stream("aac", rate=rate)
+            audio_out.layout = audio_in.codec_context.layout.name if audio_in.codec_context.layout else "stereo"
+            for packet in video.demux(video.streams.video[0]):
+                if packet.dts is not None:
+                    packet.stream = video_out
+                    out.mux(packet)
+            wanted = int(round(self.frames / self._fps * rate))
+            resampler = av.AudioResampler(format="fltp", layout=audio_out.layout.name, rate=rate)
+            written = 0
+            for frame in source.decode(audio_in):
+                for chunk in resampler.resample(frame):
+                    written = self._encode_audio(out, audio_out, chunk.to_ndarray(), written, wanted, rate)
+            for chunk in resampler.resample(None):
+                written = self._encode_audio(out, audio_out, chunk.to_ndarray(), written, wanted, rate)
+            channels = audio_out.layout.nb_channels
+            while written < wanted:                 # pad with silence to the video's length
+                silence = np.zeros((channels, min(1024, wanted - written)), np.float32)
+                written = self._encode_audio(out, audio_out, silence, written, wanted, rate)
+            out.mux(audio_out.encode(None))
+
+    @staticmethod
+    def _encode_audio(out, stream, samples: np.ndarray, written: int, wanted: int, rate: int) -> int:
+        """Encode planar float samples (channels, n), cut at `wanted` samples in all; returns samples written."""
+        import av
+        samples = samples[:, :max(wanted - written, 0)]
+        if samples.shape[1] == 0:
+            return written
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples, dtype=np.float32), format="fltp",
+                                           layout=stream.layout.name)
+        frame.sample_rate, frame.pts, frame.time_base = rate, written, Fraction(1, rate)
+        out.mux(stream.encode(frame))
+        return written + samples.shape[1]
 
     def close(self) -> None:
+        import av
         try:
-            self._gen.close()
+            try:
+                self._container.mux(self._stream.encode(None))
+                self._container.close()
+            except av.FFmpegError as exc:
+                raise MediaError(f"finishing {self._atomic.path} failed: {_first_line(exc)}") from exc
             if self._video_only is not None:
-                self._mux_audio()
+                try:
+                    self._mux_audio()
+                except av.FFmpegError as exc:
+                    raise MediaError(f"adding the audio of {self._audio_from} to {self._atomic.path} failed: "
+                                     f"{_first_line(exc)}") from exc
         except BaseException as exc:
-            self._discard_video_only()
+            self._discard()
             self._atomic.__exit__(type(exc), exc, None)
-            if isinstance(exc, MediaError):
-                raise
-            raise MediaError(f"ffmpeg failed writing {self._atomic.path}: {exc}") from exc
+            raise
         self._discard_video_only()
         self._atomic.__exit__(None, None, None)
 
@@ -299,17 +386,17 @@ class VideoWriter:
         if self._video_only is not None:
             self._video_only.unlink(missing_ok=True)
 
-    def abort(self) -> None:
-        logger = logging.getLogger("imageio_ffmpeg")
-        level = logger.level
-        logger.setLevel(logging.ERROR)      # it warns that an aborted video is invalid: it is being discarded
-        try:
-            self._gen.close()
-        except BaseException:           # the output is discarded anyway
-            pass
-        finally:
-            logger.setLevel(level)
+    def _discard(self) -> None:
+        container = getattr(self, "_container", None)
+        if container is not None:
+            try:
+                container.close()
+            except Exception:           # the output is discarded anyway
+                pass
         self._discard_video_only()
+
+    def abort(self) -> None:
+        self._discard()
         self._atomic.__exit__(MediaError, None, None)
 
     def __enter__(self):
@@ -325,8 +412,9 @@ class VideoWriter:
 
 def probe_video(path: str | Path) -> dict:
     """Frame count, fps, size and audio codec of a video file (decodes it fully: use for checks, not hot paths)."""
-    import imageio_ffmpeg
-    reader = VideoReader(path)
-    reader.close()
-    frames, _ = imageio_ffmpeg.count_frames_and_secs(str(path))
+    reader = VideoReader(path, "video")
+    try:
+        frames = sum(1 for _ in reader)
+    finally:
+        reader.close()
     return {"frames": frames, "fps": reader.info.fps, "size": reader.info.size, "audio_codec": reader.info.audio_codec}

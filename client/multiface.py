@@ -152,6 +152,18 @@ class FaceStreams:
     def in_flight(self) -> int:
         return max(s.in_flight for s in self.streams)
 
+    @property
+    def dropped(self) -> int:
+        return self.streams[0].dropped
+
+    def offer(self, driving: DrivingInput, last: bool = False) -> int | None:
+        """A live frame to every face's stream if all have room, else dropped for all (see AnimationStream.offer)."""
+        if not last and not all([s.has_room() for s in self.streams]):
+            for s in self.streams:
+                s.dropped += 1
+            return None
+        return self.send(driving, last=last)
+
     def send(self, driving: DrivingInput, last: bool = False) -> int:
         numbers = {s.send(driving, last=last) for s in self.streams}
         if len(numbers) != 1:

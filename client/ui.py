@@ -257,6 +257,7 @@ class Sessions:
     def __init__(self, what: str, limit: int, idle_s: float):
         self.what, self.limit, self.idle_s = what, limit, idle_s
         self._sessions: dict[str, tuple[object, object, float]] = {}     # id -> (key, session, last use)
+        self._creating = 0              # sessions being created: they count against the limit already
         self._lock = threading.Lock()
 
     def get(self, session_id: str, key, create):
@@ -267,14 +268,21 @@ class Sessions:
             if current is not None and current[0] == key:
                 self._sessions[session_id] = (key, current[1], time.monotonic())
                 return current[1]
-            if current is None and len(self._sessions) >= self.limit:
+            if len(self._sessions) + self._creating >= self.limit:
+                if current is not None:
+                    self._sessions[session_id] = current
                 raise ValueError(f"{self.limit} {self.what} sessions are open, the most this page allows; "
                                  "try again later")
-        if current is not None:
-            current[1].close()          # the portrait or a setting changed: a new sequence
-        session = create()
-        with self._lock:
-            self._sessions[session_id] = (key, session, time.monotonic())
+            self._creating += 1         # held while `create` runs (seconds), so concurrent starts see it
+        try:
+            if current is not None:
+                current[1].close()      # the portrait or a setting changed: a new sequence
+            session = create()
+            with self._lock:
+                self._sessions[session_id] = (key, session, time.monotonic())
+        finally:
+            with self._lock:
+                self._creating -= 1
         return session
 
     def touch(self, session_id: str) -> None:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Entrypoint of the GPU image: build the model repository and TensorRT engines once, then exec tritonserver.
+"""Entrypoint of the GPU image: build the model repository and TensorRT engines once, then run tritonserver.
 
 `serve` (the image's default command):
  1. Reads the GPU at hand (compute capability, via nvidia-smi) and the TensorRT library version.
@@ -11,9 +11,12 @@
     `liveportrait-triton export --target ngc` and `liveportrait-triton tensorrt` into a staging directory under a
     file lock and renames it into place, so replicas that share the volume build once and never see half a build.
  4. Assembles the served repository (docker/gpu_sharing.py: links to the cached artefacts, configs with the
-    GPU-sharing profile's instance groups) and execs tritonserver with secure defaults: no model control, the
+    GPU-sharing profile's instance groups) and runs tritonserver with secure defaults: no model control, the
     model-repository / shared-memory / logging / trace APIs behind a key, SageMaker and Vertex AI off, strict
     readiness, request-size and response-pool limits where this Triton has the flags.
+ 5. Watches it (liveportrait_triton.health.supervise, the check `serve` and docker/healthcheck.py use): signals are
+    passed on, and a Python-backend stub that died (Triton neither restarts it nor stops reporting ready) stops the
+    server, so the container exits with status 1 and its restart policy starts a healthy one.
 
 `build` stops after step 3 and prints the cached repository. `plan` prints what `serve` would do, as JSON, and
 runs nothing (GPU facts may be given instead of detected). `triton-command` prints the tritonserver argv for a
@@ -41,6 +44,7 @@ from pathlib import Path
 
 from gpu_sharing import PROFILES_DIR, Profile, ProfileError, assemble
 from liveportrait_triton.config import CONFIGS
+from liveportrait_triton.health import supervise
 from liveportrait_triton.serve import ADMIN_HEADER, DEFAULT_PORTS, triton_command as build_triton_command
 from liveportrait_triton.weights import BASE_FILES, STITCHING_FILE
 
@@ -394,7 +398,7 @@ def serve(plan: Plan) -> None:
     models = assemble(cached, plan.runtime_repository, profile)
     log(f"serving {', '.join(models)} from {plan.runtime_repository}"
         + (f" with GPU profile {plan.profile.name}" if plan.profile else ""))
-    os.execvp(plan.triton[0], plan.triton)
+    sys.exit(supervise(plan.triton))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -403,7 +407,7 @@ def serve(plan: Plan) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command")
-    sub.add_parser("serve", help="build if needed, then exec tritonserver (default)")
+    sub.add_parser("serve", help="build if needed, then run tritonserver and watch its health (default)")
     sub.add_parser("build", help="build (or find) the cached repository and print its path")
     plan_parser = sub.add_parser("plan", help="print what `serve` would do (JSON); runs nothing")
     plan_parser.add_argument("--gpu-arch", help="GPU architecture such as sm90 (default: detected)")
@@ -435,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
             print(build(plan))
             return 0
         serve(plan)
-        return 0          # not reached: serve() execs tritonserver
+        return 0          # not reached: serve() exits with tritonserver's status
     except (SetupError, ProfileError) as exc:
         log(f"error: {exc}")
         return 2

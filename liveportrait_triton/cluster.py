@@ -328,7 +328,14 @@ def run(args) -> int:
                 print(f"error: HAProxy exited unexpectedly:\n{cluster.proxy_log()[-2000:]}", file=sys.stderr)
                 return 1
             for name, server in cluster.replicas.items():
-                if name not in reported and not server.alive():
+                if name in reported:
+                    continue
+                dead = server.dead_stubs()
+                if dead:            # Triton would stay "ready" and fail every request to that model: take it out
+                    print(f"warning: the Python-backend process of {', '.join(dead)} on {name} died; stopping "
+                          f"{name}", file=sys.stderr, flush=True)
+                    server.stop()
+                if not server.alive():
                     reported.add(name)
                     print(f"warning: {name} exited; the proxy sends its sessions to the other replicas",
                           file=sys.stderr, flush=True)

@@ -52,7 +52,11 @@ class ServingOptions:
     submodel_queue_delay_us: int = 500              # short: a BLS call waits at most this for company
     pipeline_max_batch_size: int = 8                # requests of different sequences in one execute
     pipeline_queue_delay_us: int = 5000
-    max_candidate_sequences: int = 32               # live streams that take part in batching at once
+    max_candidate_sequences: int = 32               # sequences Triton's batcher holds per pipeline instance
+    # live streams a pipeline instance admits; the next START is refused at once ("server at capacity"). Below
+    # max_candidate_sequences: a refused START holds one of Triton's slots until its END (or the idle timeout), and
+    # past them Triton would queue a START unanswered. 0: half of max_candidate_sequences.
+    max_live_sequences: int = 0
     sequence_idle_timeout_s: int = 300              # state of a stream idle this long is freed
     pipeline_instances: int = 1
     threads: int = 0                                # per sub-network; 0: the cores / models_at_once, at load
@@ -67,6 +71,8 @@ class ServingOptions:
             raise ValueError(f"submodel_max_batch_size must lie in 1..{spec.MAX_BATCH_SIZE}")
         if self.pipeline_max_batch_size < 1 or self.max_candidate_sequences < self.pipeline_max_batch_size:
             raise ValueError("max_candidate_sequences must be >= pipeline_max_batch_size >= 1")
+        if not 0 <= self.max_live_sequences < self.max_candidate_sequences or self.live_capacity < 1:
+            raise ValueError("max_live_sequences must lie in 1..max_candidate_sequences - 1 (0: half of them)")
         if self.sequence_idle_timeout_s < 1:
             raise ValueError("sequence_idle_timeout_s must be >= 1")
         if self.pipeline_instances < 1 or self.threads < 0:
@@ -76,6 +82,11 @@ class ServingOptions:
                              f"got {dict(self.instances)}")
         if self.bls_tensors not in (None, *spec.BLS_TENSOR_PATHS):
             raise ValueError(f"bls_tensors must be one of {list(spec.BLS_TENSOR_PATHS)}")
+
+    @property
+    def live_capacity(self) -> int:
+        """Live streams a pipeline instance admits (max_live_sequences, or its default)."""
+        return self.max_live_sequences or self.max_candidate_sequences // 2
 
 
 def python_shm_bytes(config: str = "full", max_batch_size: int = spec.MAX_BATCH_SIZE) -> int:
@@ -215,6 +226,7 @@ def pipeline_config(target: str, config: str,
     _instances(pb, options.pipeline_instances, "KIND_CPU")
     _parameters(pb, {"network_config": config,
                      "sequence_idle_timeout_s": str(options.sequence_idle_timeout_s),
+                     "max_live_sequences": str(options.live_capacity),
                      "bls_tensors": options.bls_tensors or DEFAULT_BLS_TENSORS[target]})
     return pb
 

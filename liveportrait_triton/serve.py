@@ -36,11 +36,12 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from . import health
+
 RESTRICTED_APIS = ("model-repository", "shared-memory", "logging", "trace")
 ADMIN_HEADER = "lp-admin-key"                                  # HTTP header carrying the admin key
 GRPC_ADMIN_HEADER = f"triton-grpc-protocol-{ADMIN_HEADER}"     # the same over gRPC (Triton prefixes the name)
 PYTHON_BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
-STUB_NAME = "triton_python_backend_stub"
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 # Largest HTTP request body accepted (where Triton has --http-max-input-size). A START request is a 196 KiB crop
 # (about 1 MiB as JSON); 16 MiB leaves room for binary batches of a few frames and nothing more.
@@ -263,7 +264,6 @@ class TritonServer:
         self.shm_prefix = f"lp{os.getpid()}x{self.ports['grpc']}_"
         self.process: subprocess.Popen | None = None
         self._became_ready = False
-        self._stubs: dict[str, int] = {}        # model instance -> pid of its Python-backend stub, once ready
 
     # -- endpoints -------------------------------------------------------------------------------------------
     @property
@@ -320,7 +320,6 @@ class TritonServer:
         try:
             self._wait_ready(models)
             self._became_ready = True
-            self._stubs = self.stub_processes()
         except BaseException:
             self.stop()
             raise
@@ -350,27 +349,17 @@ class TritonServer:
 
     def stub_processes(self) -> dict[str, int]:
         """The running Python-backend stubs of this server: model instance name (e.g. 'warping_module_0_0') -> pid."""
-        if not self.alive():
-            return {}
-        stubs = {}
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                argv = (entry / "cmdline").read_bytes().decode(errors="replace").rstrip("\0").split("\0")
-                state, parent = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
-            except OSError:         # the process ended meanwhile
-                continue
-            if int(parent) == self.process.pid and state != "Z" and argv[0].endswith(STUB_NAME) and len(argv) > 2:
-                stubs[argv[-2]] = int(entry.name)     # argv: stub, model.py, shm, ..., instance name, runtime
-        return stubs
+        return health.stub_processes(self.process.pid) if self.alive() else {}
 
     def dead_stubs(self) -> list[str]:
-        """Model instances whose stub process has died since the server became ready. Triton 2.51 does not
-        restart a dead stub and keeps reporting the model ready, while every request to it fails (\"Stub process
-        '<instance>' is not healthy.\"): only a restart of the server recovers."""
-        running = set(self.stub_processes().items())
-        return sorted(name for name, pid in self._stubs.items() if (name, pid) not in running)
+        """Model instances whose stub process died (health.dead_stubs: Triton 2.51 does not restart a dead stub
+        and keeps reporting the model ready, while every request to it fails)."""
+        if not self.alive():
+            return []
+        try:
+            return health.dead_stubs(self.http_url, self.process.pid)
+        except (urllib.error.URLError, OSError, ValueError):      # not answering now (busy): nothing is known dead
+            return []
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """SIGTERM to the server's process group (server and stubs), SIGKILL after timeout_s; no orphans left."""
@@ -477,15 +466,11 @@ def run(args) -> int:
             return 1
         models = ", ".join(repository_models(server.repository))
         print(f"ready: {models}\n{server.endpoints()}\nCtrl-C to stop", flush=True)
-        while not stop.wait(1.0):
-            if not server.alive():
-                print(f"error: Triton exited unexpectedly:\n{explain_log(server.log_text())}", file=sys.stderr)
-                return 1
-            dead = server.dead_stubs()
-            if dead:
-                print(f"error: the Python-backend process of {', '.join(dead)} died; Triton does not restart it and "
-                      "would fail every request to that model: stopping the server (restart it)", file=sys.stderr)
-                return 1
+        reason = health.watch(server.process, server.http_url, stop)
+        if reason is not None:
+            detail = f":\n{explain_log(server.log_text())}" if not server.alive() else ": stopping the server (restart it)"
+            print(f"error: {reason}{detail}", file=sys.stderr)
+            return 1
         print("stopping ...", flush=True)
         return 0
     finally:

@@ -126,6 +126,9 @@ SEQUENCE_CONTROLS = {"START": "CONTROL_SEQUENCE_START", "END": "CONTROL_SEQUENCE
 # of a sequence and on every gRPC stream: proxies in front of several replicas hash it to keep a sequence on the
 # replica that holds its state (liveportrait_triton/cluster.py, deploy/k8s/router.yaml).
 SESSION_HEADER = "x-liveportrait-session"
+# First words of the error that refuses a START beyond a pipeline instance's capacity of live streams (Triton
+# status UNAVAILABLE): clients recognise a full server by it and may retry elsewhere (backend.pipeline_model).
+CAPACITY_REFUSAL = "server at capacity"
 
 PIPELINE_SPEC = ModelSpec(PIPELINE, inputs=(
     TensorSpec("source", "UINT8", (SOURCE_SIZE, SOURCE_SIZE, 3), optional=True),     # RGB crop, START only

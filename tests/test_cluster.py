@@ -358,6 +358,11 @@ def test_a_killed_replica_moves_only_its_streams(cluster, source_crops, driving_
 
 def processes_mentioning(text: str) -> list[str]:
     """Command lines of running processes that contain `text`."""
+    return [argv for _, argv in pids_mentioning(text)]
+
+
+def pids_mentioning(text: str) -> list[tuple[int, str]]:
+    """(pid, command line) of running processes whose command line contains `text`."""
     found = []
     for entry in os.listdir("/proc"):
         try:
@@ -366,7 +371,7 @@ def processes_mentioning(text: str) -> list[str]:
         except OSError:
             continue
         if text in argv and entry.isdigit() and int(entry) != os.getpid():
-            found.append(argv)
+            found.append((int(entry), argv))
     return found
 
 
@@ -380,7 +385,8 @@ def test_cluster_command_serves_one_address_and_sigterm_leaves_nothing(tiny_repo
     grpc_port, http_port = free_port(), free_port()
     command = subprocess.Popen([sys.executable, "-m", "liveportrait_triton", "cluster", "--repository", str(repository),
                                 "--replicas", "2", "--grpc-port", str(grpc_port), "--http-port", str(http_port),
-                                "--log-dir", str(tmp_path / "logs")], stdout=subprocess.PIPE, text=True)
+                                "--log-dir", str(tmp_path / "logs")], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
     try:
         lines = []
         for line in command.stdout:
@@ -392,8 +398,19 @@ def test_cluster_command_serves_one_address_and_sigterm_leaves_nothing(tiny_repo
         assert len(processes_mentioning(str(repository))) >= 2 * (len(spec.SUBMODELS) + 2)   # servers and stubs
         with LivePortraitClient(f"127.0.0.1:{grpc_port}") as client:
             client.check_model(spec.PIPELINE)       # raises unless the proxy reaches a replica with the model
+        # a replica whose pipeline stub dies (Triton still says ready) is stopped; the other one serves on
+        left = len(processes_mentioning(str(repository))) - (len(spec.SUBMODELS) + 2)    # one replica fewer
+        stub = next(pid for pid, line in pids_mentioning(str(repository)) if f"{spec.PIPELINE}_0_0" in line)
+        os.kill(stub, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while len(processes_mentioning(str(repository))) > left and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert len(processes_mentioning(str(repository))) == left, "the broken replica was not stopped"
+        with LivePortraitClient(f"127.0.0.1:{grpc_port}") as client:
+            client.check_model(spec.PIPELINE)
         command.send_signal(signal.SIGTERM)
         assert command.wait(timeout=120) == 0
+        assert f"the Python-backend process of {spec.PIPELINE}_0_0 on replica" in command.stderr.read()
     finally:
         if command.poll() is None:
             command.kill()

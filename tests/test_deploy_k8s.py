@@ -24,7 +24,6 @@ from liveportrait_triton.serve import DEFAULT_PORTS
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "deploy" / "k8s"
 SESSION_HEADER = spec.SESSION_HEADER
-TRITON_HEALTH = {"/v2/health/ready", "/v2/health/live"}
 MODELS = {
     ("apps/v1", "Deployment"): k8s.V1Deployment,
     ("v1", "Service"): k8s.V1Service,
@@ -103,7 +102,7 @@ def test_deployment_selects_its_pods_and_pins_its_images(deployment):
             assert mount["name"] in volumes, f"{container['name']} mounts undefined volume {mount['name']}"
         ports = {p["name"] for p in container.get("ports", [])}
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            if probe in container:
+            if probe in container and "exec" not in container[probe]:
                 handler = container[probe].get("httpGet") or container[probe].get("tcpSocket")
                 assert handler["port"] in ports, f"{probe} uses port {handler['port']!r}, not one of {ports}"
     for claim in [v["persistentVolumeClaim"]["claimName"] for v in pod.get("volumes", []) if "persistentVolumeClaim" in v]:
@@ -119,9 +118,15 @@ def test_triton_pods_have_a_gpu_health_probes_and_the_entrypoint_settings():
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert container_ports(deployment) == DEFAULT_PORTS
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["httpGet"]["path"] in TRITON_HEALTH, probe
-    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    # every probe runs the image's health check (Triton's endpoint plus the Python-backend stubs) on the HTTP port
+    http_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "http")
+    wanted = {"startupProbe": "ready", "readinessProbe": "ready", "livenessProbe": "live"}
+    dockerfile = (REPO / "docker" / "Dockerfile").read_text()
+    for probe, kind in wanted.items():
+        command = container[probe]["exec"]["command"]
+        assert command[:2] == ["python", "/opt/liveportrait/src/docker/healthcheck.py"], (probe, command)
+        assert command[2:] == [kind, "--port", str(http_port)], (probe, command)
+        assert command[1] in dockerfile, "the probe's script is where the image's HEALTHCHECK runs it"
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 30 * 60, "first start builds engines"
     entrypoint = (REPO / "docker" / "entrypoint.py").read_text()

@@ -6,6 +6,7 @@ uninterrupted run; `test_command_fails_cleanly_when_the_server_goes_away`: witho
 """
 from __future__ import annotations
 
+import json
 import os
 import queue
 import signal
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from conftest import rendered_copy, serve_command, server_metric
+from conftest import REPO, rendered_copy, serve_command, server_metric
 from liveportrait_triton import spec
 from liveportrait_triton.client.client import DrivingInput, LivePortraitClient, RequestFailed, SourceInput
 from liveportrait_triton.serve import TritonServer
@@ -83,7 +84,7 @@ def short_idle_server(tiny_repository, tmp_path_factory):
     """A server whose sequences are freed after IDLE_TIMEOUT_S idle seconds, with room for 256 live sequences."""
     root = tmp_path_factory.mktemp("short_idle")
     repository = rendered_copy(tiny_repository, root / "repository", sequence_idle_timeout_s=IDLE_TIMEOUT_S,
-                               max_candidate_sequences=256)
+                               max_candidate_sequences=512, max_live_sequences=256)
     with TritonServer(repository, log_file=root / "tritonserver.log") as server:
         yield server
 
@@ -163,19 +164,30 @@ def describe(baseline: dict, peak: dict, end: dict, key: str) -> str:
 
 # -- a killed Python-backend stub ------------------------------------------------------------------------------
 
-def test_killed_stub_fails_loudly(tiny_repository, tmp_path, source_crops, driving_crops):
-    """Fails loudly. Triton 2.51 does not restart a Python-backend stub killed with SIGKILL: every later request
-    to that model fails at once with INTERNAL "Stub process '<instance>' is not healthy." (the pipeline passes it
-    on as "animation failed: warping_module: ..."), the server and the model keep reporting ready, and
-    `TritonServer.dead_stubs()` names the instance (the `serve` command then stops; see the next test). The client
-    gets that error within seconds, not a hang, and other models keep serving."""
+def test_killed_stub_fails_loudly_and_the_health_check_says_so(tiny_repository, tmp_path, source_crops,
+                                                              driving_crops):
+    """A server started without `serve`'s watcher, as in the image (its entrypoint execs tritonserver). Triton 2.51
+    does not restart a Python-backend stub killed with SIGKILL: every later request to that model fails at once
+    with INTERNAL "Stub process '<instance>' is not healthy." (the pipeline passes it on as "animation failed:
+    warping_module: ..."), and Triton's own health endpoints keep answering 200. The client gets that error within
+    seconds, not a hang; other models keep serving; and docker/healthcheck.py (ready and live), the check of the
+    image and the Kubernetes probes, turns unhealthy within a few seconds, naming the dead instance."""
     # the request that was in the killed stub never completes: shutdown waits only 2 s for it, not the default 20
     with TritonServer(tiny_repository, log_file=tmp_path / "tritonserver.log",
                       extra_args=("--exit-timeout-secs=2",)) as server:
+        port = str(server.ports["http"])
+        for probe in ("ready", "live"):
+            assert healthcheck(probe, port).returncode == 0
         client = LivePortraitClient(server.grpc_url)
         stream = client.stream(SourceInput(source_crops["s0"]), max_in_flight=2, retry_s=30)
         stream.send(DrivingInput(crop=driving_crops[0]))
         os.kill(server.stub_processes()[f"{spec.WARPING}_0_0"], signal.SIGKILL)
+        killed = time.monotonic()
+        checks = {probe: healthcheck(probe, port) for probe in ("ready", "live")}
+        noticed = time.monotonic() - killed
+        for probe, check in checks.items():
+            assert check.returncode == 1 and f"{spec.WARPING}_0_0 died" in check.stderr, (probe, check.stderr)
+        assert noticed < 10, f"the health check took {noticed:.1f} s"
         began = time.monotonic()
         with pytest.raises(RequestFailed) as failed:
             for i in range(20):
@@ -186,14 +198,21 @@ def test_killed_stub_fails_loudly(tiny_repository, tmp_path, source_crops, drivi
         assert f"Stub process '{spec.WARPING}_0_0' is not healthy" in message and "Traceback" not in message
         assert waited < 60, f"the client waited {waited:.0f} s for the error"
         with grpcclient.InferenceServerClient(server.grpc_url) as probe:
-            time.sleep(3)       # no restart comes: the model still fails, while readiness does not tell
+            time.sleep(3)       # no restart comes: the model still fails while Triton's readiness says 200
             with pytest.raises(RequestFailed, match="is not healthy"):
                 client.animate_image(SourceInput(source_crops["s1"]), DrivingInput(crop=driving_crops[1]))
             assert probe.is_server_ready() and probe.is_model_ready(spec.WARPING)
             motion = client.extract_motion(np.stack(driving_crops[:1]))        # other models serve
             assert motion.exp.shape == (1, 21, 3)
         assert server.dead_stubs() == [f"{spec.WARPING}_0_0"]
+        assert healthcheck("ready", port).returncode == 1
         client.close()
+
+
+def healthcheck(probe: str, port: str) -> subprocess.CompletedProcess:
+    """docker/healthcheck.py as the image runs it."""
+    return subprocess.run([sys.executable, str(REPO / "docker" / "healthcheck.py"), probe, "--port", port],
+                          capture_output=True, text=True, timeout=60)
 
 
 def test_serve_command_stops_when_a_stub_dies(tiny_repository):
@@ -229,3 +248,38 @@ def children(pid: int) -> list[int]:
 
 def cmdline(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").rstrip("\0").split("\0")
+
+
+def test_image_entrypoint_watcher_stops_a_server_whose_stub_died(tiny_repository, tmp_path):
+    """The GPU image's entrypoint runs tritonserver under `health.supervise`: a killed stub stops the server and
+    the entrypoint exits 1 (the container's restart policy then starts a healthy one)."""
+    from liveportrait_triton.serve import find_triton, prepare_backend_dir
+    server = TritonServer(tiny_repository, log_file=tmp_path / "unused.log")
+    install = find_triton()
+    argv = server.command(install, prepare_backend_dir(install))
+    program = "import json, sys; from liveportrait_triton.health import supervise; sys.exit(supervise(json.loads(sys.argv[1])))"
+    with open(tmp_path / "entrypoint.log", "wb") as log:
+        watcher = subprocess.Popen([sys.executable, "-c", program, json.dumps(argv)], stdout=log,
+                                   stderr=subprocess.STDOUT, env=server.environment(install), start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while healthcheck("ready", str(server.ports["http"])).returncode != 0:
+            assert watcher.poll() is None and time.monotonic() < deadline, (tmp_path / "entrypoint.log").read_text()
+            time.sleep(0.5)
+        triton = next(pid for pid in children(watcher.pid) if "tritonserver" in cmdline(pid)[0])
+        stub = next(pid for pid in children(triton) if f"{MODEL}_0_0" in cmdline(pid))
+        os.kill(stub, signal.SIGKILL)
+        assert watcher.wait(timeout=90) == 1
+        assert f"the Python-backend process of {MODEL}_0_0 died" in (tmp_path / "entrypoint.log").read_text()
+        assert not children(watcher.pid) and not port_taken(server.ports["http"])
+    finally:
+        if watcher.poll() is None:
+            os.killpg(watcher.pid, signal.SIGKILL)
+            watcher.wait()
+        for leftover in Path("/dev/shm").glob(f"{server.shm_prefix}*"):
+            leftover.unlink(missing_ok=True)
+
+
+def port_taken(port: int) -> bool:
+    from liveportrait_triton.serve import port_is_free
+    return not port_is_free("127.0.0.1", port)

@@ -206,3 +206,20 @@ def test_pipeline_refuses_misaligned_idle_timeouts():
     pb.sequence_batching.max_sequence_idle_microseconds = 1_000_000
     with pytest.raises(ConfigError, match="max_sequence_idle_microseconds"):
         PipelineBackend.from_config(as_triton_json(pb), runner=None)
+
+
+def test_live_stream_capacity_is_rendered_below_tritons_candidate_sequences():
+    """The pipeline admits max_live_sequences streams (default: half of Triton's candidate sequences, the other
+    half holding refused STARTs until their END); a capacity Triton could not hold is refused at render and load."""
+    def capacity(**serving):
+        pb = parse(repository.render_pipeline_config("local", "tiny", repository.ServingOptions(**serving)))
+        return int(pb.parameters["max_live_sequences"].string_value), pb.sequence_batching.oldest.max_candidate_sequences
+    assert capacity() == (16, 32)
+    assert capacity(max_candidate_sequences=8, max_live_sequences=3) == (3, 8)
+    for bad in ({"max_live_sequences": 32}, {"max_live_sequences": -1}):
+        with pytest.raises(ValueError, match="max_live_sequences"):
+            repository.ServingOptions(**bad)
+    pb = parse(repository.render_pipeline_config("local", "tiny"))
+    pb.parameters["max_live_sequences"].string_value = "32"
+    with pytest.raises(ConfigError, match=r"max_live_sequences \(32\).*max_candidate_sequences \(32\)"):
+        PipelineBackend.from_config(as_triton_json(pb), runner=None)

@@ -317,3 +317,31 @@ def test_browser_live_webrtc_and_sequence_freed(page, tiny_server, media_files):
     wait_for(lambda: re.search(r"animated [1-9]", page.inner_text("#live-message")), 60, "animated frames again")
     page.close()                                     # the tab closes: its sequence is ended
     wait_for(lambda: live_sequences(tiny_server) == 0, 60, "the live sequence to be freed after the tab closed")
+
+
+def test_concurrent_starts_cannot_pass_the_session_limit():
+    """Sessions take seconds to create (face detection, the sequence's START): starts that arrive together must
+    not all pass the limit check before any of them is registered (the page load run found 5 of limit 4 open)."""
+    import concurrent.futures
+    import threading
+
+    class Slow:
+        def close(self):
+            pass
+
+    sessions = ui.Sessions("live", limit=4, idle_s=60)
+    barrier = threading.Barrier(5)
+
+    def start(k):
+        barrier.wait()
+        try:
+            sessions.get(f"browser-{k}", "key", lambda: time.sleep(0.3) or Slow())
+            return "open"
+        except ValueError as exc:
+            return str(exc)
+
+    with concurrent.futures.ThreadPoolExecutor(5) as pool:
+        outcomes = list(pool.map(start, range(5)))
+    assert outcomes.count("open") == 4 and len(sessions) == 4, outcomes
+    assert [o for o in outcomes if o != "open"] == ["4 live sessions are open, the most this page allows; "
+                                                     "try again later"]

@@ -16,15 +16,17 @@ class FrameResult:
 @dataclasses.dataclass
 class Failure:
     """A request that failed: caller_fault maps to INVALID_ARG, otherwise INTERNAL (the traceback stays in the
-    server log as `detail`, never in the response)."""
+    server log as `detail`, never in the response); `unavailable` (the server is full) maps to UNAVAILABLE."""
     message: str
     caller_fault: bool = True
     detail: str = ""
+    unavailable: bool = False
 
 
 def error_response(pb_utils, failure: Failure):
     """The Triton response of a failed request (`pb_utils`: the stub's module); the detail goes to the server log."""
     if failure.detail:
         pb_utils.Logger.log_error(f"{failure.message}\n{failure.detail}")
-    code = pb_utils.TritonError.INVALID_ARG if failure.caller_fault else pb_utils.TritonError.INTERNAL
+    code = (pb_utils.TritonError.UNAVAILABLE if failure.unavailable
+            else pb_utils.TritonError.INVALID_ARG if failure.caller_fault else pb_utils.TritonError.INTERNAL)
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(failure.message, code))

@@ -48,6 +48,8 @@ class PipelineCore:
                 if request.corrid in self.store:
                     outcomes[i] = Failure(f"sequence id {request.corrid} is already live: a second START on it is "
                                           "refused (END it first, or use a new sequence id)")
+                elif len(starts) >= self.store.room():
+                    outcomes[i] = self._at_capacity(request.corrid)
                 else:
                     starts.append(i)
                 continue
@@ -97,6 +99,11 @@ class PipelineCore:
             self.store.add(request.corrid, state)
             live[i] = state
 
+    def _at_capacity(self, corrid: int) -> Failure:
+        """The refusal of a START beyond the capacity: at once, rather than leaving it to wait for a free slot."""
+        return Failure(f"{spec.CAPACITY_REFUSAL}: {self.store.capacity} live streams, the most this server admits "
+                       f"(sequence {corrid} was not started); try again later or another replica", unavailable=True)
+
     def _unknown_sequence(self, corrid: int) -> str:
         if self.store.was_evicted(corrid):
             return (f"sequence {corrid} was freed after {self.store.idle_timeout_s:g} s without requests; "
@@ -112,8 +119,8 @@ class PipelineBackend:
     """
 
     def __init__(self, runner, idle_timeout_s: float, listener: SequenceListener | None = None,
-                 eviction_interval_s: float | None = None):
-        self.store = SequenceStore(idle_timeout_s, listener)
+                 eviction_interval_s: float | None = None, capacity: int | None = None):
+        self.store = SequenceStore(idle_timeout_s, listener, capacity=capacity)
         self.core = PipelineCore(runner, self.store)
         self.worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="liveportrait-pipeline")
         self._stop = threading.Event()
@@ -141,7 +148,13 @@ class PipelineBackend:
         if idle <= 0 or abs(triton_idle - idle) > 1e-6:
             raise ConfigError(f"sequence_idle_timeout_s ({timeout}) must be > 0 and equal Triton's "
                               f"max_sequence_idle_microseconds ({triton_idle:g} s)")
-        return cls(runner, idle, listener)
+        capacity = config_parameter(model_config, "max_live_sequences")
+        candidates = int(batching["oldest"].get("max_candidate_sequences", 0))
+        if not capacity.isdigit() or not 1 <= int(capacity) < candidates:
+            raise ConfigError(f"max_live_sequences ({capacity}) must be a whole number >= 1 and below Triton's "
+                              f"max_candidate_sequences ({candidates}), which also holds refused STARTs until "
+                              "their END")
+        return cls(runner, idle, listener, capacity=int(capacity))
 
     async def execute(self, raws: list[RawRequest]) -> list[FrameResult | Failure]:
         return await asyncio.get_running_loop().run_in_executor(self.worker, self.core.process, raws)

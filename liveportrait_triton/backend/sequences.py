@@ -42,13 +42,18 @@ class SequenceListener(Protocol):
 
 
 class SequenceStore:
-    """Per-sequence state keyed by correlation id, with idle eviction. Thread-safe."""
+    """Per-sequence state keyed by correlation id, with idle eviction and a capacity (None: unbounded) that the
+    pipeline admits new sequences against. Thread-safe."""
 
     def __init__(self, idle_timeout_s: float, listener: SequenceListener | None = None,
-                 clock: Callable[[], float] = time.monotonic, remembered_evictions: int = 1024):
+                 clock: Callable[[], float] = time.monotonic, remembered_evictions: int = 1024,
+                 capacity: int | None = None):
         if idle_timeout_s <= 0:
             raise ValueError("idle_timeout_s must be > 0")
+        if capacity is not None and capacity < 1:
+            raise ValueError("capacity must be >= 1")
         self.idle_timeout_s = idle_timeout_s
+        self.capacity = capacity
         self.listener = listener
         self.clock = clock
         self._states: dict[int, StreamState] = {}
@@ -65,6 +70,13 @@ class SequenceStore:
     def __contains__(self, corrid: int) -> bool:
         with self._lock:
             return corrid in self._states
+
+    def room(self) -> int | float:
+        """How many more sequences may be added before the capacity is reached (inf when unbounded)."""
+        if self.capacity is None:
+            return float("inf")
+        with self._lock:
+            return max(self.capacity - len(self._states), 0)
 
     @property
     def state_bytes(self) -> int:
