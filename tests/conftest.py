@@ -179,6 +179,21 @@ def tiny_server(tiny_repository, tmp_path_factory):
         yield server
 
 
+BATCHING_WINDOW_US = 2_000_000     # the batching tests' pipeline queue delay: far longer than a loaded machine needs
+
+
+@pytest.fixture(scope="session")
+def batching_server(tiny_repository, tmp_path_factory):
+    """A tiny server whose pipeline waits BATCHING_WINDOW_US for other sequences' requests before it executes,
+    so requests sent together are batched even on a loaded machine (the default 5 ms window can be missed there).
+    Only the tests that assert batching use it: every lone request waits the whole window."""
+    from liveportrait_triton.serve import TritonServer
+    repository = rendered_copy(tiny_repository, tmp_path_factory.mktemp("repository_batching"),
+                               pipeline_queue_delay_us=BATCHING_WINDOW_US)
+    with TritonServer(repository, log_file=tmp_path_factory.mktemp("triton_log") / "tritonserver.log") as server:
+        yield server
+
+
 IMAGE_MAX_DIFF = 1        # uint8 levels: batching and ONNX Runtime vs PyTorch move a few pixels by one level
 IMAGE_MEAN_DIFF = 0.01    # mean |diff| over all pixels and channels
 
