@@ -31,7 +31,9 @@ SYNTHETIC_BANNER = """
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", type=Path, default=OFFICIAL_WEIGHTS,
                         help=f"official checkpoint folder (default {OFFICIAL_WEIGHTS}; synthetic weights if absent)")
-    parser.add_argument("--output", type=Path, default=Path("demo.mp4"), help="video to write (default demo.mp4)")
+    parser.add_argument("--output", type=Path,
+                        help="video to write (default WORK_DIR/demo.mp4, i.e. artifacts/demo/demo.mp4, which git "
+                             "ignores)")
     parser.add_argument("--work-dir", type=Path, default=Path("artifacts") / "demo",
                         help="where weights, the repository, the source and the template are kept between runs")
     parser.add_argument("--config", choices=sorted(CONFIGS), default="full",
@@ -122,6 +124,8 @@ def run(args) -> int:
     started = time.perf_counter()
     work = args.work_dir
     work.mkdir(parents=True, exist_ok=True)
+    if args.output is None:
+        args.output = work / "demo.mp4"
     weights, weights_note = prepare_weights(args.weights, work, args.config)
     repository = prepare_repository(weights, work, args.config)
 
