@@ -151,6 +151,19 @@ def source_crops() -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="session")
+def full_repository(full_networks, tmp_path_factory):
+    """The full-size networks (synthetic seed 0: the parity weights) exported at batch 1 with the served runtime
+    choice and rendered for the local target: (repository, the export's validation records)."""
+    from liveportrait_triton import repository as repo
+    from liveportrait_triton.export.onnx_export import export_repository
+    out = tmp_path_factory.mktemp("repository_full")
+    exported = export_repository(full_networks, out, "decomposed", (1,), chosen=repo.served_runtimes("local"),
+                                 log=lambda _: None)
+    repo.write_repository_configs(out, "local", "full")
+    return out, exported
+
+
+@pytest.fixture(scope="session")
 def tiny_repository(tmp_path_factory, tiny_weights_dir) -> Path:
     """`liveportrait-triton export` of the tiny networks (session weights) into a local-target repository."""
     from liveportrait_triton.cli import main

@@ -1,0 +1,69 @@
+"""The whole served pipeline against the official outputs (tests/data/parity_seed0_s0_d30.npz), end to end.
+
+The official run: source s0 and driving image d30 (their official 256x256 crops are in the compact file), relative
+motion, the image-driving rule, stitching, multiplier 1, with the synthetic seed-0 weights. Here the full-size
+networks exported from the same weights are served by the real Triton server with the runtimes it serves in
+production (`runtime_choice.json`), and the official crops are sent as one image-driven sequence:
+
+- the image that comes back is compared with the official G_out (uint8 after parse_output, and the float image)
+  at the compact file's 8192 fixed sample positions and on its per-channel mean and standard deviation;
+- kp_driving_final, which the server does not return, is computed by the pipeline's own code
+  (`Animator.driving_keypoints`) over the same served runtimes loaded in-process from the same repository.
+
+Tolerances (measured deviations in the comments): the served runtimes (OpenVINO, its fast-convolution graphs,
+ONNX Runtime) are not PyTorch, so they are wider than tests/test_parity.py's PyTorch bounds.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from liveportrait_triton import repository, spec
+from liveportrait_triton.client.client import DrivingInput, LivePortraitClient, SourceInput
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+TOL_KP = 2e-4              # kp_driving_final, absolute, on keypoints spanning about 1
+TOL_UINT8 = 3              # levels at any sample of the served image vs the official G_out_uint8
+TOL_UINT8_MEAN = 0.25      # levels: mean |difference| over the samples
+TOL_CHANNEL = 0.002        # per-channel mean and std of the float image (levels / 255)
+
+
+@pytest.fixture(scope="module")
+def full_server(full_repository, tmp_path_factory):
+    from liveportrait_triton.serve import TritonServer
+    path, _ = full_repository
+    with TritonServer(path, log_file=tmp_path_factory.mktemp("triton_log_full") / "tritonserver.log",
+                      startup_timeout_s=900) as server:
+        yield server
+
+
+def official_request(reference, **options):
+    source = SourceInput(reference["source_rgb256_uint8"], {"driving_type": "image", **options})
+    return source, DrivingInput(crop=reference["driving_rgb256_uint8"])
+
+
+def test_served_image_equals_the_official_g_out(full_server, reference):
+    with LivePortraitClient(full_server.grpc_url) as client:
+        image = client.animate_image(*official_request(reference))
+    assert image.shape == (512, 512, 3) and image.dtype == np.uint8
+    sampled = image[None].reshape(-1)[reference.data["G_out_uint8.index"]].astype(int)
+    diff = np.abs(sampled - reference.data["G_out_uint8.value"].astype(int))
+    assert diff.max() <= TOL_UINT8 and diff.mean() <= TOL_UINT8_MEAN, (diff.max(), diff.mean())
+    as_float = (image.astype(np.float64) / 255.0).transpose(2, 0, 1)[None]       # (1, 3, 512, 512) like G_out
+    differences = reference.differences("G_out", as_float)
+    assert differences["max_abs"] <= (TOL_UINT8 + 0.5) / 255, differences     # parse_output rounds to a level
+    assert differences["channel_mean"] <= TOL_CHANNEL and differences["channel_std"] <= TOL_CHANNEL, differences
+
+
+def test_served_runtimes_give_the_official_kp_driving_final(full_repository, reference):
+    from liveportrait_triton.pipeline import Animator, DrivingFrame
+    from liveportrait_triton.runtimes import create_runner
+    path, _ = full_repository
+    animator = Animator(create_runner(repository.served_runtimes("local"), "full", repository=path))
+    options = spec.parse_options({"driving_type": "image"})
+    [state] = animator.register_sources([reference["source_rgb256_uint8"]], [options])
+    frame = DrivingFrame(crop=reference["driving_rgb256_uint8"])
+    x_d = animator.driving_keypoints(state, animator.driving_motion([frame])[0], frame)
+    deviation = float(np.abs(x_d - reference["kp_driving_final"]).max())
+    assert deviation <= TOL_KP, deviation
