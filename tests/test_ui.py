@@ -225,6 +225,23 @@ def test_each_animate_control_reaches_the_command(page_url, tiny_server, control
         assert effect > 0.05, f"the control changed the result by {effect:.3f} levels only"
 
 
+def test_faceless_driving_frames_are_named_on_the_page(page_url, media_files, tmp_path):
+    """The page says what `animate` says: the faceless frames in the message, and an error when none has a face."""
+    frames = [f.copy() for f in media.VideoReader(media_files["driving"])]
+    gaps, blank = tmp_path / "gaps.mp4", tmp_path / "blank.mp4"
+    for path, faceless in ((gaps, {1, 3}), (blank, set(range(len(frames))))):
+        with media.VideoWriter(path, (256, 256), 8.0) as writer:
+            for i, frame in enumerate(frames):
+                writer.write(np.full_like(frame, 128) if i in faceless else frame)
+    url, _ = page_url
+    client = gradio_client.Client(url, verbose=False)
+    portrait = gradio_client.handle_file(str(media_files["portrait"]))
+    *_, message = client.predict(portrait, gradio_client.handle_file(str(gaps)), api_name="/animate")
+    assert f"note: no face found in 2 of {DRIVING_FRAMES} driving frames (0-based: 1, 3)" in message, message
+    with pytest.raises(Exception, match=f"no face found in any of the {DRIVING_FRAMES} driving frames"):
+        client.predict(portrait, gradio_client.handle_file(str(blank)), api_name="/animate")
+
+
 def test_uploads_only_and_limits(page_url, media_files):
     """Paths outside Gradio's upload folder are refused; driving clips over the duration limit too."""
     _, app = page_url
