@@ -10,8 +10,10 @@ production (`runtime_choice.json`), and the official crops are sent as one image
 - kp_driving_final, which the server does not return, is computed by the pipeline's own code
   (`Animator.driving_keypoints`) over the same served runtimes loaded in-process from the same repository.
 
-Tolerances (measured deviations in the comments): the served runtimes (OpenVINO, its fast-convolution graphs,
-ONNX Runtime) are not PyTorch, so they are wider than tests/test_parity.py's PyTorch bounds.
+Tolerances: the served runtimes (OpenVINO, its fast-convolution graphs, ONNX Runtime) are not PyTorch; measured on
+a 2-core AMD EPYC: kp_driving_final within 4.2e-7, the image equal to G_out_uint8 at all but a few samples, which
+differ by one level (mean 0.0005 levels). A driving multiplier of 1.1 instead of 1 moves the samples by up to
+117 levels (mean 15.7).
 """
 from __future__ import annotations
 
@@ -23,10 +25,10 @@ from liveportrait_triton.client.client import DrivingInput, LivePortraitClient, 
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
-TOL_KP = 2e-4              # kp_driving_final, absolute, on keypoints spanning about 1
-TOL_UINT8 = 3              # levels at any sample of the served image vs the official G_out_uint8
-TOL_UINT8_MEAN = 0.25      # levels: mean |difference| over the samples
-TOL_CHANNEL = 0.002        # per-channel mean and std of the float image (levels / 255)
+TOL_KP = 1e-5              # kp_driving_final, absolute (tests/test_parity.py's PyTorch bound)
+TOL_UINT8 = 1              # levels at any sample of the served image vs the official G_out_uint8
+TOL_UINT8_MEAN = 0.01      # levels: mean |difference| over the samples
+TOL_CHANNEL = 5e-4         # per-channel mean and std of the float image in [0, 1] (a level is 0.0039)
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +52,10 @@ def test_served_image_equals_the_official_g_out(full_server, reference):
     sampled = image[None].reshape(-1)[reference.data["G_out_uint8.index"]].astype(int)
     diff = np.abs(sampled - reference.data["G_out_uint8.value"].astype(int))
     assert diff.max() <= TOL_UINT8 and diff.mean() <= TOL_UINT8_MEAN, (diff.max(), diff.mean())
-    as_float = (image.astype(np.float64) / 255.0).transpose(2, 0, 1)[None]       # (1, 3, 512, 512) like G_out
+    # parse_output truncates x * 255: a level u stands for G_out in [u, u + 1) / 255, centred on (u + 0.5) / 255
+    as_float = ((image.astype(np.float64) + 0.5) / 255.0).transpose(2, 0, 1)[None]     # (1, 3, 512, 512) like G_out
     differences = reference.differences("G_out", as_float)
-    assert differences["max_abs"] <= (TOL_UINT8 + 0.5) / 255, differences     # parse_output rounds to a level
+    assert differences["max_abs"] <= (TOL_UINT8 + 0.5) / 255, differences
     assert differences["channel_mean"] <= TOL_CHANNEL and differences["channel_std"] <= TOL_CHANNEL, differences
 
 
