@@ -87,8 +87,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="shrink larger sources to this longer side first (default 1280; 0: never)")
     crop.add_argument("--draw-keypoints", action="store_true",
                       help="draw each frame's implicit keypoints (the driving motion applied to the source's "
-                           "canonical keypoints; eyes cyan, lips magenta) over the animated crop; video driving "
-                           "then also runs the served motion extractor per frame")
+                           "canonical keypoints; dots: eyes cyan, lips magenta; rings: the source's own), zoomed, "
+                           "over the animated crop, shown beside the pasted-back result (the video is then wider); "
+                           "video driving then also runs the served motion extractor per frame")
     crop.add_argument("--face-models", metavar="DIR",
                       help="use the official InsightFace det_10g.onnx + 2d106det.onnx and LivePortrait "
                            "landmark.onnx found in DIR instead of the built-in MediaPipe models")
@@ -439,6 +440,8 @@ def _animate_stream(args, client, kind, faces, template, reader, output, compari
     paste = faces.paste if args.paste_back else None
     still = faces.image if paste is not None else source_crop512
     overlay = KeypointOverlay(client, faces.faces[0].source.crop) if args.draw_keypoints else None
+    if overlay is not None and paste is not None:       # [result | keypoint panel]: the panel at the frame's height
+        still = overlay.beside(still, overlay.draw(source_crop512, overlay.source_points))
     out_size = (still.shape[1], still.shape[0])
     server_models = [spec.PIPELINE, *spec.SUBMODELS]
     stats_before = server_statistics(client._client, server_models) if args.profile else None
@@ -462,14 +465,19 @@ def _animate_stream(args, client, kind, faces, template, reader, output, compari
                     raise RequestFailed(f"driving frame {prepared.number} got no answer")
                 waiting.popleft()
                 animated = results.pop(number).image if number is not None else None
+                panel = None
                 if overlay is not None and animated is not None:
                     with timer("draw keypoints"):
-                        animated = overlay.draw(animated, overlay.keypoints(prepared.driving))
+                        panel = overlay.draw(animated, overlay.keypoints(prepared.driving))
+                        if paste is None:
+                            animated = panel
                 with timer("paste-back"):
                     if animated is None:
                         frame = still
                     else:
                         frame = paste(animated) if paste is not None else animated
+                        if panel is not None and paste is not None:
+                            frame = overlay.beside(frame, panel)
                 with timer("encode (write to ffmpeg)"):
                     writer.write(frame)
                     if side is not None:

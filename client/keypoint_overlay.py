@@ -1,4 +1,5 @@
-"""`animate --draw-keypoints` / `edit --draw-keypoints`: the implicit keypoints drawn over the 512x512 crop.
+"""`animate --draw-keypoints` / `edit --draw-keypoints`: the implicit keypoints drawn over the 512x512 crop, shown
+beside the pasted-back result (or alone with `--no-paste-back`).
 
 The keypoints are what the networks are told: for `animate`, the driving frame's motion (rotation, expression,
 translation, scale: from a template, or from the served motion extractor on the driving crop) applied to the
@@ -56,6 +57,17 @@ class KeypointOverlay:
         """(21, 3) keypoints of an edit (the official editing formula, before the MLP deltas and stitching)."""
         from ..editing import edited_keypoints
         return edited_keypoints(self.source_info, controls)[0]
+
+    @staticmethod
+    def beside(frame: np.ndarray, panel: np.ndarray) -> np.ndarray:
+        """[frame | panel], the (512, 512) panel resized to the frame's height (the pasted-back face is often small
+        in the frame, so the keypoints are drawn on a panel of their own beside it)."""
+        import cv2
+        height = frame.shape[0] - frame.shape[0] % 2          # H.264 wants even sizes
+        panel = cv2.resize(panel, (height, height), interpolation=cv2.INTER_AREA)
+        if height != frame.shape[0]:
+            panel = np.concatenate([panel, panel[-1:]], axis=0)
+        return np.concatenate([frame, panel], axis=1)
 
     def draw(self, image: np.ndarray, points: np.ndarray) -> np.ndarray:
         """A copy of the (512, 512, 3) RGB crop with the source keypoints as rings and `points` as dots joined to

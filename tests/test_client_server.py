@@ -317,3 +317,27 @@ def test_a_driving_image_without_a_face_fails(tmp_path, capsys, tiny_server):
     err = capsys.readouterr().err
     assert code == 1 and f"error: no face found in the driving image {grey}" in err, err
     assert not (tmp_path / "out.png").exists()
+
+
+def test_draw_keypoints_puts_the_panel_beside_the_result(tmp_path, capsys, tiny_server):
+    """With paste-back the keypoint panel (the animated crop, keypoints drawn) stands beside the frame at its height;
+    without, the crop itself carries the drawing."""
+    template = tmp_path / "wink.npz"
+    assert main(["template", "--driving", str(ASSETS / "templates" / "wink.pkl"), "--output", str(template),
+                 "--quiet"]) == 0
+    out, plain = tmp_path / "drawn.mp4", tmp_path / "plain.mp4"
+    animate(capsys, tiny_server, "--source", SOURCE / "s0.jpg", "--driving", template, "--output", out,
+            "--max-frames", 3, "--draw-keypoints")
+    animate(capsys, tiny_server, "--source", SOURCE / "s0.jpg", "--driving", template, "--output", plain,
+            "--max-frames", 3)
+    assert media.probe_video(plain)["size"] == (600, 704)
+    assert media.probe_video(out)["size"] == (600 + 704, 704)
+    drawn, undrawn = decoded_frames(out), decoded_frames(plain)
+    strong = (np.abs(drawn[1][:, :600].astype(int) - undrawn[1]).max(axis=2) > 100).mean()
+    assert strong < 1e-4, f"the result itself is not drawn on ({strong:.5f} of its pixels differ by > 100 levels)"
+    panel = drawn[1][:, 600:]
+    assert (np.abs(panel.astype(int) - [255, 255, 255]).sum(axis=2) < 60).mean() > 0.002, "white rings and lines"
+    crop = tmp_path / "crop.mp4"
+    animate(capsys, tiny_server, "--source", SOURCE / "s0.jpg", "--driving", template, "--output", crop,
+            "--max-frames", 3, "--draw-keypoints", "--no-paste-back")
+    assert media.probe_video(crop)["size"] == (512, 512)
