@@ -45,12 +45,20 @@ def official_request(reference, **options):
     return source, DrivingInput(crop=reference["driving_rgb256_uint8"])
 
 
+def sample_differences(reference, image: np.ndarray) -> np.ndarray:
+    sampled = image[None].reshape(-1)[reference.data["G_out_uint8.index"]].astype(int)
+    return np.abs(sampled - reference.data["G_out_uint8.value"].astype(int))
+
+
 def test_served_image_equals_the_official_g_out(full_server, reference):
     with LivePortraitClient(full_server.grpc_url) as client:
         image = client.animate_image(*official_request(reference))
+        # the comparison can fail: the same request with another driving multiplier is far outside the bounds
+        other = client.animate_image(*official_request(reference, driving_multiplier=1.1))
+    wrong = sample_differences(reference, other)
+    assert wrong.max() > 10 * TOL_UINT8 and wrong.mean() > 100 * TOL_UINT8_MEAN, (wrong.max(), wrong.mean())
     assert image.shape == (512, 512, 3) and image.dtype == np.uint8
-    sampled = image[None].reshape(-1)[reference.data["G_out_uint8.index"]].astype(int)
-    diff = np.abs(sampled - reference.data["G_out_uint8.value"].astype(int))
+    diff = sample_differences(reference, image)
     assert diff.max() <= TOL_UINT8 and diff.mean() <= TOL_UINT8_MEAN, (diff.max(), diff.mean())
     # parse_output truncates x * 255: a level u stands for G_out in [u, u + 1) / 255, centred on (u + 0.5) / 255
     as_float = ((image.astype(np.float64) + 0.5) / 255.0).transpose(2, 0, 1)[None]     # (1, 3, 512, 512) like G_out
