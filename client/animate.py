@@ -439,7 +439,11 @@ def _animate_stream(args, client, kind, faces, template, reader, output, compari
     source_crop512 = faces.crop512
     paste = faces.paste if args.paste_back else None
     still = faces.image if paste is not None else source_crop512
-    overlay = KeypointOverlay(client, faces.faces[0].source.crop) if args.draw_keypoints else None
+    overlay = None
+    if args.draw_keypoints:
+        options = spec.parse_options(faces.faces[0].source.options)
+        overlay = KeypointOverlay(client, faces.faces[0].source.crop, options["relative_motion"],
+                                  options["animation_region"])
     if overlay is not None and paste is not None:       # [result | keypoint panel]: the panel at the frame's height
         still = overlay.beside(still, overlay.draw(source_crop512, overlay.source_points))
     out_size = (still.shape[1], still.shape[0])

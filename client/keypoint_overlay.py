@@ -1,10 +1,11 @@
 """`animate --draw-keypoints` / `edit --draw-keypoints`: the implicit keypoints drawn over the 512x512 crop, shown
 beside the pasted-back result (or alone with `--no-paste-back`).
 
-The keypoints are what the networks are told: for `animate`, the driving frame's motion (rotation, expression,
-translation, scale: from a template, or from the served motion extractor on the driving crop) applied to the
-source's canonical keypoints, x = s (kp R + exp) + (tx, ty); for `edit`, the edited keypoints of the official
-editing formula (before the eye/lip MLP deltas and stitching). With synthetic weights the generated face is
+The keypoints are what the networks are told: for `animate`, the driving frame's motion (from a template, or from
+the served motion extractor on the driving crop) combined with the source's by the official motion-transfer rule
+(relative to the first driving frame, or absolute; the animation region) and applied to the source's canonical
+keypoints, before stitching, eye/lip retargeting and the multiplier; for `edit`, the edited keypoints of the
+official editing formula (before the eye/lip MLP deltas and stitching). With synthetic weights the generated face is
 noise and the keypoints sit in a small cluster, so the drawing is zoomed: the source's own keypoints x_s are
 fitted to the middle of the crop (the zoom is printed in a corner), drawn as rings, and this frame's keypoints as
 dots (eyes cyan, lips magenta, others yellow) joined to their ring by a line. A head turn or a blink then shows as
@@ -23,8 +24,9 @@ DOT, RING = 6, 9        # radii in pixels
 
 
 class KeypointOverlay:
-    def __init__(self, client, source_crop256: np.ndarray):
-        self.client = client
+    def __init__(self, client, source_crop256: np.ndarray, relative: bool = True, region: str = "all"):
+        self.client, self.relative, self.region = client, relative, region
+        self.anchor: K.MotionInfo | None = None        # the first driving frame (relative motion)
         info = client.extract_motion(source_crop256[None])
         self.source_info = info
         self.source_kp = info.kp                                                  # (1, 21, 3)
@@ -44,14 +46,12 @@ class KeypointOverlay:
         return (points[:, :2] - self.center) * self.pixels_per_unit + CROP_SIZE / 2
 
     def keypoints(self, driving) -> np.ndarray:
-        """(21, 3) implicit keypoints of one DrivingInput."""
-        if driving.motion is not None:
-            m = driving.motion
-            R, exp, t, scale = m.R[None], m.exp[None], np.asarray(m.t, np.float32).reshape(1, 3), m.scale
-        else:
-            info = self.client.extract_motion(driving.crop[None])
-            R, exp, t, scale = info.R, info.exp, info.t, info.scale
-        return K.transform_keypoints(self.source_kp, R, exp, scale, t)[0]
+        """(21, 3) implicit keypoints of one DrivingInput (the first one call is the relative-motion anchor)."""
+        info = driving.motion.info() if driving.motion is not None else self.client.extract_motion(driving.crop[None])
+        if self.anchor is None:
+            self.anchor = info
+        motion = K.new_motion(self.source_info, info, self.anchor, self.region, self.relative)
+        return K.compose_keypoints(self.source_kp, *motion)[0]
 
     def edited_keypoints(self, controls: dict) -> np.ndarray:
         """(21, 3) keypoints of an edit (the official editing formula, before the MLP deltas and stitching)."""
