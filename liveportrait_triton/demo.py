@@ -42,9 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fps", type=float, default=12.0, help="frame rate of the generated motion (default 12)")
     parser.add_argument("--yaw", type=float, default=20.0, help="head-turn amplitude in degrees (default 20)")
     parser.add_argument("--draw-keypoints", action=argparse.BooleanOptionalAction, default=None,
-                        help="draw every frame's implicit keypoints over the face (default: on with synthetic "
-                             "weights, whose generated face is noise, so the video still shows the head turn and "
-                             "the blink being transferred)")
+                        help="draw every frame's implicit keypoints on a panel beside the result (default: on with "
+                             "synthetic weights, whose generated face is noise, so the video still shows the head "
+                             "turn being transferred)")
 
 
 def head_turn_and_blink(frames: int, yaw_amplitude: float) -> tuple[np.ndarray, np.ndarray]:
@@ -155,7 +155,8 @@ def run(args) -> int:
             "--server", server.grpc_url, "--no-relative-motion", "--eye-retargeting",
             *(["--draw-keypoints"] if draw else [])])
         if draw:
-            print("[demo] drawing each frame's implicit keypoints over the face (eyes cyan, lips magenta)")
+            print("[demo] drawing each frame's implicit keypoints on a panel beside the result (rings: the source's, "
+                  "dots: this frame's; eyes cyan, lips magenta)")
         code = animate_cli.run(animate_args)
     if code != 0:
         return code
