@@ -88,8 +88,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="shrink larger sources to this longer side first (default 1280; 0: never)")
     crop.add_argument("--draw-keypoints", action="store_true",
                       help="draw each frame's implicit keypoints (the driving motion applied to the source's "
-                           "canonical keypoints; eyes cyan, lips magenta) over the animated crop; video driving "
-                           "then also runs the served motion extractor per frame")
+                           "canonical keypoints; dots: eyes cyan, lips magenta; rings: the source's own), zoomed, "
+                           "over the animated crop, shown beside the pasted-back result (the video is then wider); "
+                           "video driving then also runs the served motion extractor per frame")
     crop.add_argument("--face-models", metavar="DIR",
                       help="use the official InsightFace det_10g.onnx + 2d106det.onnx and LivePortrait "
                            "landmark.onnx found in DIR instead of the built-in MediaPipe models")
@@ -128,6 +129,8 @@ def run(args) -> int:
             FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    for note in summary.notes:
+        print(f"note: {note}", file=sys.stderr)
     if not args.quiet:
         print(f"wrote {summary.output} ({summary.frames} frame{'s' if summary.frames != 1 else ''})")
     return 0
@@ -143,6 +146,7 @@ class Summary:
     frames: int
     wall_s: float
     profile: str | None = None
+    notes: list[str] = dataclasses.field(default_factory=list)     # what the user must be told (one line each)
 
 
 @dataclasses.dataclass
@@ -192,20 +196,27 @@ def prepare_source(path: str, analyzer, settings: C.CropSettings, max_dim: int, 
 
 
 class DrivingFrames:
-    """Driving video/camera frames -> Prepared (runs in the prefetch thread): crop, ratios, optional smoothing."""
+    """Driving video/camera frames -> Prepared (runs in the prefetch thread): crop, ratios, optional smoothing.
+    Every frame is looked at for a face; `faceless` lists the frames that showed none (see `faceless_note`)."""
 
     def __init__(self, args, client: LivePortraitClient, timer: StageTimer, fps: float, smooth: bool,
                  comparison: bool):
         self.need_ratios = bool(args.eye_retargeting or args.lip_retargeting)
+        self.crop_driving = bool(args.crop_driving)
         settings = C.CropSettings(args.driving_scale, args.driving_vx, args.driving_vy, rotate=False)
         self.cropper = DrivingCropper(args.crop_driving, settings, args.face_models, track=self.need_ratios,
-                                      timer=timer, preview=comparison)
+                                      timer=timer, preview=comparison, check_faces=True)
+        self.seen = 0
+        self.faceless: list[int] = []
         self.client, self.timer = client, timer
         self.smoother = MotionSmoother(fps, SmoothingSettings(args.smooth_min_cutoff, args.smooth_beta)) \
             if smooth else None
 
     def __call__(self, number: int, frame: np.ndarray) -> Prepared:
         cropped = self.cropper(frame)
+        self.seen += 1
+        if cropped.found is False:
+            self.faceless.append(number)
         if cropped.crop is None or (self.need_ratios and cropped.face is None):
             return Prepared(number, None)
         eye = lip = None
@@ -222,6 +233,28 @@ class DrivingFrames:
 
     def close(self) -> None:
         self.cropper.close()
+
+
+def faceless_note(frames: DrivingFrames, driving: str, fail_if_none: bool = True) -> str | None:
+    """One line naming the driving frames without a face (None if every frame had one); raises NoFaceError when
+    no frame had one (`fail_if_none`): the result would show no facial motion at all."""
+    if not frames.faceless:
+        return None
+    count, seen = len(frames.faceless), frames.seen
+    if count == seen and fail_if_none:
+        raise NoFaceError(f"no face found in any of the {seen} driving frame{'s' if seen != 1 else ''} of {driving}: "
+                          "the driving input must show a face; nothing was written")
+    shown = ", ".join(map(str, frames.faceless[:MAX_LISTED_FRAMES]))
+    if count > MAX_LISTED_FRAMES:
+        shown += f", ... ({count - MAX_LISTED_FRAMES} more)"
+    if frames.crop_driving or frames.need_ratios:
+        effect = "before the first face the output shows the still source; later ones keep the last face's crop"
+    else:
+        effect = "they were animated from the whole frame as it is"
+    return f"no face found in {count} of {seen} driving frames (0-based: {shown}); {effect}"
+
+
+MAX_LISTED_FRAMES = 20
 
 
 def timed(iterable, timer: StageTimer, stage: str) -> Iterator:
@@ -356,23 +389,24 @@ def _animate_source_video(args, client, analyzer, options, kind, template, reade
     finally:
         if prepare is not None:
             prepare.close()
-    return Summary(output, written, time.perf_counter() - started)
+    note = faceless_note(prepare, args.driving, fail_if_none=False) if prepare is not None else None
+    return Summary(output, written, time.perf_counter() - started, notes=[note] if note else [])
 
 
 def _animate_image(args, client, analyzer, faces, driving_image, output, timer, started) -> Summary:
-    if args.crop_driving:
+    with timer("driving: detect"):
         face = analyzer.detect(driving_image)
-        if face is None:
-            raise NoFaceError(f"no face found in the driving image {args.driving}")
+    if face is None:
+        raise NoFaceError(f"no face found in the driving image {args.driving}: the driving input must show a face; "
+                          "nothing was written")
+    if args.crop_driving:
         settings = C.CropSettings(args.driving_scale, args.driving_vx, args.driving_vy, rotate=False)
         crop = C.network_input(C.warp_crop(driving_image, face.crop_box(settings)))
     else:
-        face = analyzer.detect(driving_image) if (args.eye_retargeting or args.lip_retargeting) else None
         crop = cv2.resize(driving_image, (spec.SOURCE_SIZE, spec.SOURCE_SIZE), interpolation=cv2.INTER_LINEAR)
-    if (args.eye_retargeting or args.lip_retargeting) and face is None:
-        raise NoFaceError(f"eye/lip retargeting needs a face in the driving image {args.driving}")
-    driving = DrivingInput(crop=crop, eye_ratio=float(face.eye_ratio()[0]) if face is not None else None,
-                           lip_ratio=float(face.lip_ratio()[0]) if face is not None else None)
+    ratios = args.crop_driving or args.eye_retargeting or args.lip_retargeting
+    driving = DrivingInput(crop=crop, eye_ratio=float(face.eye_ratio()[0]) if ratios else None,
+                           lip_ratio=float(face.lip_ratio()[0]) if ratios else None)
     with timer("server (one request per face)"):
         animated = faces.animate_image(client, driving)
     result = faces.paste(animated) if args.paste_back else animated[0]
@@ -407,7 +441,13 @@ def _animate_stream(args, client, kind, faces, template, reader, output, compari
     source_crop512 = faces.crop512
     paste = faces.paste if args.paste_back else None
     still = faces.image if paste is not None else source_crop512
-    overlay = KeypointOverlay(client, faces.faces[0].source.crop) if args.draw_keypoints else None
+    overlay = None
+    if args.draw_keypoints:
+        options = spec.parse_options(faces.faces[0].source.options)
+        overlay = KeypointOverlay(client, faces.faces[0].source.crop, options["relative_motion"],
+                                  options["animation_region"])
+    if overlay is not None and paste is not None:       # [result | keypoint panel]: the panel at the frame's height
+        still = overlay.beside(still, overlay.draw(source_crop512, overlay.source_points))
     out_size = (still.shape[1], still.shape[0])
     server_models = [spec.PIPELINE, *spec.SUBMODELS]
     stats_before = server_statistics(client._client, server_models) if args.profile else None
@@ -436,14 +476,19 @@ def _animate_stream(args, client, kind, faces, template, reader, output, compari
                     animated = previous
                 else:
                     animated = previous = results.pop(number).image if number is not None else None
+                panel = None
                 if overlay is not None and animated is not None:
                     with timer("draw keypoints"):
-                        animated = overlay.draw(animated, overlay.keypoints(prepared.driving))
+                        panel = overlay.draw(animated, overlay.keypoints(prepared.driving))
+                        if paste is None:
+                            animated = panel
                 with timer("paste-back"):
                     if animated is None:
                         frame = still
                     else:
                         frame = paste(animated) if paste is not None else animated
+                        if panel is not None and paste is not None:
+                            frame = overlay.beside(frame, panel)
                 with timer("encode (write to ffmpeg)"):
                     writer.write(frame)
                     if side is not None:
@@ -484,6 +529,7 @@ def _animate_stream(args, client, kind, faces, template, reader, output, compari
         write_ready(final=True)
         if written == 0:
             raise media.MediaError(f"the driving input {args.driving} has no frames")
+        note = faceless_note(prepare, args.driving) if prepare is not None else None    # raises if no face at all
         with timer("encode (finish)"):
             if side is not None:
                 side.close()
@@ -501,7 +547,7 @@ def _animate_stream(args, client, kind, faces, template, reader, output, compari
             prefetch.close()
             prepare.close()
     wall = time.perf_counter() - started
-    summary = Summary(output, written, wall)
+    summary = Summary(output, written, wall, notes=[note] if note else [])
     if interrupted:
         print(f"stopped by Ctrl+C after {written} frames", file=sys.stderr)
     if stream.dropped:

@@ -10,6 +10,7 @@ from . import media
 from .client import DEFAULT_URL, LivePortraitClient, RequestFailed, ServerMismatch, ServerUnavailable
 from .editing import RETARGETING_CROP_SCALE, SOURCE_SCALE_BOUNDS, PortraitEditor
 from .faces import NoFaceError
+from .keypoint_overlay import KeypointOverlay
 
 
 def _flag(name: str) -> str:
@@ -39,6 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     crop.add_argument("--paste-back", action=argparse.BooleanOptionalAction, default=True,
                       help="paste the edited face into the full image (default on; off: the 512x512 crop)")
     crop.add_argument("--face-models", metavar="DIR", help="official face models instead of MediaPipe (see animate)")
+    crop.add_argument("--draw-keypoints", action="store_true",
+                      help="draw the source's implicit keypoints (rings) and the edited ones (dots; the editing "
+                           "formula before the eye/lip MLPs and stitching), zoomed, on a panel beside the edited "
+                           "portrait: with synthetic weights the face is noise and this is what shows the edit")
     parser.add_argument("--quiet", action="store_true", help="print nothing on success")
 
 
@@ -52,7 +57,16 @@ def run(args) -> int:
         with LivePortraitClient(args.server) as client:
             with PortraitEditor(client, image, args.source_scale, args.source_vx, args.source_vy, args.stitching,
                                 args.paste_back, face_models=args.face_models) as editor:
-                edited = editor.edit(**controls)
+                panels = []
+
+                def draw(crop, used):
+                    panels.append(overlay.draw(crop, overlay.edited_keypoints(used)))
+                    return crop if args.paste_back else panels[-1]
+                if args.draw_keypoints:
+                    overlay = KeypointOverlay(client, C.network_input(editor.crop512))
+                edited = editor.edit(draw=draw if args.draw_keypoints else None, **controls)
+                if panels and args.paste_back:
+                    edited = overlay.beside(edited, panels[-1])
         media.write_image(args.output, edited)
     except (media.MediaError, NoFaceError, ServerUnavailable, ServerMismatch, RequestFailed, FileNotFoundError,
             ValueError) as exc:

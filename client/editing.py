@@ -99,12 +99,15 @@ class PortraitEditor:
                                                        options={"stitching": stitching}, eye_ratio=eye,
                                                        lip_ratio=lip))
 
-    def edit(self, **controls) -> np.ndarray:
-        """The edited portrait for these control values (see `spec.EDIT_CONTROLS`)."""
+    def edit(self, draw=None, **controls) -> np.ndarray:
+        """The edited portrait for these control values (see `spec.EDIT_CONTROLS`); `draw(crop512, controls)`, when
+        given, draws on the edited crop before it is pasted back (e.g. the keypoint overlay)."""
         for name, start in self.slider_start.items():
             if controls.get(name) is not None and float(controls[name]) == start:
                 controls[name] = None
         crop = self.session.edit(**controls)
+        if draw is not None:
+            crop = draw(crop, {k: v for k, v in controls.items() if v is not None})
         return self._paste(crop) if self._paste is not None else crop
 
     def close(self) -> None:

@@ -27,6 +27,17 @@ def default_metrics_url(grpc_url: str, metrics_port: int = 8002) -> str:
     return f"http://{host}:{metrics_port}/metrics"
 
 
+def metrics_candidates(grpc_url: str) -> list[str]:
+    """Where Triton's metrics may be, seen from a gRPC address alone (Triton does not say over gRPC): its default
+    port 8002, and the gRPC port + 1 (`serve --http-port P-1 --grpc-port P --metrics-port P+1`, the default layout
+    moved). `serve` prints the exact `ui --metrics-url` to use."""
+    host, port = grpc_url.rsplit(":", 1)
+    urls = [default_metrics_url(grpc_url)]
+    if port.isdigit():
+        urls.append(f"http://{host}:{int(port) + 1}/metrics")
+    return list(dict.fromkeys(urls))
+
+
 def parse_metrics(text: str) -> list[tuple[str, dict[str, str], float]]:
     """Prometheus text exposition -> (name, labels, value) samples; comments and malformed lines are skipped."""
     samples = []
@@ -55,13 +66,18 @@ class ServerStatus:
     live_sequences: int | None          # None: the metrics endpoint did not answer
     queue_ms: float | None              # mean pipeline queue time of the requests since the last poll
     error: str | None = None
+    metrics_tried: tuple[str, ...] = ()     # when no metrics endpoint answered: where they were looked for
 
     def line(self) -> str:
         if self.error:
             return f"server: {self.error}"
         parts = [f"ready models {len(self.ready)}/{len(self.ready) + len(self.missing)}"
                  + (f" (not ready: {', '.join(self.missing)})" if self.missing else "")]
-        parts.append(f"live sequences {self.live_sequences if self.live_sequences is not None else '?'}")
+        if self.live_sequences is not None:
+            parts.append(f"live sequences {self.live_sequences}")
+        else:
+            parts.append(f"live sequences ? (no metrics at {', '.join(self.metrics_tried) or 'the metrics URL'}: "
+                         "start the page with --metrics-url, which `serve` prints)")
         parts.append("queue " + (f"{self.queue_ms:.1f} ms" if self.queue_ms is not None else "- (no requests)"))
         return "server: " + " | ".join(parts)
 
@@ -69,13 +85,24 @@ class ServerStatus:
 class StatusMonitor:
     """Polls one server; remembers the previous metrics sample to report recent queue times."""
 
-    def __init__(self, client: LivePortraitClient, metrics_url: str, timeout_s: float = 5.0):
-        self.client, self.metrics_url, self.timeout_s = client, metrics_url, timeout_s
+    def __init__(self, client: LivePortraitClient, metrics_url: str | list[str], timeout_s: float = 5.0):
+        self.client, self.timeout_s = client, timeout_s
+        self.candidates = [metrics_url] if isinstance(metrics_url, str) else list(metrics_url)
+        self.metrics_url: str | None = self.candidates[0] if len(self.candidates) == 1 else None
         self._previous: tuple[float, float] | None = None      # (queue us, successes) of the pipeline
 
     def samples(self):
-        with urllib.request.urlopen(self.metrics_url, timeout=self.timeout_s) as response:
-            return parse_metrics(response.read().decode("utf-8", "replace"))
+        """The metrics of the first candidate URL that answers with the pipeline's metrics (then kept)."""
+        for url in [self.metrics_url] if self.metrics_url else self.candidates:
+            try:
+                with urllib.request.urlopen(url, timeout=self.timeout_s) as response:
+                    samples = parse_metrics(response.read().decode("utf-8", "replace"))
+            except OSError:
+                continue
+            if self.metrics_url or metric_sum(samples, LIVE_SEQUENCES) is not None:
+                self.metrics_url = url
+                return samples
+        raise OSError(f"no metrics at {', '.join(self.candidates)}")
 
     def poll(self) -> ServerStatus:
         models = [spec.PIPELINE, *spec.SUBMODELS]
@@ -86,7 +113,8 @@ class StatusMonitor:
         try:
             samples = self.samples()
         except OSError:
-            return ServerStatus(ready, [m for m in models if m not in ready], None, None)
+            return ServerStatus(ready, [m for m in models if m not in ready], None, None,
+                                metrics_tried=tuple([self.metrics_url] if self.metrics_url else self.candidates))
         live = metric_sum(samples, LIVE_SEQUENCES, model=spec.PIPELINE)
         queue_us = metric_sum(samples, QUEUE_US, model=spec.PIPELINE) or 0.0
         done = metric_sum(samples, SUCCESSES, model=spec.PIPELINE) or 0.0

@@ -38,7 +38,7 @@ from .client import DEFAULT_URL, LivePortraitClient, RequestFailed, ServerMismat
 from .faces import NoFaceError, make_analyzer
 from .multiface import parse_faces
 from .profiling import StageTimer
-from .status import StatusMonitor, default_metrics_url
+from .status import StatusMonitor, metrics_candidates
 from .templates import TemplateError, load_template
 
 SOURCE_SUFFIXES = [*media.IMAGE_SUFFIXES, ".mp4", ".mov", ".avi", ".mkv", ".webm"]
@@ -333,7 +333,7 @@ class App:
                  face_models: str | None = None, live_fps: float = 10.0):
         import gradio.utils
         self.server, self.limits, self.face_models, self.live_fps = server, limits, face_models, live_fps
-        self.metrics_url = metrics_url or default_metrics_url(server)
+        self.metrics_url = metrics_url or metrics_candidates(server)     # candidates: the first that answers
         self.upload_folder = Path(gradio.utils.get_upload_folder()).resolve()
         self.work = Path(tempfile.mkdtemp(prefix="liveportrait-ui-"))
         self.live = Sessions("live", limits.live_sessions, idle_s=LIVE_IDLE_S)
@@ -389,6 +389,7 @@ class App:
             args.max_frames = math.ceil(self.limits.driving_seconds * fps)      # containers may lie about length
         summary = A.animate(args)
         message = f"{summary.frames} frame{'s' if summary.frames != 1 else ''} in {summary.wall_s:.1f} s"
+        message += "".join(f"\n\nnote: {note}" for note in summary.notes)
         if image_out:
             return None, None, str(output), str(output), message
         return str(output), str(comparison) if comparison else None, None, str(output), message
@@ -633,7 +634,9 @@ def build(app: App):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server", default=DEFAULT_URL, help=f"Triton gRPC address HOST:PORT (default {DEFAULT_URL})")
-    parser.add_argument("--metrics-url", help="Triton metrics endpoint (default http://SERVER_HOST:8002/metrics)")
+    parser.add_argument("--metrics-url",
+                        help="Triton metrics endpoint, as `serve` prints it (default: the first that answers of "
+                             "http://SERVER_HOST:8002/metrics and the gRPC port + 1)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address the page listens on (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=7860, help="port of the page (default 7860)")
@@ -653,9 +656,13 @@ def launch(app: App, host: str, port: int, block: bool = True):
     """Serve the page; with block=False it runs in a background thread and the Blocks is returned (`.close()`)."""
     demo = build(app)
     demo.queue(default_concurrency_limit=4)
+    # quiet: Gradio's own banner advises `share=True`, which a command-line user cannot set; we print the address
     demo.launch(server_name=host, server_port=port, max_file_size=f"{app.limits.upload_mb:g}mb",
-                prevent_thread_lock=not block, show_error=True, quiet=not block, head=live_webrtc.PAGE_SCRIPT,
+                prevent_thread_lock=True, show_error=True, quiet=True, head=live_webrtc.PAGE_SCRIPT,
                 app_kwargs={"routes": [live_webrtc.offer_route(app.live_stream)]})
+    if block:
+        print(f"web page on http://{host}:{port}/ (server {app.server}); Ctrl-C to stop", flush=True)
+        demo.block_thread()
     return demo
 
 

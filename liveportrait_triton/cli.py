@@ -21,6 +21,7 @@ COMMANDS = {
     "ui": ("liveportrait_triton.client.ui", "web interface (Gradio) on a running server: animate, edit, live webcam"),
     "bench": ("liveportrait_triton.benchmarks.cli", "run the benchmarks (in-process, server, perf_analyzer)"),
     "demo": ("liveportrait_triton.demo", "end-to-end demo: weights, export, serve, animate a built-in portrait"),
+    "examples": ("liveportrait_triton.examples", "write example media: a portrait, a driving clip, a motion template"),
 }
 
 

@@ -31,7 +31,9 @@ SYNTHETIC_BANNER = """
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", type=Path, default=OFFICIAL_WEIGHTS,
                         help=f"official checkpoint folder (default {OFFICIAL_WEIGHTS}; synthetic weights if absent)")
-    parser.add_argument("--output", type=Path, default=Path("demo.mp4"), help="video to write (default demo.mp4)")
+    parser.add_argument("--output", type=Path,
+                        help="video to write (default WORK_DIR/demo.mp4, i.e. artifacts/demo/demo.mp4, which git "
+                             "ignores)")
     parser.add_argument("--work-dir", type=Path, default=Path("artifacts") / "demo",
                         help="where weights, the repository, the source and the template are kept between runs")
     parser.add_argument("--config", choices=sorted(CONFIGS), default="full",
@@ -40,9 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fps", type=float, default=12.0, help="frame rate of the generated motion (default 12)")
     parser.add_argument("--yaw", type=float, default=20.0, help="head-turn amplitude in degrees (default 20)")
     parser.add_argument("--draw-keypoints", action=argparse.BooleanOptionalAction, default=None,
-                        help="draw every frame's implicit keypoints over the face (default: on with synthetic "
-                             "weights, whose generated face is noise, so the video still shows the head turn and "
-                             "the blink being transferred)")
+                        help="draw every frame's implicit keypoints on a panel beside the result (default: on with "
+                             "synthetic weights, whose generated face is noise, so the video still shows the head "
+                             "turn being transferred)")
 
 
 def head_turn_and_blink(frames: int, yaw_amplitude: float) -> tuple[np.ndarray, np.ndarray]:
@@ -121,6 +123,8 @@ def run(args) -> int:
     started = time.perf_counter()
     work = args.work_dir
     work.mkdir(parents=True, exist_ok=True)
+    if args.output is None:
+        args.output = work / "demo.mp4"
     weights, weights_note = prepare_weights(args.weights, work, args.config)
     repository = prepare_repository(weights, work, args.config)
 
@@ -150,7 +154,8 @@ def run(args) -> int:
             "--server", server.grpc_url, "--no-relative-motion", "--eye-retargeting",
             *(["--draw-keypoints"] if draw else [])])
         if draw:
-            print("[demo] drawing each frame's implicit keypoints over the face (eyes cyan, lips magenta)")
+            print("[demo] drawing each frame's implicit keypoints on a panel beside the result (rings: the source's, "
+                  "dots: this frame's; eyes cyan, lips magenta)")
         code = animate_cli.run(animate_args)
     if code != 0:
         return code

@@ -264,6 +264,7 @@ class TritonServer:
         self.shm_prefix = f"lp{os.getpid()}x{self.ports['grpc']}_"
         self.process: subprocess.Popen | None = None
         self._became_ready = False
+        self.keep_log = False           # set to keep a temporary log folder after a clean stop (e.g. after an error)
 
     # -- endpoints -------------------------------------------------------------------------------------------
     @property
@@ -380,7 +381,7 @@ class TritonServer:
         self.process = None
         for leftover in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
             leftover.unlink(missing_ok=True)
-        if self._own_log_dir is not None and self._became_ready:    # a failed start keeps its log for reading
+        if self._own_log_dir is not None and self._became_ready and not self.keep_log:   # a failed start keeps it
             shutil.rmtree(self._own_log_dir, ignore_errors=True)
 
     def __enter__(self) -> "TritonServer":
@@ -441,17 +442,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "header lp-admin-key, gRPC metadata triton-grpc-protocol-lp-admin-key; default: "
                              "$LIVEPORTRAIT_ADMIN_KEY, else a random key nobody is told, i.e. those APIs are "
                              "disabled). Local users can read it in the server's command line")
-    parser.add_argument("--log-file", metavar="PATH", help="server log (default: a temporary file, printed)")
+    parser.add_argument("--log-file", metavar="PATH",
+                        help="server log (default: a temporary file, printed, removed after a clean stop)")
+    parser.add_argument("--keep-log", action="store_true",
+                        help="keep the temporary log after a clean stop (it is always kept after an error)")
     parser.add_argument("--log-verbose", type=int, default=0, help="Triton verbose log level")
     parser.add_argument("--startup-timeout", type=float, default=600.0, metavar="S",
                         help="seconds to wait for every model to be ready")
 
 
 def run(args) -> int:
-    log_file = args.log_file or Path(tempfile.mkdtemp(prefix="liveportrait-triton-")) / "tritonserver.log"
     server = TritonServer(args.repository, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
-                          metrics_port=args.metrics_port, admin_key=args.admin_key, log_file=log_file,
+                          metrics_port=args.metrics_port, admin_key=args.admin_key, log_file=args.log_file,
                           log_verbose=args.log_verbose, startup_timeout_s=args.startup_timeout)
+    server.keep_log = args.keep_log
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: binding to {args.host}: the endpoints have no TLS and no authentication for inference",
               file=sys.stderr)
@@ -465,11 +469,13 @@ def run(args) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         models = ", ".join(repository_models(server.repository))
-        print(f"ready: {models}\n{server.endpoints()}\nCtrl-C to stop", flush=True)
+        print(f"ready: {models}\n{server.endpoints()}\nweb page: liveportrait-triton ui --server {server.grpc_url} "
+              f"--metrics-url {server.metrics_url}\nCtrl-C to stop", flush=True)
         reason = health.watch(server.process, server.http_url, stop)
         if reason is not None:
+            server.keep_log = True
             detail = f":\n{explain_log(server.log_text())}" if not server.alive() else ": stopping the server (restart it)"
-            print(f"error: {reason}{detail}", file=sys.stderr)
+            print(f"error: {reason}{detail}\n(full log: {server.log_file})", file=sys.stderr)
             return 1
         print("stopping ...", flush=True)
         return 0
@@ -477,3 +483,5 @@ def run(args) -> int:
         server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if server.log_file.is_file() and args.log_file is None:
+            print(f"the server log is kept in {server.log_file}", file=sys.stderr)

@@ -152,6 +152,20 @@ def source_crops() -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="session")
+def full_repository(full_networks, tmp_path_factory):
+    """The full-size networks (synthetic seed 0: the parity weights) exported at batch 1 with the served runtime
+    choice and rendered for the local target: (repository, the export's validation records)."""
+    from liveportrait_triton import repository as repo
+    from liveportrait_triton.export.onnx_export import export_repository
+    from liveportrait_triton.runtimes import runtime_plan
+    out = tmp_path_factory.mktemp("repository_full")
+    exported = export_repository(full_networks, out, "decomposed", (1,), plan=runtime_plan("local"),
+                                 log=lambda _: None)
+    repo.write_repository_configs(out, "local", "full")
+    return out, exported
+
+
+@pytest.fixture(scope="session")
 def tiny_repository(tmp_path_factory, tiny_weights_dir) -> Path:
     """`liveportrait-triton export` of the tiny networks (session weights) into a local-target repository."""
     from liveportrait_triton.cli import main
@@ -186,6 +200,21 @@ def tiny_server(tiny_repository, tmp_path_factory):
     from liveportrait_triton.serve import TritonServer
     log = tmp_path_factory.mktemp("triton_log") / "tritonserver.log"
     with TritonServer(tiny_repository, log_file=log) as server:
+        yield server
+
+
+BATCHING_WINDOW_US = 2_000_000     # the batching tests' pipeline queue delay: far longer than a loaded machine needs
+
+
+@pytest.fixture(scope="session")
+def batching_server(tiny_repository, tmp_path_factory):
+    """A tiny server whose pipeline waits BATCHING_WINDOW_US for other sequences' requests before it executes,
+    so requests sent together are batched even on a loaded machine (the default 5 ms window can be missed there).
+    Only the tests that assert batching use it: every lone request waits the whole window."""
+    from liveportrait_triton.serve import TritonServer
+    repository = rendered_copy(tiny_repository, tmp_path_factory.mktemp("repository_batching"),
+                               pipeline_queue_delay_us=BATCHING_WINDOW_US)
+    with TritonServer(repository, log_file=tmp_path_factory.mktemp("triton_log") / "tritonserver.log") as server:
         yield server
 
 

@@ -242,9 +242,10 @@ def test_reconnection_gives_up_when_the_server_is_healthy_but_the_stream_cannot_
 
 
 def test_keypoint_overlay_follows_the_driving_motion(client):
-    """--draw-keypoints: dots only around the projected keypoints, and a head turn moves them."""
+    """--draw-keypoints: the source's keypoints fill the middle of the crop (zoomed) as rings, this frame's as dots
+    of their region's colour, and a head turn moves the dots away from the rings by many pixels."""
     from liveportrait_triton import keypoints as K
-    from liveportrait_triton.client.keypoint_overlay import KeypointOverlay
+    from liveportrait_triton.client.keypoint_overlay import COLOURS, KeypointOverlay
     from liveportrait_triton.pipeline import MotionFrame
     crop = cv2.resize(read_rgb(SOURCE / "s0.jpg"), (256, 256))
     overlay = KeypointOverlay(client, crop)
@@ -256,12 +257,87 @@ def test_keypoint_overlay_follows_the_driving_motion(client):
 
     straight, turned = overlay.keypoints(frame(0.0)), overlay.keypoints(frame(25.0))
     np.testing.assert_allclose(straight, info.transformed()[0], atol=1e-6)     # no motion: the source's own
-    assert np.abs(turned[:, 0] - straight[:, 0]).max() * 256 > 2               # the turn moves them (pixels)
+    rings = overlay.to_pixels(straight)
+    extent = (rings.max(0) - rings.min(0)).max()
+    assert 0.5 * 512 < extent < 0.6 * 512, f"the source keypoints span {extent:.0f} of 512 pixels"
+    assert np.all((rings > 64) & (rings < 448)), "centred in the crop"
+    dots = overlay.to_pixels(turned)
+    assert np.linalg.norm(dots - rings, axis=1).max() > 20, "a 25 degree turn moves the drawn keypoints visibly"
     image = np.full((512, 512, 3), 128, np.uint8)
     drawn = overlay.draw(image, turned)
-    changed = np.argwhere(np.any(drawn != image, axis=2))
-    pixels = (turned[:, :2] + 1) * 256
-    inside = pixels[np.all((pixels >= 0) & (pixels < 512), axis=1)]
-    assert len(changed) > 0 and len(inside) > 0
-    nearest = np.min(np.linalg.norm(changed[:, None, ::-1] - inside[None], axis=2), axis=1)
-    assert nearest.max() <= 8.5          # dots of radius 6 (+ rounding to pixels and anti-aliasing), nothing else
+    for i, (x, y) in enumerate(np.round(dots).astype(int)):
+        if not (0 <= x < 512 and 0 <= y < 512) or np.linalg.norm(dots[i] - rings, axis=1).min() < 12:
+            continue            # off the crop, or under a ring
+        region = "eyes" if i in (11, 13, 15, 16, 18) else "lip" if i in (6, 12, 14, 17, 19, 20) else "other"
+        covered = [j for j in range(21) if j > i and np.linalg.norm(dots[j] - dots[i]) < 14]
+        if not covered:
+            assert tuple(drawn[y, x]) == COLOURS[region], f"keypoint {i} at ({x}, {y}): {drawn[y, x]}"
+    untouched = np.all(drawn == image, axis=2)
+    assert untouched[200:, :].mean() > 0.5 and not untouched.all(), "the drawing covers keypoints, not the picture"
+
+
+def faceless_clip(path, faceless: list[int], frames: int = 8):
+    """The generated talking face, with solid grey frames at the `faceless` indices."""
+    import generated_media
+    pictures = generated_media.driving_frames(generated_media.Face(), frames)
+    for i in faceless:
+        pictures[i] = np.full_like(pictures[i], 128)
+    return generated_media.write_video(path, pictures, 25.0)
+
+
+@pytest.mark.parametrize("crop_driving", [False, True])
+def test_a_driving_video_without_a_face_fails_and_writes_nothing(tmp_path, capsys, tiny_server, crop_driving):
+    clip = faceless_clip(tmp_path / "grey.mp4", list(range(6)), frames=6)
+    out = tmp_path / "out.mp4"
+    code = main(["animate", "--source", str(SOURCE / "s0.jpg"), "--driving", str(clip), "--output", str(out),
+                 "--server", tiny_server.grpc_url, "--quiet", *(["--crop-driving"] if crop_driving else [])])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert f"error: no face found in any of the 6 driving frames of {clip}" in err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["grey.mp4"]
+
+
+def test_driving_frames_without_a_face_are_listed(tmp_path, capsys, tiny_server):
+    clip = faceless_clip(tmp_path / "gaps.mp4", [2, 3, 6])
+    out = tmp_path / "out.mp4"
+    code = main(["animate", "--source", str(SOURCE / "s0.jpg"), "--driving", str(clip), "--output", str(out),
+                 "--server", tiny_server.grpc_url, "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if line.startswith("note: ")]
+    assert notes == ["note: no face found in 3 of 8 driving frames (0-based: 2, 3, 6); they were animated from the "
+                     "whole frame as it is"], err
+    assert media.probe_video(out)["frames"] == 8
+
+
+def test_a_driving_image_without_a_face_fails(tmp_path, capsys, tiny_server):
+    grey = media.write_image(tmp_path / "grey.png", np.full((300, 300, 3), 128, np.uint8))
+    code = main(["animate", "--source", str(SOURCE / "s0.jpg"), "--driving", str(grey), "--output",
+                 str(tmp_path / "out.png"), "--server", tiny_server.grpc_url, "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1 and f"error: no face found in the driving image {grey}" in err, err
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_draw_keypoints_puts_the_panel_beside_the_result(tmp_path, capsys, tiny_server):
+    """With paste-back the keypoint panel (the animated crop, keypoints drawn) stands beside the frame at its height;
+    without, the crop itself carries the drawing."""
+    template = tmp_path / "wink.npz"
+    assert main(["template", "--driving", str(ASSETS / "templates" / "wink.pkl"), "--output", str(template),
+                 "--quiet"]) == 0
+    out, plain = tmp_path / "drawn.mp4", tmp_path / "plain.mp4"
+    animate(capsys, tiny_server, "--source", SOURCE / "s0.jpg", "--driving", template, "--output", out,
+            "--max-frames", 3, "--draw-keypoints")
+    animate(capsys, tiny_server, "--source", SOURCE / "s0.jpg", "--driving", template, "--output", plain,
+            "--max-frames", 3)
+    assert media.probe_video(plain)["size"] == (600, 704)
+    assert media.probe_video(out)["size"] == (600 + 704, 704)
+    drawn, undrawn = decoded_frames(out), decoded_frames(plain)
+    strong = (np.abs(drawn[1][:, :600].astype(int) - undrawn[1]).max(axis=2) > 100).mean()
+    assert strong < 1e-4, f"the result itself is not drawn on ({strong:.5f} of its pixels differ by > 100 levels)"
+    panel = drawn[1][:, 600:]
+    assert (np.abs(panel.astype(int) - [255, 255, 255]).sum(axis=2) < 60).mean() > 0.002, "white rings and lines"
+    crop = tmp_path / "crop.mp4"
+    animate(capsys, tiny_server, "--source", SOURCE / "s0.jpg", "--driving", template, "--output", crop,
+            "--max-frames", 3, "--draw-keypoints", "--no-paste-back")
+    assert media.probe_video(crop)["size"] == (512, 512)

@@ -45,3 +45,39 @@ def test_queue_time_is_per_request_since_the_last_poll():
 
 def test_default_metrics_url_uses_the_server_host():
     assert status.default_metrics_url("10.0.0.5:8001") == "http://10.0.0.5:8002/metrics"
+
+
+def test_metrics_are_found_beside_a_moved_grpc_port_and_a_missing_endpoint_is_named():
+    """`ui --server HOST:9001` without --metrics-url: 8002 does not answer, 9002 (the gRPC port + 1, where `serve`
+    puts it when the ports move together) does; with neither, the line names where it looked."""
+    import http.server
+    import threading
+    from liveportrait_triton.serve import free_port
+
+    class Metrics(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = SAMPLE.replace("{queue}", "0").replace("{done}", "0").encode()
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    HOST = "127.0.0.2"      # loopback, but not where a real server with the default ports would listen
+    metrics_port = free_port(HOST)
+    server = http.server.ThreadingHTTPServer((HOST, metrics_port), Metrics)
+    grpc_port = metrics_port - 1
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        candidates = status.metrics_candidates(f"{HOST}:{grpc_port}")
+        assert candidates == [f"http://{HOST}:8002/metrics", f"http://{HOST}:{grpc_port + 1}/metrics"]
+        monitor = status.StatusMonitor(FakeReady(), candidates, timeout_s=2)
+        polled = monitor.poll()
+        assert polled.live_sequences == 3 and monitor.metrics_url == candidates[1], polled
+    finally:
+        server.shutdown()
+        server.server_close()
+    nowhere = [f"http://127.0.0.1:{free_port()}/metrics"]
+    line = status.StatusMonitor(FakeReady(), nowhere, timeout_s=2).poll().line()
+    assert f"live sequences ? (no metrics at {nowhere[0]}: start the page with --metrics-url" in line, line

@@ -140,8 +140,7 @@ KILL_FRAMES = 6             # per stream in the failover test
 SEQUENCE_IDS = [1000 + k for k in range(STREAMS)]
 
 
-@pytest.fixture(scope="module")
-def cluster(tiny_repository, tmp_path_factory):
+def running_cluster(tiny_repository, tmp_path_factory):
     if HAPROXY is None:
         pytest.skip("HAProxy is not installed (scripts/install.sh installs the Debian package haproxy)")
     # one thread per sub-network: three replicas share two cores
@@ -149,6 +148,18 @@ def cluster(tiny_repository, tmp_path_factory):
                                threads=1)
     with LocalCluster(repository, REPLICAS, log_dir=tmp_path_factory.mktemp("cluster")) as running:
         yield running
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_repository, tmp_path_factory):
+    """The cluster the tests share; none of them harms it."""
+    yield from running_cluster(tiny_repository, tmp_path_factory)
+
+
+@pytest.fixture
+def cluster_to_break(tiny_repository, tmp_path_factory):
+    """A cluster of its own for the test that kills a replica (so no test depends on running before it)."""
+    yield from running_cluster(tiny_repository, tmp_path_factory)
 
 
 def inference_servers(cluster, since: int = 0) -> dict[str, set[str]]:
@@ -301,9 +312,10 @@ def test_perf_analyzer_through_the_proxy_counts_the_frames_it_counts_directly(cl
 
 @pytest.mark.server
 @pytest.mark.slow
-def test_a_killed_replica_moves_only_its_streams(cluster, source_crops, driving_crops):
-    """Runs last in the module: it kills a replica. Its streams reconnect through the proxy (START with the source
+def test_a_killed_replica_moves_only_its_streams(cluster_to_break, source_crops, driving_crops):
+    """A replica killed (on a cluster of its own): its streams reconnect through the proxy (START with the source
     again, anchor replayed) on a live replica and finish with every frame once; the others never notice."""
+    cluster = cluster_to_break
     from liveportrait_triton.client.client import DrivingInput, LivePortraitClient, SourceInput
     source = SourceInput(source_crops["s0"])
     drivings = [DrivingInput(crop=driving_crops[i % len(driving_crops)]) for i in range(KILL_FRAMES)]

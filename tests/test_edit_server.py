@@ -99,3 +99,23 @@ def test_out_of_range_edits_are_refused_by_client_and_server(capsys, client, tin
         client.infer({}, sequence, options={"edit": True, "eyebrow": 31})
     image, index = client.infer({}, sequence, end=True, options={"edit": True, "eyebrow": 30})
     assert image.shape == (512, 512, 3) and index == -1, "the sequence survived the refused edit"
+
+
+def test_edit_draw_keypoints_shows_the_edit_on_a_panel(capsys, tiny_server, portrait, tmp_path):
+    """edit --draw-keypoints: [the edited portrait, unchanged | the keypoint panel]; a yaw edit moves the dots off
+    the rings (the panel of a no-op edit has every dot on its ring)."""
+    def edit(name, *controls):
+        out = tmp_path / name
+        code = main(["edit", "--source", str(portrait), "--output", str(out), "--server", tiny_server.grpc_url,
+                     "--quiet", *controls])
+        assert code == 0, capsys.readouterr().err
+        return media.read_image(out)
+    plain, drawn = edit("plain.png", "--yaw", "20"), edit("drawn.png", "--yaw", "20", "--draw-keypoints")
+    height, width = plain.shape[:2]
+    assert drawn.shape == (height, width + height, 3)
+    assert np.array_equal(drawn[:, :width], plain), "the edited portrait itself is not drawn on"
+    still = edit("still.png", "--draw-keypoints")
+    yellow = np.all(np.abs(drawn[:, width:].astype(int) - [255, 255, 0]) < 40, axis=2)
+    yellow_still = np.all(np.abs(still[:, width:].astype(int) - [255, 255, 0]) < 40, axis=2)
+    assert yellow.sum() > 20 and yellow_still.sum() > 20
+    assert (yellow & ~yellow_still).sum() > 0.5 * yellow.sum(), "the yaw edit moved the keypoint dots"

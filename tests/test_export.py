@@ -246,14 +246,14 @@ def test_cli_runtime_override(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_full_size_export(full_networks, tmp_path):
+def test_full_size_export(full_repository):
     """Every full-size model exported and validated at batch 1 (batch 3 would add about 40 s of W and G on 2
     cores for no extra coverage: the tiny tests check batch 3 and the batch axis is the same graph)."""
     plan = runtime_plan("local")
     chosen = {m: entry.kind for m, entry in plan.items()}
-    exported = export_repository(full_networks, tmp_path, "decomposed", (1,), plan=plan, log=lambda _: None)
+    path, exported = full_repository
     assert [e.model for e in exported] == list(spec.SUBMODELS)
-    assert model_path(tmp_path, spec.GENERATOR).stat().st_size > 100 * 2 ** 20
+    assert model_path(path, spec.GENERATOR).stat().st_size > 100 * 2 ** 20
     for e in exported:
         assert [c.kind for c in e.comparisons] == list(dict.fromkeys(("onnxruntime", chosen[e.model])))
         assert not [f for c in e.comparisons for f in c.failures]

@@ -10,11 +10,11 @@ from liveportrait_triton import keypoints as K
 from liveportrait_triton import spec
 from liveportrait_triton.cli import main
 from liveportrait_triton.client import media
-from liveportrait_triton.client.client import LivePortraitClient
+from liveportrait_triton.client.client import DrivingInput, LivePortraitClient
 from liveportrait_triton.client.faces import MediapipeFaceAnalyzer
 from liveportrait_triton.client.multiface import FaceSelection, SourceFace, SourceFaces, parse_faces, select
 from liveportrait_triton.client.profiling import server_statistics, statistics_delta
-from liveportrait_triton.client.templates import MotionTemplate, save_npz
+from liveportrait_triton.client.templates import MotionTemplate, load_template, save_npz
 
 
 def three_faces() -> np.ndarray:
@@ -96,6 +96,14 @@ def inputs(tmp_path_factory):
             "driving_image": driving_image}
 
 
+def paste_by_hand(image: np.ndarray, boxes, crops) -> np.ndarray:
+    """Each crop pasted through its own face's mask, the smaller faces first (written here, not SourceFaces.paste)."""
+    out = image.copy()
+    for k in sorted(range(len(boxes)), key=lambda k: boxes[k].size):
+        C.PasteBack(image, boxes[k]).onto(out, crops[k])
+    return out
+
+
 def masks(image: np.ndarray) -> list[np.ndarray]:
     """The paste-back masks `animate` uses for each face (same detector, same crop settings), largest first."""
     analyzer = MediapipeFaceAnalyzer()
@@ -107,7 +115,8 @@ def masks(image: np.ndarray) -> list[np.ndarray]:
 
 
 @pytest.mark.server
-def test_all_faces_are_animated_in_batched_sequences(capsys, tiny_server, inputs, tmp_path):
+def test_all_faces_are_animated_in_batched_sequences(capsys, batching_server, inputs, tmp_path):
+    tiny_server = batching_server           # a batching window that a loaded machine cannot miss
     out = tmp_path / "three.mp4"
     models = [spec.PIPELINE, spec.WARPING]
     with LivePortraitClient(tiny_server.grpc_url) as client:
@@ -133,6 +142,26 @@ def test_all_faces_are_animated_in_batched_sequences(capsys, tiny_server, inputs
             assert diff[mask > 0.5].mean() > 10, f"frame {number}: face {k} was animated"
         # H.264 moves flat background pixels by a few levels at most
         assert diff[outside].mean() < 2.0, f"frame {number}: the background outside the masks changed"
+    # which face went where: nearer each face's own animation than the two largest faces' swapped
+    analyzer = MediapipeFaceAnalyzer()
+    try:
+        faces = SourceFaces.detect(source, analyzer, C.SOURCE_CROP, {}, "all")
+    finally:
+        analyzer.close()
+    template = load_template(inputs["template"])
+    with LivePortraitClient(tiny_server.grpc_url) as client, faces.stream(client) as streams:
+        for i in range(frames):
+            streams.send(DrivingInput(motion=template.frame(i)), last=i == frames - 1)
+        crops = [r.image for r in streams.finish()]
+    boxes = [f.box for f in faces.faces]
+    for number, frame in enumerate(decoded):
+        own = paste_by_hand(source, boxes, crops[number])
+        swapped = paste_by_hand(source, boxes, [crops[number][1], crops[number][0], crops[number][2]])
+        for k in (0, 1):
+            inside = face_masks[k] > 0.5
+            near, far = (np.abs(frame.astype(int) - x)[inside].mean() for x in (own, swapped))
+            assert near + 2 < far, f"frame {number}: face {k}'s place shows {near:.1f} / {far:.1f} levels from " \
+                                   "its own / the other face's animation"
 
 
 @pytest.mark.server
@@ -145,6 +174,22 @@ def test_more_faces_than_asked_are_reported_and_left_as_they_are(capsys, tiny_se
     assert "found 3 faces in the source, animating the 2 largest (--faces 2)" in err
     source, result = media.read_image(inputs["source"]), media.read_image(out)
     face_masks = masks(source)
+    # which face went where: each face's own animation in its own place (exact: image driving writes a PNG)
+    analyzer = MediapipeFaceAnalyzer()
+    try:
+        faces = SourceFaces.detect(source, analyzer, C.SOURCE_CROP, {"driving_type": "image"}, 2)
+    finally:
+        analyzer.close()
+    picture = media.read_image(inputs["driving_image"])
+    crop = cv2.resize(picture, (256, 256), interpolation=cv2.INTER_LINEAR)
+    with LivePortraitClient(tiny_server.grpc_url) as client:
+        animated = [client.animate_image(f.source, DrivingInput(crop=crop)) for f in faces.faces]
+    boxes = [f.box for f in faces.faces]
+    expected = paste_by_hand(source, boxes, animated)
+    swapped = paste_by_hand(source, boxes, animated[::-1])
+    assert np.abs(expected.astype(int) - swapped)[face_masks[1] > 0.5].mean() > 5, "the two faces' animations differ"
+    diff = np.abs(result.astype(int) - expected)
+    assert diff.max() <= 1, f"a face's animation is not in its own place (max |diff| {diff.max()})"
     changed = np.abs(result.astype(int) - source).max(axis=2) > 0
     assert changed[face_masks[0] > 0.5].mean() > 0.5 and changed[face_masks[1] > 0.5].mean() > 0.5
     untouched = (face_masks[0] == 0) & (face_masks[1] == 0)

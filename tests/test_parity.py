@@ -101,12 +101,22 @@ def test_motion_transfer(reference, case):
 
 
 def test_expression_friendly(reference):
+    """The pipeline's own code path (Animator.driving_keypoints, stitching off) on the official motion: frame 0
+    (d0) fixes the convex-hull multiplier and gives back x_s, frame 1 (d) the official expression-friendly x_d_new."""
+    from liveportrait_triton import spec
+    from liveportrait_triton.pipeline import Animator, DrivingFrame, StreamState
     s, d, d0 = info(reference, "s"), info(reference, "d"), info(reference, "d0")
     x_d0_new = K.compose_keypoints(s.kp, *K.new_motion(s, d0, d0, "all", True))
     assert_close(x_d0_new, reference["motion_exprfriendly_x_d0_new"], TOL_KEYPOINTS, "x_d0_new")
-    multiplier = K.convex_hull_multiplier(reference["x_s"], x_d0_new)
-    assert abs(multiplier - float(np.asarray(reference["motion_exprfriendly_multiplier"]).reshape(-1)[0])) < 1e-5
-    x_d_new = (reference["motion_rel_video_x_d_new"] - x_d0_new) * multiplier + reference["x_s"]
+    options = spec.parse_options({"driving_option": "expression-friendly", "stitching": False})
+    state = StreamState(options=options, feature_volume=None, source=s, x_s=reference["x_s"])
+    animator = Animator(runner=None)            # stitching and retargeting off: no network runs
+    frame = DrivingFrame(motion=None)
+    first = animator.driving_keypoints(state, d0, frame)
+    assert_close(first, reference["x_s"], TOL_KEYPOINTS, "expression-friendly frame 0")
+    official = float(np.asarray(reference["motion_exprfriendly_multiplier"]).reshape(-1)[0])
+    assert abs(state.motion_multiplier - official) < 1e-5, (state.motion_multiplier, official)
+    x_d_new = animator.driving_keypoints(state, d, frame)
     assert_close(x_d_new, reference["motion_exprfriendly_x_d_new"], TOL_KEYPOINTS, "exprfriendly x_d_new")
 
 

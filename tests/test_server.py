@@ -189,7 +189,10 @@ def statistics(client, model: str) -> tuple[int, int]:
     return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
 
 
-def test_concurrent_streams_share_executions(tiny_server, driving_crops, source_crops):
+def test_concurrent_streams_share_executions(batching_server, driving_crops, source_crops):
+    """Four streams sent together: every frame comes back to its own stream, and the pipeline and the
+    sub-networks ran batches (fewer executions than requests) under a window no loaded machine misses."""
+    tiny_server = batching_server
     client = grpcclient.InferenceServerClient(tiny_server.grpc_url)
     models = [MODEL, spec.WARPING, spec.GENERATOR, spec.MOTION]
     before = {m: statistics(client, m) for m in models}

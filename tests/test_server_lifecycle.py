@@ -1,6 +1,7 @@
 """Starting and stopping the bundled Triton server: clear errors, idle eviction, the CLI, no orphan processes."""
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import subprocess
@@ -133,10 +134,13 @@ def test_cli_serves_until_interrupted_and_leaves_no_process(tiny_repository):
         assert grpcclient.InferenceServerClient(f"127.0.0.1:{ports[1]}").is_server_ready()
         processes = descendants(cli.pid)
         assert len(processes) >= 1 + len(spec.SUBMODELS) + 1, "server and one stub per model"
+        log = Path(re.search(r"\(log: (\S+)\)", output).group(1))
+        assert log.is_file(), output
         cli.send_signal(signal.SIGINT)
         assert cli.wait(timeout=120) == 0
         leftovers = [p for p in processes if running(p)]
         assert not leftovers, f"processes left running: {leftovers}"
+        assert not log.parent.exists(), f"a clean stop removes its temporary log folder {log.parent}"
     finally:
         if cli.poll() is None:
             cli.kill()

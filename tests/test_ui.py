@@ -135,6 +135,117 @@ def test_gradio_client_animate_and_edit(page_url, media_files):
     assert_changed(unchanged, turned, "the edit")
 
 
+# -- each Animate control has its effect: the page's result equals the command's with the matching flag --------
+# (tests/test_cli_options.py checks each flag's effect against the option's meaning; here the page's controls reach
+# the same flags: a control the page drops or wires to another argument gives another picture)
+
+ABSOLUTE_CROP = {"relative_motion": False, "crop_driving": True}   # the driving crop moves the pose (absolute mode)
+PAGE_CONTROLS = [       # (control values, the `animate` flags, the control values compared with)
+    ({"relative_motion": False}, ["--no-relative-motion"], {}),
+    ({"stitching": False}, ["--no-stitching"], {}),
+    ({"eye_retargeting": True}, ["--eye-retargeting"], {}),
+    ({"lip_retargeting": True}, ["--lip-retargeting"], {}),
+    ({"relative_motion": False, "animation_region": "pose"}, ["--no-relative-motion", "--animation-region", "pose"],
+     {"relative_motion": False}),
+    ({"driving_multiplier": 1.6}, ["--driving-multiplier", "1.6"], {}),
+    ({"anchor": "source"}, ["--anchor", "source"], {}),
+    ({"source_scale": 2.8}, ["--source-scale", "2.8"], {}),
+    ({"source_vx": 0.1}, ["--source-vx", "0.1"], {}),
+    ({"source_vy": 0.05}, ["--source-vy", "0.05"], {}),
+    (ABSOLUTE_CROP, ["--no-relative-motion", "--crop-driving"], {"relative_motion": False}),
+    ({**ABSOLUTE_CROP, "driving_scale": 1.7}, ["--no-relative-motion", "--crop-driving", "--driving-scale", "1.7"],
+     ABSOLUTE_CROP),
+    ({**ABSOLUTE_CROP, "driving_vx": 0.15}, ["--no-relative-motion", "--crop-driving", "--driving-vx", "0.15"],
+     ABSOLUTE_CROP),
+    ({**ABSOLUTE_CROP, "driving_vy": 0.15}, ["--no-relative-motion", "--crop-driving", "--driving-vy", "0.15"],
+     ABSOLUTE_CROP),
+    ({"paste_back": False}, ["--no-paste-back"], {}),
+]
+VIDEO_CONTROLS = [      # options of a moving driving input (a template here)
+    ({"anchor": "source", "driving_option": "pose-friendly"},
+     ["--anchor", "source", "--driving-option", "pose-friendly"], {"anchor": "source"}),
+    ({"smooth": True}, ["--smooth"], {}),
+]
+
+
+def page_animate(client, source, driving, values: dict):
+    video, _, image, _, message = client.predict(gradio_client.handle_file(str(source)),
+                                                 gradio_client.handle_file(str(driving)), api_name="/animate",
+                                                 **values)
+    if image is not None:
+        return media.read_image(image)
+    return np.stack([f.copy() for f in media.VideoReader(video)])
+
+
+def command_animate(capsys, server, source, driving, output, flags) -> np.ndarray:
+    from liveportrait_triton.cli import main
+    code = main(["animate", "--source", str(source), "--driving", str(driving), "--output", str(output),
+                 "--server", server.grpc_url, "--quiet", *flags])
+    assert code == 0, capsys.readouterr().err
+    if output.suffix == ".mp4":
+        return np.stack([f.copy() for f in media.VideoReader(output)])
+    return media.read_image(output)
+
+
+@pytest.fixture(scope="module")
+def control_inputs(tmp_path_factory):
+    from conftest import ASSETS
+    from liveportrait_triton import keypoints as K
+    from liveportrait_triton.client.templates import MotionTemplate, save_npz
+    folder = tmp_path_factory.mktemp("ui_controls")
+    driving = media.write_image(folder / "driving.png", media.read_image(ASSETS / "driving" / "d30.jpg"))
+    rng = np.random.default_rng(5)
+    frames = 5
+    yaw, pitch = np.float32(rng.choice([-18.0, 18.0], frames)), np.float32(rng.normal(0, 6, frames))
+    template = MotionTemplate(fps=25, R=K.rotation_matrix(pitch, yaw, np.zeros(frames, np.float32)),
+                              exp=rng.normal(0, 0.02, (frames, 21, 3)).astype(np.float32),
+                              t=rng.normal(0, 0.03, (frames, 3)).astype(np.float32),
+                              scale=np.float32(rng.uniform(1.3, 1.7, (frames, 1))))
+    return {"source": ASSETS / "source" / "s0.jpg", "driving": driving,
+            "template": save_npz(template, folder / "jitter.npz")}
+
+
+@pytest.mark.parametrize("values, flags, base", PAGE_CONTROLS + VIDEO_CONTROLS,
+                         ids=[" ".join(flags) for _, flags, _ in PAGE_CONTROLS + VIDEO_CONTROLS])
+def test_each_animate_control_reaches_the_command(page_url, tiny_server, control_inputs, capsys, tmp_path, values,
+                                                  flags, base):
+    url, _ = page_url
+    client = gradio_client.Client(url, verbose=False)
+    video = (values, flags, base) in VIDEO_CONTROLS
+    driving = control_inputs["template" if video else "driving"]
+    page = page_animate(client, control_inputs["source"], driving, values)
+    command = command_animate(capsys, tiny_server, control_inputs["source"], driving,
+                              tmp_path / ("out.mp4" if video else "out.png"), flags)
+    assert page.shape == command.shape, (page.shape, command.shape)
+    same = np.abs(page.astype(np.int16) - command.astype(np.int16))
+    assert same.max() <= 1 and same.mean() <= 0.01, f"page vs command: max {same.max()}, mean {same.mean():.4f}"
+    compared = page_animate(client, control_inputs["source"], driving, base)
+    if compared.shape == page.shape:        # (--no-paste-back changes the shape: the size check above is its effect)
+        source = media.read_image(control_inputs["source"])
+        face = np.ones(page.shape[:-1], bool)
+        if page.shape == source.shape:      # pasted back: measure where the face is
+            face = np.any(page != source, axis=-1) | np.any(compared != source, axis=-1)
+        effect = np.abs(page.astype(np.int16) - compared.astype(np.int16))[face].mean()
+        assert effect > 0.05, f"the control changed the face by {effect:.3f} levels only"
+
+
+def test_faceless_driving_frames_are_named_on_the_page(page_url, media_files, tmp_path):
+    """The page says what `animate` says: the faceless frames in the message, and an error when none has a face."""
+    frames = [f.copy() for f in media.VideoReader(media_files["driving"])]
+    gaps, blank = tmp_path / "gaps.mp4", tmp_path / "blank.mp4"
+    for path, faceless in ((gaps, {1, 3}), (blank, set(range(len(frames))))):
+        with media.VideoWriter(path, (256, 256), 8.0) as writer:
+            for i, frame in enumerate(frames):
+                writer.write(np.full_like(frame, 128) if i in faceless else frame)
+    url, _ = page_url
+    client = gradio_client.Client(url, verbose=False)
+    portrait = gradio_client.handle_file(str(media_files["portrait"]))
+    *_, message = client.predict(portrait, gradio_client.handle_file(str(gaps)), api_name="/animate")
+    assert f"note: no face found in 2 of {DRIVING_FRAMES} driving frames (0-based: 1, 3)" in message, message
+    with pytest.raises(Exception, match=f"no face found in any of the {DRIVING_FRAMES} driving frames"):
+        client.predict(portrait, gradio_client.handle_file(str(blank)), api_name="/animate")
+
+
 def test_uploads_only_and_limits(page_url, media_files):
     """Paths outside Gradio's upload folder are refused; driving clips over the duration limit too."""
     _, app = page_url
