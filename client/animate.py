@@ -21,9 +21,11 @@ import numpy as np
 
 from .. import crop as C
 from .. import spec
-from ..pipeline import MotionFrame
+from ..wire import MotionFrame
 from . import media
-from .client import DEFAULT_URL, DrivingInput, LivePortraitClient, RequestFailed, ServerMismatch, ServerUnavailable
+from ..wire import DrivingFrame
+from .client import DEFAULT_URL, LivePortraitClient
+from .errors import RequestFailed, ServerMismatch, ServerUnavailable
 from .driving import DrivingCropper
 from .faces import NoFaceError, make_analyzer
 from .multiface import SourceFaces, parse_faces
@@ -70,7 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     crop = parser.add_argument_group("crop and paste-back")
     for who, settings in (("source", C.SOURCE_CROP), ("driving", C.DRIVING_CROP)):
         crop.add_argument(f"--{who}-scale", type=float, default=settings.scale,
-                          help=f"{who} crop box size / face size (default {settings.scale})")
+                          help=f"{who} crop box size / face size, [{C.SCALE_BOUNDS[0]:g}, {C.SCALE_BOUNDS[1]:g}] "
+                               f"(default {settings.scale})")
         crop.add_argument(f"--{who}-vx", type=float, default=settings.vx,
                           help=f"{who} crop shift along the face's x axis, in box sides (default {settings.vx})")
         crop.add_argument(f"--{who}-vy", type=float, default=settings.vy,
@@ -153,7 +156,7 @@ class Summary:
 class Prepared:
     """One driving frame ready to send (driving None: no face yet, the output shows the still source)."""
     number: int
-    driving: DrivingInput | None
+    driving: DrivingFrame | None
     preview: np.ndarray | None = None       # 512x512 driving picture for the comparison video
 
 
@@ -222,12 +225,12 @@ class DrivingFrames:
         eye = lip = None
         if self.need_ratios:
             eye, lip = float(cropped.face.eye_ratio()[0]), float(cropped.face.lip_ratio()[0])
-        driving = DrivingInput(crop=cropped.crop, eye_ratio=eye, lip_ratio=lip)
+        driving = DrivingFrame(crop=cropped.crop, eye_ratio=eye, lip_ratio=lip)
         if self.smoother is not None:
             with self.timer("driving: motion extractor (smoothing)"):
                 info = self.client.extract_motion(cropped.crop[None])
             motion = MotionFrame(R=info.R[0], exp=info.exp[0], t=info.t[0], scale=info.scale[0])
-            driving = DrivingInput(motion=self.smoother.motion(motion), eye_ratio=self.smoother.ratio("eye", eye),
+            driving = DrivingFrame(motion=self.smoother.motion(motion), eye_ratio=self.smoother.ratio("eye", eye),
                                    lip_ratio=self.smoother.ratio("lip", lip))
         return Prepared(number, driving, cropped.preview)
 
@@ -286,7 +289,7 @@ def template_frames(template, args, smooth: bool) -> Iterator[Prepared]:
         eye, lip = template.ratios(i)
         if smoother is not None:
             motion, eye, lip = smoother.motion(motion), smoother.ratio("eye", eye), smoother.ratio("lip", lip)
-        yield Prepared(i, DrivingInput(motion=motion, eye_ratio=eye, lip_ratio=lip))
+        yield Prepared(i, DrivingFrame(motion=motion, eye_ratio=eye, lip_ratio=lip))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -373,7 +376,7 @@ def _animate_source_video(args, client, analyzer, options, kind, template, reade
             crop = C.network_input(C.warp_crop(driving_image, face.crop_box(settings)))
         else:
             crop = cv2.resize(driving_image, (spec.SOURCE_SIZE, spec.SOURCE_SIZE), interpolation=cv2.INTER_LINEAR)
-        drivings = [Prepared(0, DrivingInput(crop=crop, eye_ratio=None if face is None else float(face.eye_ratio()[0]),
+        drivings = [Prepared(0, DrivingFrame(crop=crop, eye_ratio=None if face is None else float(face.eye_ratio()[0]),
                                              lip_ratio=None if face is None else float(face.lip_ratio()[0])))]
         audio = None
     prepare = None
@@ -405,7 +408,7 @@ def _animate_image(args, client, analyzer, faces, driving_image, output, timer, 
     else:
         crop = cv2.resize(driving_image, (spec.SOURCE_SIZE, spec.SOURCE_SIZE), interpolation=cv2.INTER_LINEAR)
     ratios = args.crop_driving or args.eye_retargeting or args.lip_retargeting
-    driving = DrivingInput(crop=crop, eye_ratio=float(face.eye_ratio()[0]) if ratios else None,
+    driving = DrivingFrame(crop=crop, eye_ratio=float(face.eye_ratio()[0]) if ratios else None,
                            lip_ratio=float(face.lip_ratio()[0]) if ratios else None)
     with timer("server (one request per face)"):
         animated = faces.animate_image(client, driving)

@@ -20,9 +20,11 @@ from .. import crop as C
 from .. import keypoints as K
 from .. import source_video as SV
 from ..lip_array import LIP_ARRAY
-from ..pipeline import MotionFrame
+from ..wire import MotionFrame
 from . import media
-from .client import DrivingInput, LivePortraitClient, RequestFailed, SourceInput
+from ..wire import DrivingFrame, SourceInput
+from .client import LivePortraitClient
+from .errors import RequestFailed
 from .faces import FaceAnalyzer, NoFaceError
 
 MOTION_BATCH = 16       # crops per motion-extractor request (the served models accept batches up to 16)
@@ -141,8 +143,8 @@ def animate_source_video(args, client: LivePortraitClient, analyzer: FaceAnalyze
                 d = 0 if not driving_is_video else k
                 eye, lip = ratios[d] if d < len(ratios) else (None, None)
                 frame_motion = MotionFrame(R=R[k], exp=exp[k], t=motion.t[d], scale=motion.scale[d])
-                sent[i] = stream.send(DrivingInput(motion=frame_motion, eye_ratio=eye, lip_ratio=lip,
-                                                   source_crop=track.crops[k],
+                sent[i] = stream.send(DrivingFrame(motion=frame_motion, eye_ratio=eye, lip_ratio=lip,
+                                                   source=track.crops[k],
                                                    source_eye_ratio=track.eye_ratios[k],
                                                    source_lip_ratio=track.lip_ratios[k]),
                                       last=k == count - 1)

@@ -33,8 +33,9 @@ from .. import spec
 from . import animate as A
 from . import live_webrtc
 from . import media
-from .client import DEFAULT_URL, LivePortraitClient, RequestFailed, ServerMismatch, ServerUnavailable, \
-    new_sequence_id
+from .client import DEFAULT_URL, LivePortraitClient
+from .errors import RequestFailed, ServerMismatch, ServerUnavailable
+from .requests import new_sequence_id
 from .faces import NoFaceError, make_analyzer
 from .multiface import parse_faces
 from .profiling import StageTimer
@@ -81,10 +82,10 @@ def _motion_controls() -> list[Control]:
 def _crop_controls() -> list[Control]:
     out = []
     for who, settings in (("source", C.SOURCE_CROP), ("driving", C.DRIVING_CROP)):
-        out.append(Control(f"{who}_scale", f"{who} crop scale", "number", settings.scale, bounds=(1.0, 4.0),
+        out.append(Control(f"{who}_scale", f"{who} crop scale", "number", settings.scale, bounds=C.SCALE_BOUNDS,
                            step=0.05))
-        out.append(Control(f"{who}_vx", f"{who} crop x shift", "number", settings.vx, bounds=(-1.0, 1.0), step=0.01))
-        out.append(Control(f"{who}_vy", f"{who} crop y shift", "number", settings.vy, bounds=(-1.0, 1.0), step=0.01))
+        out.append(Control(f"{who}_vx", f"{who} crop x shift", "number", settings.vx, bounds=C.SHIFT_BOUNDS, step=0.01))
+        out.append(Control(f"{who}_vy", f"{who} crop y shift", "number", settings.vy, bounds=C.SHIFT_BOUNDS, step=0.01))
     out.append(Control("faces", "faces to animate (source images)", "choice", "largest",
                        choices=("largest", "all", "2", "3", "4")))
     out.append(Control("crop_driving", "crop the face out of driving frames", "check", False))
@@ -111,11 +112,10 @@ def _edit_controls() -> list[Control]:
 
 
 def _edit_crop_controls() -> list[Control]:
-    from .editing import RETARGETING_CROP_SCALE, SOURCE_SCALE_BOUNDS
-    return [Control("source_scale", "crop scale", "number", RETARGETING_CROP_SCALE, bounds=SOURCE_SCALE_BOUNDS,
+    return [Control("source_scale", "crop scale", "number", C.RETARGETING_SCALE, bounds=C.RETARGETING_SCALE_BOUNDS,
                     step=0.05),
-            Control("vx", "crop x shift", "number", C.SOURCE_CROP.vx, bounds=(-1.0, 1.0), step=0.01),
-            Control("vy", "crop y shift", "number", C.SOURCE_CROP.vy, bounds=(-1.0, 1.0), step=0.01),
+            Control("vx", "crop x shift", "number", C.SOURCE_CROP.vx, bounds=C.SHIFT_BOUNDS, step=0.01),
+            Control("vy", "crop y shift", "number", C.SOURCE_CROP.vy, bounds=C.SHIFT_BOUNDS, step=0.01),
             Control("stitching", "stitching", "check", True),
             Control("paste_back", "paste back into the full portrait", "check", True)]
 

@@ -112,7 +112,7 @@ def run(args) -> int:
     from skimage import data
 
     from .client import animate as animate_cli
-    from .client.client import LivePortraitClient
+    from .client import LivePortraitClient
     from .client.faces import make_analyzer
     from .client.templates import save_npz
     from .crop import CropSettings, network_input, warp_crop

@@ -16,10 +16,11 @@ from conftest import ASSETS
 from liveportrait_triton import spec
 from liveportrait_triton.cli import main
 from liveportrait_triton.client import media
-from liveportrait_triton.client.client import LivePortraitClient, RequestFailed, ServerMismatch, _compare, build_request
+from liveportrait_triton.client import LivePortraitClient, RequestFailed, ServerMismatch, build_request
+from liveportrait_triton.client.requests import compare_tensors
 from liveportrait_triton.client.smoothing import MotionSmoother, OneEuroFilter
 from liveportrait_triton.keypoints import rotation_matrix
-from liveportrait_triton.pipeline import MotionFrame
+from liveportrait_triton.wire import MotionFrame
 
 S0 = str(ASSETS / "source" / "s0.jpg")
 D0 = str(ASSETS / "driving" / "d0.mp4")
@@ -271,16 +272,16 @@ def served_metadata(model_spec, batched=True):
 
 def test_metadata_comparison():
     inputs, outputs = served_metadata(spec.PIPELINE_SPEC)
-    _compare("input", inputs, spec.PIPELINE_SPEC.inputs, True, "liveportrait")
-    _compare("output", outputs, spec.PIPELINE_SPEC.outputs, True, "liveportrait")
+    compare_tensors("input", inputs, spec.PIPELINE_SPEC.inputs, True, "liveportrait")
+    compare_tensors("output", outputs, spec.PIPELINE_SPEC.outputs, True, "liveportrait")
     wrong_shape = [dict(t, shape=["-1", "512", "512", "3"]) if t["name"] == "source" else t for t in inputs]
     with pytest.raises(ServerMismatch, match="input 'source' is UINT8 \\[-1, 512, 512, 3\\]"):
-        _compare("input", wrong_shape, spec.PIPELINE_SPEC.inputs, True, "liveportrait")
+        compare_tensors("input", wrong_shape, spec.PIPELINE_SPEC.inputs, True, "liveportrait")
     with pytest.raises(ServerMismatch, match="has outputs \\['image'\\]"):
-        _compare("output", outputs[:1], spec.PIPELINE_SPEC.outputs, True, "liveportrait")
+        compare_tensors("output", outputs[:1], spec.PIPELINE_SPEC.outputs, True, "liveportrait")
     wrong_type = [dict(t, datatype="FP16") if t["name"] == "image" else t for t in outputs]
     with pytest.raises(ServerMismatch, match="FP16"):
-        _compare("output", wrong_type, spec.PIPELINE_SPEC.outputs, True, "liveportrait")
+        compare_tensors("output", wrong_type, spec.PIPELINE_SPEC.outputs, True, "liveportrait")
 
 
 # ---------------------------------------------------------------------------------------------------------------
