@@ -68,6 +68,7 @@ class AnimationStream:
         self._sequence_id = sequence_id or new_sequence_id()
         self._expected_index = 0        # the server's frame_index of the next animated frame
         self._closed = False
+        self._start_answered = False
         self._grpc.start_stream(callback=functools.partial(self._on_answer, self._attempt),
                                 headers=session_headers(self._sequence_id))
         self._grpc.async_stream_infer(**self._request(self.source.tensors(), "start", start=True,
@@ -207,6 +208,8 @@ class AnimationStream:
                                 f"{first_line(error)}") from error
         tag = result.get_response().id.split(":", 1)[1]
         index = int(result.as_numpy("frame_index").reshape(-1)[0])
+        if tag == "start":
+            self._start_answered = True
         if tag in ("start", "end"):
             return True
         if index != self._expected_index:
@@ -258,6 +261,15 @@ class AnimationStream:
             self._connection_lost(exc)
         self._ended = last
         return number
+
+    def wait_started(self) -> None:
+        """Block until the server has answered the START (the source is registered), e.g. so that a timed part
+        that follows excludes the source's registration."""
+        while not self._start_answered:
+            if not self._handle(block=True, timeout_s=self.ANSWER_TIMEOUT_S):
+                self._abort()
+                raise RequestFailed(f"no answer to the START from {self.client.where()} within "
+                                    f"{self.ANSWER_TIMEOUT_S:g} s")
 
     def has_room(self) -> bool:
         """Whether a frame can be sent without waiting (answers that arrived are taken in first)."""
