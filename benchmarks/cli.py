@@ -146,7 +146,8 @@ def run(args) -> int:
     from ..client.errors import RequestFailed, ServerUnavailable
     try:
         return _run(args)
-    except (MediaError, PerfAnalyzerError, ServerError, RequestFailed, ServerUnavailable, ValueError, FileNotFoundError) as exc:
+    except (MediaError, PerfAnalyzerError, ServerError, RequestFailed, ServerUnavailable, ValueError,
+            FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -61,7 +61,7 @@ class AnimateSettings:
     crop_driving: bool = False
     paste_back: bool = True
     faces: str | int = "largest"            # "largest", "all" or a count (parse_faces)
-    source_max_dim: int = 1280
+    source_max_dim: int = C.SOURCE_MAX_DIM
     draw_keypoints: bool = False
     face_models: str | None = None
     smooth: bool | None = None              # None: on for a camera
@@ -139,7 +139,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="driving video, driving image, motion template (.pkl official / .npz), or webcam:N")
     io.add_argument("--output", required=True, help="output .mp4 (video/template/webcam driving) or image file")
     io.add_argument("--comparison", help="also write a side-by-side video: driving | source | result")
-    io.add_argument("--server", default=DEFAULTS["server"], help=f"Triton gRPC address HOST:PORT (default {DEFAULT_URL})")
+    io.add_argument("--server", default=DEFAULTS["server"],
+                    help=f"Triton gRPC address HOST:PORT (default {DEFAULTS['server']})")
 
     motion = parser.add_argument_group("motion (sent to the server with the sequence)")
     for name in CLI_OPTIONS:
@@ -172,7 +173,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "(default), all, or the N largest; faces found but not animated are reported and stay "
                            "as in the source")
     crop.add_argument("--source-max-dim", type=int, default=DEFAULTS["source_max_dim"],
-                      help="shrink larger sources to this longer side first (default 1280; 0: never)")
+                      help=f"shrink larger sources to this longer side first (default "
+                           f"{DEFAULTS['source_max_dim']}; 0: never)")
     crop.add_argument("--draw-keypoints", action="store_true",
                       help="draw each frame's implicit keypoints (the driving motion applied to the source's "
                            "canonical keypoints; dots: eyes cyan, lips magenta; rings: the source's own), zoomed, "
@@ -294,7 +296,8 @@ class DrivingFrames:
                  comparison: bool):
         self.need_ratios = settings.needs_ratios
         self.crop_driving = bool(settings.crop_driving)
-        self.cropper = DrivingCropper(settings.crop_driving, settings.driving_crop, settings.face_models, track=self.need_ratios,
+        self.cropper = DrivingCropper(settings.crop_driving, settings.driving_crop, settings.face_models,
+                                      track=self.need_ratios,
                                       timer=timer, preview=comparison, check_faces=True)
         self.seen = 0
         self.faceless: list[int] = []
@@ -427,7 +430,8 @@ def animate(settings: AnimateSettings) -> Summary:
                 client.check_model(spec.MOTION)
             return _animate_source_video(settings, client, analyzer, options, kind, template, reader, driving_image,
                                          output, started)
-        faces = prepare_source(settings.source, analyzer, settings.source_crop, settings.source_max_dim, even=kind != "image",
+        faces = prepare_source(settings.source, analyzer, settings.source_crop, settings.source_max_dim,
+                               even=kind != "image",
                                timer=timer, options=options, faces=settings.faces)
         if len(faces) > 1 and (not settings.paste_back or settings.draw_keypoints):
             raise ValueError(f"--no-paste-back and --draw-keypoints are for one face; {len(faces)} faces were chosen "

@@ -17,10 +17,8 @@ from .. import editing, spec
 from ..wire import SourceInput
 from .client import LivePortraitClient
 from .errors import RequestFailed
-from .requests import new_sequence_id
 from .faces import FaceAnalyzer, NoFaceError, make_analyzer
-
-SOURCE_MAX_DIM = 1280
+from .requests import new_sequence_id
 
 
 class EditSession:
@@ -74,7 +72,7 @@ class PortraitEditor:
                  paste_back: bool = True, analyzer: FaceAnalyzer | None = None, face_models: str | None = None):
         settings = C.CropSettings(C.check_in("source scale (the official retargeting range)", source_scale,
                                              C.RETARGETING_SCALE_BOUNDS), vx, vy, rotate=True)
-        image = np.ascontiguousarray(C.trim_to_even(C.limit_size(np.asarray(image), SOURCE_MAX_DIM)))
+        image = np.ascontiguousarray(C.trim_to_even(C.limit_size(np.asarray(image), C.SOURCE_MAX_DIM)))
         own = analyzer is None
         analyzer = make_analyzer(face_models) if own else analyzer
         try:

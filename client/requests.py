@@ -77,7 +77,9 @@ def build_request(module, model: str, tensors: dict[str, np.ndarray], *, model_s
         request["parameters"] = options
     return request
 
-def compare_tensors(kind: str, served: list[dict], wanted: tuple[spec.TensorSpec, ...], batched: bool, model: str) -> None:
+def compare_tensors(kind: str, served: list[dict], wanted: tuple[spec.TensorSpec, ...], batched: bool,
+                    model: str) -> None:
+    """A served model's inputs or outputs (`kind`) against the spec, else ServerMismatch naming the difference."""
     got = {t["name"]: t for t in served}
     want = {t.name: t for t in wanted}
     if set(got) != set(want):

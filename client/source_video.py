@@ -94,7 +94,8 @@ def animate_source_video(settings, client: LivePortraitClient, analyzer: FaceAna
     """The whole v2v run; returns the number of frames written. `driving_frames` yields Prepared driving inputs
     (crops with ratios) for video/image driving; `template` is a MotionTemplate for template driving;
     `driving_audio` is the driving video's audio codec (None: no audio)."""
-    track = track_source(settings.source, analyzer, settings.source_crop, settings.source_max_dim, settings.max_frames, settings.quiet)
+    track = track_source(settings.source, analyzer, settings.source_crop, settings.source_max_dim,
+                         settings.max_frames, settings.quiet)
     # driving motion (all of it: the smoothing needs the whole sequence) and ratios
     if template is not None:
         motion = K.MotionInfo(R=template.R, t=template.t, exp=template.exp, scale=template.scale)

@@ -4,8 +4,8 @@ Everything goes through the client library: the page's controls build one `anima
 the `animate` command builds from its flags), Animate runs `animate.animate` on it (so every option and check is
 the command's), Live streams the browser's camera over WebRTC (`live_webrtc`) into an `animate.LiveAnimation` (one
 server sequence per browser session, START with the portrait, one request per animated frame, END when the stream
-stops, the tab closes or the connection drops), and the status line reads the server's readiness and metrics. Edit holds one
-PortraitEditor (one sequence) per browser session; each slider move is one edit request on it. The page binds to
+stops, the tab closes or the connection drops), and the status line reads the server's readiness and metrics.
+Edit holds one PortraitEditor (one sequence) per browser session; each slider move is one edit request on it. The page binds to
 loopback unless told otherwise; files come only from uploads (paths outside Gradio's upload folder are refused),
 uploads are size-limited and driving inputs duration-limited.
 

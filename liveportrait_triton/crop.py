@@ -21,6 +21,7 @@ CROP_SIZE = 512        # the crop the official cropper makes; the network input 
 
 SCALE_BOUNDS = (1.0, 4.0)       # crop scale (box side / landmark extent) every tool and page accepts
 SHIFT_BOUNDS = (-1.0, 1.0)      # vx, vy in box sides
+SOURCE_MAX_DIM = 1280          # a source picture's longer side is shrunk to this first (official default)
 RETARGETING_SCALE = 2.5                 # the official retargeting (editing) tab's default crop scale
 RETARGETING_SCALE_BOUNDS = (1.8, 3.2)   # and its narrower range
 
