@@ -11,6 +11,7 @@ import os
 import queue
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
