@@ -143,10 +143,11 @@ def run(args) -> int:
     from ..serve import ServerError
     from .inputs import MediaError
     from .perf_analyzer import PerfAnalyzerError
-    from .server_stream import StreamError
+    from ..client.errors import RequestFailed, ServerUnavailable
     try:
         return _run(args)
-    except (MediaError, PerfAnalyzerError, ServerError, StreamError, ValueError, FileNotFoundError) as exc:
+    except (MediaError, PerfAnalyzerError, ServerError, RequestFailed, ServerUnavailable, ValueError,
+            FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..client.client import DrivingInput, LivePortraitClient, SourceInput
+from ..client import DrivingFrame, LivePortraitClient, SourceInput
 from .inputs import DEFAULT_DRIVING, DEFAULT_SOURCE, read_driving, read_source
 from .report import machine_info
 
@@ -38,7 +38,7 @@ PROBE_STREAMS = 4
 PROBE_SECONDS = 15.0
 
 
-def probe_throughput(url: str, source: SourceInput, drivings: list[DrivingInput], in_flight: int) -> float:
+def probe_throughput(url: str, source: SourceInput, drivings: list[DrivingFrame], in_flight: int) -> float:
     """Frames per second the server answers with PROBE_STREAMS streams sending as fast as their window allows."""
     counts = [0] * PROBE_STREAMS
     began = time.perf_counter()
@@ -61,7 +61,7 @@ def probe_throughput(url: str, source: SourceInput, drivings: list[DrivingInput]
     return sum(counts) / (time.perf_counter() - began)
 
 
-def live_stream(url: str, source: SourceInput, drivings: list[DrivingInput], mode: str, fps: float, seconds: float,
+def live_stream(url: str, source: SourceInput, drivings: list[DrivingFrame], mode: str, fps: float, seconds: float,
                 in_flight: int, start: float, out: dict) -> None:
     """One camera at `fps` for `seconds` from `start`; records latencies (s), frames offered/delivered/dropped."""
     captured: dict[int, float] = {}
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=".", help="folder for overload.csv and overload.md")
     args = parser.parse_args(argv)
     source = SourceInput(read_source(args.source))
-    drivings = [DrivingInput(crop=c) for c in read_driving(args.driving, 30)]
+    drivings = [DrivingFrame(crop=c) for c in read_driving(args.driving, 30)]
     throughput = probe_throughput(args.server, source, drivings, args.in_flight)
     kept_up, fps = args.kept_up, throughput / args.kept_up
     print(f"throughput {throughput:.2f} frames/s: keeps up with {kept_up} streams at {fps:.2f} fps; "

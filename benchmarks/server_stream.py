@@ -1,61 +1,49 @@
 """One stream through the served `liveportrait` sequence model over gRPC streaming, timed frame by frame.
 
-The START request carries the source crop and the first driving frame, every later request one driving frame,
-the last one END. One request is in flight at a time, so each latency is one frame's round trip: client encode,
-network, sequence batcher, BLS calls to the sub-networks, response.
+It runs on the client library's stream (`LivePortraitClient.stream`, one frame in flight): START registers the
+source (not timed), then each driving frame's latency is its round trip (client encode, network, sequence
+batcher, BLS calls to the sub-networks, response), the last frame carrying END.
 """
 from __future__ import annotations
 
-import queue
-import time
-
 import numpy as np
 
-from .. import spec
+from ..client.client import LivePortraitClient
+from ..client.stream import AnimationStream
+from ..wire import DrivingFrame, SourceInput
 
 
-class StreamError(RuntimeError):
-    """The server answered a frame with an error, or not in time."""
+def open_stream(url: str, source: np.ndarray, sequence_id: int) -> tuple[LivePortraitClient, AnimationStream]:
+    """A checked client and one sequence on it whose source is registered (START answered), one frame in flight
+    (each latency is one round trip)."""
+    client = LivePortraitClient(url)
+    try:
+        stream = client.stream(SourceInput(crop=source), max_in_flight=1, sequence_id=sequence_id)
+        stream.wait_started()
+        return client, stream
+    except BaseException:
+        client.close()
+        raise
 
 
-def pipeline_input(grpcclient, name: str, array: np.ndarray):
-    """One input of a `liveportrait` request (one item: the batch dimension added), typed by the spec."""
-    t = spec.PIPELINE_SPEC.input(name)
-    array = np.ascontiguousarray(array, dtype=t.numpy_dtype)[None]
-    tensor = grpcclient.InferInput(name, list(array.shape), t.dtype)
-    tensor.set_data_from_numpy(array)
-    return tensor
+def drive(stream: AnimationStream, driving: list[np.ndarray]) -> list:
+    """Send every driving frame (the last with END); the FrameResults in order."""
+    results = []
+    for i, crop in enumerate(driving):
+        stream.send(DrivingFrame(crop=crop), last=i == len(driving) - 1)
+        results += stream.ready()
+    return results + stream.finish()
 
 
-def stream_frames(url: str, source: np.ndarray, driving: list[np.ndarray], sequence_id: int,
-                  timeout_s: float = 600.0) -> tuple[list[float], list[np.ndarray]]:
+def stream_frames(url: str, source: np.ndarray, driving: list[np.ndarray],
+                  sequence_id: int) -> tuple[list[float], list[np.ndarray]]:
     """Animate `driving` from `source` as one sequence; (seconds per frame, output images) in order."""
-    import tritonclient.grpc as grpcclient
     if not driving:
         raise ValueError("stream_frames needs at least one driving frame")
-    answers: queue.Queue = queue.Queue()
-    client = grpcclient.InferenceServerClient(url)
-    outputs = [grpcclient.InferRequestedOutput(t.name) for t in spec.PIPELINE_SPEC.outputs]
-    seconds, images = [], []
-    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    client, stream = open_stream(url, source, sequence_id)
     try:
-        for i, crop in enumerate(driving):
-            inputs = [pipeline_input(grpcclient, "driving", crop)]
-            if i == 0:
-                inputs.insert(0, pipeline_input(grpcclient, "source", source))
-            start = time.perf_counter()
-            client.async_stream_infer(spec.PIPELINE, inputs, outputs=outputs, request_id=str(i),
-                                      sequence_id=sequence_id, sequence_start=i == 0,
-                                      sequence_end=i == len(driving) - 1)
-            try:
-                result, error = answers.get(timeout=timeout_s)
-            except queue.Empty:
-                raise StreamError(f"frame {i} of sequence {sequence_id}: no answer within {timeout_s:.0f} s") from None
-            seconds.append(time.perf_counter() - start)
-            if error is not None:
-                raise StreamError(f"frame {i} of sequence {sequence_id}: {error}")
-            images.append(result.as_numpy("image")[0])
+        results = drive(stream, driving)
     finally:
-        client.stop_stream()
+        stream.close()
         client.close()
-    return seconds, images
+    return [r.latency_s for r in results], [r.image for r in results]

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import health
-from ..client.client import DrivingInput, LivePortraitClient, ServerAtCapacity, SourceInput
+from ..client import DrivingFrame, LivePortraitClient, ServerAtCapacity, SourceInput
 from .inputs import DEFAULT_DRIVING, DEFAULT_SOURCE, read_driving, read_source
 from .report import machine_info
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=".")
     args = parser.parse_args(argv)
     source = SourceInput(read_source(args.source))
-    drivings = [DrivingInput(crop=c) for c in read_driving(args.driving, 16)]
+    drivings = [DrivingFrame(crop=c) for c in read_driving(args.driving, 16)]
     watched = processes(args.http_port)
     counts = {"ended": 0, "abandoned": 0, "refused": 0, "failed": 0, "frames": 0}
     lock = threading.Lock()

@@ -19,7 +19,6 @@ import gc
 import importlib.metadata
 import os
 import platform
-import queue
 import sys
 import tempfile
 import threading
@@ -33,7 +32,7 @@ from ..config import CONFIGS
 from ..pipeline import Animator, DrivingFrame, OnnxRunner, TorchRunner
 from ..repository import served_plan
 from .inputs import DEFAULT_DRIVING, DEFAULT_SOURCE, read_driving, read_source
-from .server_stream import pipeline_input
+from .server_stream import drive, open_stream
 
 
 @dataclasses.dataclass
@@ -63,38 +62,6 @@ def in_process(runner, source: np.ndarray, warm: list[np.ndarray], timed: list[n
     return time.perf_counter() - start
 
 
-class ServerStream:
-    """One sequence on its own gRPC stream, one request in flight."""
-
-    def __init__(self, url: str, sequence_id: int, source: np.ndarray, timeout_s: float = 1200.0):
-        import tritonclient.grpc as grpcclient
-        self.grpcclient = grpcclient
-        self.sequence_id = sequence_id
-        self.timeout_s = timeout_s
-        self.answers: queue.Queue = queue.Queue()
-        self.client = grpcclient.InferenceServerClient(url)
-        self.client.start_stream(callback=lambda result, error: self.answers.put((result, error)))
-        self._send({"source": source}, start=True)
-
-    def _send(self, arrays: dict, start: bool = False, end: bool = False):
-        inputs = [pipeline_input(self.grpcclient, name, array) for name, array in arrays.items()]
-        self.client.async_stream_infer(spec.PIPELINE, inputs, sequence_id=self.sequence_id, sequence_start=start,
-                                       sequence_end=end)
-        result, error = self.answers.get(timeout=self.timeout_s)
-        if error is not None:
-            raise RuntimeError(f"sequence {self.sequence_id}: {error}")
-        return result
-
-    def frames(self, driving: list[np.ndarray]) -> None:
-        """Send the frames one by one, the last with END."""
-        for i, frame in enumerate(driving):
-            self._send({"driving": frame}, end=i == len(driving) - 1)
-
-    def close(self) -> None:
-        self.client.stop_stream()
-        self.client.close()
-
-
 def through_server(url: str, source: np.ndarray, warm: list[np.ndarray], timed: list[np.ndarray], streams: int,
                    first_id: int) -> tuple[float, dict[str, float]]:
     """Seconds for `streams` concurrent gRPC streams to get every driving frame back, and the compute seconds each
@@ -102,21 +69,21 @@ def through_server(url: str, source: np.ndarray, warm: list[np.ndarray], timed: 
     import tritonclient.grpc as grpcclient
     statistics = grpcclient.InferenceServerClient(url)
     if warm:
-        warming = ServerStream(url, first_id + streams, source)
-        warming.frames(warm)
-        warming.close()
-    sequences = [ServerStream(url, first_id + k, source) for k in range(streams)]
+        client, warming = open_stream(url, source, first_id + streams)
+        drive(warming, warm)
+        client.close()
+    opened = [open_stream(url, source, first_id + k) for k in range(streams)]
     errors: list[BaseException] = []
     barrier = threading.Barrier(streams + 1)
 
-    def drive(sequence: ServerStream) -> None:
+    def drive_timed(sequence) -> None:
         barrier.wait()
         try:
-            sequence.frames(timed)
+            drive(sequence, timed)
         except BaseException as exc:   # reported by the main thread
             errors.append(exc)
 
-    threads = [threading.Thread(target=drive, args=(s,)) for s in sequences]
+    threads = [threading.Thread(target=drive_timed, args=(stream,)) for _, stream in opened]
     for thread in threads:
         thread.start()
     before = compute_seconds(statistics)
@@ -126,8 +93,9 @@ def through_server(url: str, source: np.ndarray, warm: list[np.ndarray], timed: 
         thread.join()
     seconds = time.perf_counter() - start
     after = compute_seconds(statistics)
-    for sequence in sequences:
-        sequence.close()
+    for client, stream in opened:
+        stream.close()
+        client.close()
     statistics.close()
     if errors:
         raise errors[0]

@@ -12,18 +12,21 @@ import collections
 import dataclasses
 import itertools
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import cv2
 import numpy as np
 
 from .. import crop as C
 from .. import spec
-from ..pipeline import MotionFrame
+from ..wire import DrivingFrame, MotionFrame
 from . import media
-from .client import DEFAULT_URL, DrivingInput, LivePortraitClient, RequestFailed, ServerMismatch, ServerUnavailable
+from .client import DEFAULT_URL, LivePortraitClient
+from .errors import RequestFailed, ServerMismatch, ServerUnavailable
+from .requests import new_sequence_id
 from .driving import DrivingCropper
 from .faces import NoFaceError, make_analyzer
 from .multiface import SourceFaces, parse_faces
@@ -36,6 +39,89 @@ from .templates import TemplateError, is_template, load_template
 # driving_type follows the driving input, source_video the source input
 CLI_OPTIONS = [name for name in spec.PIPELINE_OPTIONS if name not in ("driving_type", "source_video")]
 DROPPED = -1        # a live frame not sent because the server was behind (AnimationStream.offer)
+
+
+@dataclasses.dataclass(frozen=True)
+class AnimateSettings:
+    """Everything one animation run is told: the `animate` command builds it from its flags (`from_args`), the web
+    page and the live session from their controls (`from_values`), library callers directly. Defaults are the
+    command's; the pipeline options (`CLI_OPTIONS`) sit in `options`, unset ones take the server's defaults."""
+    source: str
+    driving: str
+    output: str
+    server: str = DEFAULT_URL
+    comparison: str | None = None
+    options: Mapping[str, object] = dataclasses.field(default_factory=dict)
+    source_scale: float = C.SOURCE_CROP.scale
+    source_vx: float = C.SOURCE_CROP.vx
+    source_vy: float = C.SOURCE_CROP.vy
+    driving_scale: float = C.DRIVING_CROP.scale
+    driving_vx: float = C.DRIVING_CROP.vx
+    driving_vy: float = C.DRIVING_CROP.vy
+    crop_driving: bool = False
+    paste_back: bool = True
+    faces: str | int = "largest"            # "largest", "all" or a count (parse_faces)
+    source_max_dim: int = C.SOURCE_MAX_DIM
+    draw_keypoints: bool = False
+    face_models: str | None = None
+    smooth: bool | None = None              # None: on for a camera
+    smooth_min_cutoff: float = SmoothingSettings.min_cutoff
+    smooth_beta: float = SmoothingSettings.beta
+    fps: float | None = None
+    max_frames: int | None = None
+    in_flight: int = 4
+    retry: float = 0.0
+    profile: bool = False
+    quiet: bool = False
+
+    def __post_init__(self):
+        unknown = set(self.options) - set(CLI_OPTIONS)
+        if unknown:
+            raise ValueError(f"unknown animation option(s) {sorted(unknown)}; known: {CLI_OPTIONS}")
+        object.__setattr__(self, "options", {k: v for k, v in self.options.items() if v is not None})
+        object.__setattr__(self, "faces", parse_faces(str(self.faces)))
+        self.source_crop, self.driving_crop        # crop limits checked here (crop.py), before any work
+
+    @classmethod
+    def from_values(cls, **values) -> "AnimateSettings":
+        """From flat names, as the command's flags and the page's controls name them (pipeline options among
+        them); an unknown name raises ValueError."""
+        fields = {f.name for f in dataclasses.fields(cls)} - {"options"}
+        unknown = set(values) - fields - set(CLI_OPTIONS)
+        if unknown:
+            raise ValueError(f"unknown setting(s) {sorted(unknown)}")
+        options = {k: values.pop(k) for k in list(values) if k in CLI_OPTIONS}
+        return cls(options=options, **values)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "AnimateSettings":
+        """From the parsed flags of `add_arguments`."""
+        names = {f.name for f in dataclasses.fields(cls)} | set(CLI_OPTIONS)
+        return cls.from_values(**{k: v for k, v in vars(args).items() if k in names})
+
+    @property
+    def source_crop(self) -> C.CropSettings:
+        return C.CropSettings(self.source_scale, self.source_vx, self.source_vy, rotate=True)
+
+    @property
+    def driving_crop(self) -> C.CropSettings:
+        return C.CropSettings(self.driving_scale, self.driving_vx, self.driving_vy, rotate=False)
+
+    @property
+    def needs_ratios(self) -> bool:
+        """Eye or lip retargeting is on: each driving frame carries its ratios."""
+        return bool(self.options.get("eye_retargeting") or self.options.get("lip_retargeting"))
+
+    def pipeline_options(self, kind: str) -> dict:
+        """The sequence options sent with START for this driving kind (checked by the server's rule)."""
+        options = dict(self.options)
+        if kind == "image":
+            options["driving_type"] = "image"
+        spec.parse_options(options)
+        return options
+
+
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(AnimateSettings)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -53,7 +139,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="driving video, driving image, motion template (.pkl official / .npz), or webcam:N")
     io.add_argument("--output", required=True, help="output .mp4 (video/template/webcam driving) or image file")
     io.add_argument("--comparison", help="also write a side-by-side video: driving | source | result")
-    io.add_argument("--server", default=DEFAULT_URL, help=f"Triton gRPC address HOST:PORT (default {DEFAULT_URL})")
+    io.add_argument("--server", default=DEFAULTS["server"],
+                    help=f"Triton gRPC address HOST:PORT (default {DEFAULTS['server']})")
 
     motion = parser.add_argument_group("motion (sent to the server with the sequence)")
     for name in CLI_OPTIONS:
@@ -70,22 +157,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     crop = parser.add_argument_group("crop and paste-back")
     for who, settings in (("source", C.SOURCE_CROP), ("driving", C.DRIVING_CROP)):
         crop.add_argument(f"--{who}-scale", type=float, default=settings.scale,
-                          help=f"{who} crop box size / face size (default {settings.scale})")
+                          help=f"{who} crop box size / face size, [{C.SCALE_BOUNDS[0]:g}, {C.SCALE_BOUNDS[1]:g}] "
+                               f"(default {settings.scale})")
         crop.add_argument(f"--{who}-vx", type=float, default=settings.vx,
                           help=f"{who} crop shift along the face's x axis, in box sides (default {settings.vx})")
         crop.add_argument(f"--{who}-vy", type=float, default=settings.vy,
                           help=f"{who} crop shift along the face's y axis, in box sides (default {settings.vy})")
-    crop.add_argument("--crop-driving", action=argparse.BooleanOptionalAction, default=False,
+    crop.add_argument("--crop-driving", action=argparse.BooleanOptionalAction, default=DEFAULTS["crop_driving"],
                       help="crop the face out of driving frames (default off: the driving video is taken as an "
                            "already cropped face and resized to 256x256, as the official default)")
-    crop.add_argument("--paste-back", action=argparse.BooleanOptionalAction, default=True,
+    crop.add_argument("--paste-back", action=argparse.BooleanOptionalAction, default=DEFAULTS["paste_back"],
                       help="paste the animated face into the full source image (default on; off: the 512x512 crop)")
-    crop.add_argument("--faces", type=parse_faces, default="largest", metavar="all|largest|N",
+    crop.add_argument("--faces", type=parse_faces, default=DEFAULTS["faces"], metavar="all|largest|N",
                       help="which faces of the source to animate, each with the same driving motion: the largest "
                            "(default), all, or the N largest; faces found but not animated are reported and stay "
                            "as in the source")
-    crop.add_argument("--source-max-dim", type=int, default=1280,
-                      help="shrink larger sources to this longer side first (default 1280; 0: never)")
+    crop.add_argument("--source-max-dim", type=int, default=DEFAULTS["source_max_dim"],
+                      help=f"shrink larger sources to this longer side first (default "
+                           f"{DEFAULTS['source_max_dim']}; 0: never)")
     crop.add_argument("--draw-keypoints", action="store_true",
                       help="draw each frame's implicit keypoints (the driving motion applied to the source's "
                            "canonical keypoints; dots: eyes cyan, lips magenta; rings: the source's own), zoomed, "
@@ -110,8 +199,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     run_ = parser.add_argument_group("running")
     run_.add_argument("--max-frames", type=int, help="stop after this many driving frames")
-    run_.add_argument("--in-flight", type=int, default=4, help="frames awaiting the server at once (default 4)")
-    run_.add_argument("--retry", type=float, default=0.0, metavar="SECONDS",
+    run_.add_argument("--in-flight", type=int, default=DEFAULTS["in_flight"],
+                      help=f"frames awaiting the server at once (default {DEFAULTS['in_flight']})")
+    run_.add_argument("--retry", type=float, default=DEFAULTS["retry"], metavar="SECONDS",
                       help="if the server restarts mid-stream, reconnect for up to SECONDS and continue without "
                            "losing or repeating frames; if it is full (\"server at capacity\"), keep starting new "
                            "streams for up to SECONDS (default 0: fail)")
@@ -119,9 +209,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
+    """The `animate` command: its flags as AnimateSettings, then `run_settings`."""
     try:
-        summary = animate(args)
+        settings = AnimateSettings.from_args(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return run_settings(settings)
+
+
+def run_settings(settings: AnimateSettings) -> int:
+    """Animate and report as the command does: errors as one line on stderr (exit 1), notes, what was written."""
+    try:
+        summary = animate(settings)
     except KeyboardInterrupt:
         print("interrupted: nothing was written", file=sys.stderr)
         return 130
@@ -131,7 +232,7 @@ def run(args) -> int:
         return 1
     for note in summary.notes:
         print(f"note: {note}", file=sys.stderr)
-    if not args.quiet:
+    if not settings.quiet:
         print(f"wrote {summary.output} ({summary.frames} frame{'s' if summary.frames != 1 else ''})")
     return 0
 
@@ -153,7 +254,7 @@ class Summary:
 class Prepared:
     """One driving frame ready to send (driving None: no face yet, the output shows the still source)."""
     number: int
-    driving: DrivingInput | None
+    driving: DrivingFrame | None
     preview: np.ndarray | None = None       # 512x512 driving picture for the comparison video
 
 
@@ -177,14 +278,6 @@ def check_output(path: Path, kind: str, what: str = "--output") -> None:
         raise ValueError(f"{what} {path}: folder {path.parent} does not exist")
 
 
-def pipeline_options(args, kind: str) -> dict:
-    options = {name: getattr(args, name) for name in CLI_OPTIONS if getattr(args, name) is not None}
-    if kind == "image":
-        options["driving_type"] = "image"
-    spec.parse_options(options)
-    return options
-
-
 def prepare_source(path: str, analyzer, settings: C.CropSettings, max_dim: int, even: bool, timer: StageTimer,
                    options: dict, faces: str | int = "largest") -> SourceFaces:
     image = media.read_image(path, "source image")
@@ -199,17 +292,17 @@ class DrivingFrames:
     """Driving video/camera frames -> Prepared (runs in the prefetch thread): crop, ratios, optional smoothing.
     Every frame is looked at for a face; `faceless` lists the frames that showed none (see `faceless_note`)."""
 
-    def __init__(self, args, client: LivePortraitClient, timer: StageTimer, fps: float, smooth: bool,
+    def __init__(self, settings, client: LivePortraitClient, timer: StageTimer, fps: float, smooth: bool,
                  comparison: bool):
-        self.need_ratios = bool(args.eye_retargeting or args.lip_retargeting)
-        self.crop_driving = bool(args.crop_driving)
-        settings = C.CropSettings(args.driving_scale, args.driving_vx, args.driving_vy, rotate=False)
-        self.cropper = DrivingCropper(args.crop_driving, settings, args.face_models, track=self.need_ratios,
+        self.need_ratios = settings.needs_ratios
+        self.crop_driving = bool(settings.crop_driving)
+        self.cropper = DrivingCropper(settings.crop_driving, settings.driving_crop, settings.face_models,
+                                      track=self.need_ratios,
                                       timer=timer, preview=comparison, check_faces=True)
         self.seen = 0
         self.faceless: list[int] = []
         self.client, self.timer = client, timer
-        self.smoother = MotionSmoother(fps, SmoothingSettings(args.smooth_min_cutoff, args.smooth_beta)) \
+        self.smoother = MotionSmoother(fps, SmoothingSettings(settings.smooth_min_cutoff, settings.smooth_beta)) \
             if smooth else None
 
     def __call__(self, number: int, frame: np.ndarray) -> Prepared:
@@ -222,12 +315,12 @@ class DrivingFrames:
         eye = lip = None
         if self.need_ratios:
             eye, lip = float(cropped.face.eye_ratio()[0]), float(cropped.face.lip_ratio()[0])
-        driving = DrivingInput(crop=cropped.crop, eye_ratio=eye, lip_ratio=lip)
+        driving = DrivingFrame(crop=cropped.crop, eye_ratio=eye, lip_ratio=lip)
         if self.smoother is not None:
             with self.timer("driving: motion extractor (smoothing)"):
                 info = self.client.extract_motion(cropped.crop[None])
             motion = MotionFrame(R=info.R[0], exp=info.exp[0], t=info.t[0], scale=info.scale[0])
-            driving = DrivingInput(motion=self.smoother.motion(motion), eye_ratio=self.smoother.ratio("eye", eye),
+            driving = DrivingFrame(motion=self.smoother.motion(motion), eye_ratio=self.smoother.ratio("eye", eye),
                                    lip_ratio=self.smoother.ratio("lip", lip))
         return Prepared(number, driving, cropped.preview)
 
@@ -270,89 +363,88 @@ def timed(iterable, timer: StageTimer, stage: str) -> Iterator:
         yield item
 
 
-def check_template_ratios(template, args) -> None:
-    need = {"eye": bool(args.eye_retargeting), "lip": bool(args.lip_retargeting)}
+def check_template_ratios(template, settings) -> None:
+    need = {"eye": bool(settings.options.get("eye_retargeting")), "lip": bool(settings.options.get("lip_retargeting"))}
     for name, needed in need.items():
         if needed and getattr(template, f"{name}_ratio") is None:
             raise TemplateError(f"{name} retargeting needs driving {name} ratios, and this template has none "
                                 "(official .pkl templates often lack them; `liveportrait-triton template` records them)")
 
 
-def template_frames(template, args, smooth: bool) -> Iterator[Prepared]:
-    smoother = MotionSmoother(template.fps, SmoothingSettings(args.smooth_min_cutoff, args.smooth_beta)) \
+def template_frames(template, settings, smooth: bool) -> Iterator[Prepared]:
+    smoother = MotionSmoother(template.fps, SmoothingSettings(settings.smooth_min_cutoff, settings.smooth_beta)) \
         if smooth else None
     for i in range(len(template)):
         motion = template.frame(i)
         eye, lip = template.ratios(i)
         if smoother is not None:
             motion, eye, lip = smoother.motion(motion), smoother.ratio("eye", eye), smoother.ratio("lip", lip)
-        yield Prepared(i, DrivingInput(motion=motion, eye_ratio=eye, lip_ratio=lip))
+        yield Prepared(i, DrivingFrame(motion=motion, eye_ratio=eye, lip_ratio=lip))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The run
 
 
-def animate(args) -> Summary:
+def animate(settings: AnimateSettings) -> Summary:
     """Everything `animate` does; raises the errors `run` reports."""
     started = time.perf_counter()
     timer = StageTimer()
-    kind = driving_kind(args.driving)
-    output = Path(args.output)
-    source_is_video = not media.is_image(args.source)
+    kind = driving_kind(settings.driving)
+    output = Path(settings.output)
+    source_is_video = not media.is_image(settings.source)
     if source_is_video:
         if kind == "webcam":
             raise ValueError("a source video needs a driving video, image or template, not a camera")
-        if args.comparison or args.faces != "largest" or args.smooth or args.draw_keypoints:
+        if settings.comparison or settings.faces != "largest" or settings.smooth or settings.draw_keypoints:
             raise ValueError("--comparison, --faces, --smooth and --draw-keypoints are for source images")
     check_output(output, "video" if source_is_video else kind)
-    comparison = Path(args.comparison) if args.comparison else None
+    comparison = Path(settings.comparison) if settings.comparison else None
     if comparison is not None:
         if kind == "image":
             raise ValueError("--comparison is for video outputs")
         check_output(comparison, kind, "--comparison")
-    if args.max_frames is not None and args.max_frames < 1:
+    if settings.max_frames is not None and settings.max_frames < 1:
         raise ValueError("--max-frames must be >= 1")
-    if args.in_flight < 1:
+    if settings.in_flight < 1:
         raise ValueError("--in-flight must be >= 1")
-    options = pipeline_options(args, kind)
-    source_settings = C.CropSettings(args.source_scale, args.source_vx, args.source_vy, rotate=True)
-    C.CropSettings(args.driving_scale, args.driving_vx, args.driving_vy, rotate=False)     # validate early
+    options = settings.pipeline_options(kind)
 
     # local inputs first: a missing file or a face-less source fails before any server is needed
-    media.require_file(args.source, "source video" if source_is_video else "source image")
+    media.require_file(settings.source, "source video" if source_is_video else "source image")
     template = reader = driving_image = client = None
     if kind == "template":
-        template = load_template(args.driving)
-        check_template_ratios(template, args)
+        template = load_template(settings.driving)
+        check_template_ratios(template, settings)
     elif kind == "image":
-        driving_image = media.read_image(args.driving, "driving image")
+        driving_image = media.read_image(settings.driving, "driving image")
     elif kind == "video":
-        reader = media.VideoReader(args.driving)
+        reader = media.VideoReader(settings.driving)
     else:
-        reader = media.WebcamReader(args.driving, args.fps)
-    analyzer = make_analyzer(args.face_models)
+        reader = media.WebcamReader(settings.driving, settings.fps)
+    analyzer = make_analyzer(settings.face_models)
     try:
         if source_is_video:
             with timer("connect + check server"):
-                client = LivePortraitClient(args.server)
+                client = LivePortraitClient(settings.server)
                 client.check_model(spec.MOTION)
-            return _animate_source_video(args, client, analyzer, options, kind, template, reader, driving_image,
+            return _animate_source_video(settings, client, analyzer, options, kind, template, reader, driving_image,
                                          output, started)
-        faces = prepare_source(args.source, analyzer, source_settings, args.source_max_dim, even=kind != "image",
-                               timer=timer, options=options, faces=args.faces)
-        if len(faces) > 1 and (not args.paste_back or args.draw_keypoints):
+        faces = prepare_source(settings.source, analyzer, settings.source_crop, settings.source_max_dim,
+                               even=kind != "image",
+                               timer=timer, options=options, faces=settings.faces)
+        if len(faces) > 1 and (not settings.paste_back or settings.draw_keypoints):
             raise ValueError(f"--no-paste-back and --draw-keypoints are for one face; {len(faces)} faces were chosen "
                              "(--faces)")
-        if faces.selection.note and not args.quiet:
+        if faces.selection.note and not settings.quiet:
             print(f"note: {faces.selection.note}", file=sys.stderr)
         with timer("connect + check server"):
-            client = LivePortraitClient(args.server)
-            if args.smooth or (args.smooth is None and kind == "webcam"):
+            client = LivePortraitClient(settings.server)
+            if settings.smooth or (settings.smooth is None and kind == "webcam"):
                 client.check_model(spec.MOTION)
         if kind == "image":
-            return _animate_image(args, client, analyzer, faces, driving_image, output, timer, started)
-        return _animate_stream(args, client, kind, faces, template, reader, output, comparison, timer, started)
+            return _animate_image(settings, client, analyzer, faces, driving_image, output, timer, started)
+        return _animate_stream(settings, client, kind, faces, template, reader, output, comparison, timer, started)
     finally:
         analyzer.close()
         if reader is not None:
@@ -361,88 +453,86 @@ def animate(args) -> Summary:
             client.close()
 
 
-def _animate_source_video(args, client, analyzer, options, kind, template, reader, driving_image, output,
+def _animate_source_video(settings, client, analyzer, options, kind, template, reader, driving_image, output,
                           started) -> Summary:
     timer = StageTimer()
     if kind == "image":
         face = analyzer.detect(driving_image)
-        if args.crop_driving and face is None:
-            raise NoFaceError(f"no face found in the driving image {args.driving}")
-        if args.crop_driving:
-            settings = C.CropSettings(args.driving_scale, args.driving_vx, args.driving_vy, rotate=False)
-            crop = C.network_input(C.warp_crop(driving_image, face.crop_box(settings)))
+        if settings.crop_driving and face is None:
+            raise NoFaceError(f"no face found in the driving image {settings.driving}")
+        if settings.crop_driving:
+            crop = C.network_input(C.warp_crop(driving_image, face.crop_box(settings.driving_crop)))
         else:
             crop = cv2.resize(driving_image, (spec.SOURCE_SIZE, spec.SOURCE_SIZE), interpolation=cv2.INTER_LINEAR)
-        drivings = [Prepared(0, DrivingInput(crop=crop, eye_ratio=None if face is None else float(face.eye_ratio()[0]),
+        drivings = [Prepared(0, DrivingFrame(crop=crop, eye_ratio=None if face is None else float(face.eye_ratio()[0]),
                                              lip_ratio=None if face is None else float(face.lip_ratio()[0])))]
         audio = None
     prepare = None
     if kind == "video":
-        prepare = DrivingFrames(args, client, timer, reader.info.fps, smooth=False, comparison=False)
+        prepare = DrivingFrames(settings, client, timer, reader.info.fps, smooth=False, comparison=False)
         drivings = (prepare(n, frame) for n, frame in enumerate(reader))
         audio = reader.info.audio_codec
     elif kind == "template":
         drivings, audio = None, None
     try:
-        written = animate_source_video(args, client, analyzer, options, kind, template, drivings, audio, output,
+        written = animate_source_video(settings, client, analyzer, options, kind, template, drivings, audio, output,
                                        _progress)
     finally:
         if prepare is not None:
             prepare.close()
-    note = faceless_note(prepare, args.driving, fail_if_none=False) if prepare is not None else None
+    note = faceless_note(prepare, settings.driving, fail_if_none=False) if prepare is not None else None
     return Summary(output, written, time.perf_counter() - started, notes=[note] if note else [])
 
 
-def _animate_image(args, client, analyzer, faces, driving_image, output, timer, started) -> Summary:
+def _animate_image(settings, client, analyzer, faces, driving_image, output, timer, started) -> Summary:
     with timer("driving: detect"):
         face = analyzer.detect(driving_image)
     if face is None:
-        raise NoFaceError(f"no face found in the driving image {args.driving}: the driving input must show a face; "
+        raise NoFaceError(f"no face found in the driving image {settings.driving}: the driving input must show a face; "
                           "nothing was written")
-    if args.crop_driving:
-        settings = C.CropSettings(args.driving_scale, args.driving_vx, args.driving_vy, rotate=False)
-        crop = C.network_input(C.warp_crop(driving_image, face.crop_box(settings)))
+    if settings.crop_driving:
+        crop = C.network_input(C.warp_crop(driving_image, face.crop_box(settings.driving_crop)))
     else:
         crop = cv2.resize(driving_image, (spec.SOURCE_SIZE, spec.SOURCE_SIZE), interpolation=cv2.INTER_LINEAR)
-    ratios = args.crop_driving or args.eye_retargeting or args.lip_retargeting
-    driving = DrivingInput(crop=crop, eye_ratio=float(face.eye_ratio()[0]) if ratios else None,
+    ratios = settings.crop_driving or settings.needs_ratios
+    driving = DrivingFrame(crop=crop, eye_ratio=float(face.eye_ratio()[0]) if ratios else None,
                            lip_ratio=float(face.lip_ratio()[0]) if ratios else None)
     with timer("server (one request per face)"):
         animated = faces.animate_image(client, driving)
-    result = faces.paste(animated) if args.paste_back else animated[0]
+    result = faces.paste(animated) if settings.paste_back else animated[0]
     media.write_image(output, result)
     wall = time.perf_counter() - started
     summary = Summary(output, 1, wall)
-    if args.profile:
+    if settings.profile:
         summary.profile = timer.report(1, wall)
         print(summary.profile, file=sys.stderr)
     return summary
 
 
-def _animate_stream(args, client, kind, faces, template, reader, output, comparison, timer, started) -> Summary:
-    smooth = args.smooth if args.smooth is not None else kind == "webcam"
+def _animate_stream(settings, client, kind, faces, template, reader, output, comparison, timer, started) -> Summary:
+    smooth = settings.smooth if settings.smooth is not None else kind == "webcam"
     if template is not None:
         fps, total, audio = template.fps, len(template), None
-        frames = template_frames(template, args, smooth)
+        frames = template_frames(template, settings, smooth)
         prefetch = prepare = None
     else:
         info = reader.info
         fps, total = info.fps, info.frame_count
-        audio = args.driving if info.audio_codec else None
-        prepare = DrivingFrames(args, client, timer, fps, smooth, comparison is not None)
+        audio = settings.driving if info.audio_codec else None
+        prepare = DrivingFrames(settings, client, timer, fps, smooth, comparison is not None)
         decoded = timed(reader, timer, "driving: decode")
-        if args.max_frames:
-            decoded = itertools.islice(decoded, args.max_frames)
-        prefetch = media.Prefetcher(decoded, prepare, depth=max(8, 2 * args.in_flight), name="driving-prefetch")
+        if settings.max_frames:
+            decoded = itertools.islice(decoded, settings.max_frames)
+        prefetch = media.Prefetcher(decoded, prepare, depth=max(8, 2 * settings.in_flight), name="driving-prefetch")
         frames = iter(prefetch)
-    if args.max_frames:
-        frames = itertools.islice(frames, args.max_frames)
-        total = min(total, args.max_frames) if total else args.max_frames
+    if settings.max_frames:
+        frames = itertools.islice(frames, settings.max_frames)
+        total = min(total, settings.max_frames) if total else settings.max_frames
     source_crop512 = faces.crop512
-    paste = faces.paste if args.paste_back else None
+    paste = faces.paste if settings.paste_back else None
     still = faces.image if paste is not None else source_crop512
     overlay = None
-    if args.draw_keypoints:
+    if settings.draw_keypoints:
         options = spec.parse_options(faces.faces[0].source.options)
         overlay = KeypointOverlay(client, faces.faces[0].source.crop, options["relative_motion"],
                                   options["animation_region"])
@@ -450,13 +540,13 @@ def _animate_stream(args, client, kind, faces, template, reader, output, compari
         still = overlay.beside(still, overlay.draw(source_crop512, overlay.source_points))
     out_size = (still.shape[1], still.shape[0])
     server_models = [spec.PIPELINE, *spec.SUBMODELS]
-    stats_before = server_statistics(client._client, server_models) if args.profile else None
+    stats_before = server_statistics(client._client, server_models) if settings.profile else None
     writer = media.VideoWriter(output, out_size, fps, audio_from=audio)
     side = media.VideoWriter(comparison, (3 * C.CROP_SIZE, C.CROP_SIZE), fps) if comparison else None
-    progress = _progress(total, args.quiet)
+    progress = _progress(total, settings.quiet)
     written, stream = 0, None
     try:
-        stream = faces.stream(client, max_in_flight=args.in_flight, retry_s=args.retry)
+        stream = faces.stream(client, max_in_flight=settings.in_flight, retry_s=settings.retry)
         waiting: collections.deque = collections.deque()     # (Prepared, send number or None), in frame order
         results: dict = {}
         latencies: list[float] = []
@@ -528,8 +618,8 @@ def _animate_stream(args, client, kind, faces, template, reader, output, compari
             collect(stream.finish())
         write_ready(final=True)
         if written == 0:
-            raise media.MediaError(f"the driving input {args.driving} has no frames")
-        note = faceless_note(prepare, args.driving) if prepare is not None else None    # raises if no face at all
+            raise media.MediaError(f"the driving input {settings.driving} has no frames")
+        note = faceless_note(prepare, settings.driving) if prepare is not None else None    # raises if no face at all
         with timer("encode (finish)"):
             if side is not None:
                 side.close()
@@ -553,12 +643,64 @@ def _animate_stream(args, client, kind, faces, template, reader, output, compari
     if stream.dropped:
         print(f"the server was behind: {stream.dropped} of {written} camera frames were not sent (the previous "
               "animated frame stands in for each; a live stream sends the newest frame)", file=sys.stderr)
-    if args.profile:
+    if settings.profile:
         summary.profile = _profile_report(timer, written, wall, latencies, stream,
                                           statistics_delta(stats_before, server_statistics(client._client,
                                                                                            server_models)))
         print(summary.profile, file=sys.stderr)
     return summary
+
+
+class LiveAnimation:
+    """A live source animated frame by frame, one request per frame: the source is cropped and STARTed on
+    creation, `animate(rgb)` returns each camera frame's animated portrait (the still portrait until a face is
+    found), `close()` ENDs the sequence. Thread-safe (the web page's live tab calls it from WebRTC threads)."""
+
+    def __init__(self, settings: AnimateSettings, fps: float):
+        self.lock = threading.Lock()
+        options = settings.pipeline_options("webcam")
+        analyzer = make_analyzer(settings.face_models)
+        try:
+            faces = prepare_source(settings.source, analyzer, settings.source_crop, settings.source_max_dim,
+                                   even=False, timer=StageTimer(), options=options)          # the largest face
+        finally:
+            analyzer.close()
+        self.client = LivePortraitClient(settings.server)
+        smooth = bool(settings.smooth)
+        if smooth:
+            self.client.check_model(spec.MOTION)
+        self.paste = faces.paste if settings.paste_back else None
+        self.still = faces.image if self.paste is not None else faces.crop512
+        self.frames = DrivingFrames(settings, self.client, StageTimer(), fps, smooth, comparison=False)
+        self.sequence_id = new_sequence_id()
+        self.number = 0
+        self.closed = False
+        self.client.infer(faces.faces[0].source.tensors(), self.sequence_id, start=True, options=options)
+
+    def animate(self, frame: np.ndarray) -> np.ndarray:
+        """One camera frame (RGB) -> the animated portrait (the still portrait until a face is found)."""
+        with self.lock:
+            if self.closed:
+                raise RequestFailed("the live session has ended")
+            prepared = self.frames(self.number, np.ascontiguousarray(frame[..., :3]))
+            self.number += 1
+            if prepared.driving is None:
+                return self.still
+            image, _ = self.client.infer(prepared.driving.tensors(), self.sequence_id)
+            return self.paste(image) if self.paste is not None else image
+
+    def close(self) -> None:
+        """END the sequence (the server frees its state now rather than at the idle timeout)."""
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            try:
+                self.client.infer({}, self.sequence_id, end=True)
+            except RequestFailed:       # the server went away: its idle timeout frees the state
+                pass
+            self.frames.close()
+            self.client.close()
 
 
 def _progress(total: int | None, quiet: bool):

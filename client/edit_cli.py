@@ -7,8 +7,9 @@ import sys
 from .. import crop as C
 from .. import spec
 from . import media
-from .client import DEFAULT_URL, LivePortraitClient, RequestFailed, ServerMismatch, ServerUnavailable
-from .editing import RETARGETING_CROP_SCALE, SOURCE_SCALE_BOUNDS, PortraitEditor
+from .client import DEFAULT_URL, LivePortraitClient
+from .errors import RequestFailed, ServerMismatch, ServerUnavailable
+from .editing import PortraitEditor
 from .faces import NoFaceError
 from .keypoint_overlay import KeypointOverlay
 
@@ -29,9 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         controls.add_argument(_flag(name), dest=name, type=float, default=None, metavar="V",
                               help=f"{control.help} [{low:g}, {high:g}{default}]")
     crop = parser.add_argument_group("crop and paste-back")
-    low, high = SOURCE_SCALE_BOUNDS
-    crop.add_argument("--source-scale", type=float, default=RETARGETING_CROP_SCALE,
-                      help=f"crop box size / face size, [{low:g}, {high:g}] (default {RETARGETING_CROP_SCALE}, "
+    low, high = C.RETARGETING_SCALE_BOUNDS
+    crop.add_argument("--source-scale", type=float, default=C.RETARGETING_SCALE,
+                      help=f"crop box size / face size, [{low:g}, {high:g}] (default {C.RETARGETING_SCALE}, "
                            "the official retargeting default)")
     crop.add_argument("--source-vx", type=float, default=C.SOURCE_CROP.vx, help="crop shift along the face's x axis")
     crop.add_argument("--source-vy", type=float, default=C.SOURCE_CROP.vy, help="crop shift along the face's y axis")

@@ -14,12 +14,11 @@ import numpy as np
 
 from .. import crop as C
 from .. import editing, spec
-from .client import LivePortraitClient, RequestFailed, SourceInput, new_sequence_id
+from ..wire import SourceInput
+from .client import LivePortraitClient
+from .errors import RequestFailed
 from .faces import FaceAnalyzer, NoFaceError, make_analyzer
-
-RETARGETING_CROP_SCALE = 2.5            # the official retargeting tab's default crop scale
-SOURCE_SCALE_BOUNDS = (1.8, 3.2)        # and its range
-SOURCE_MAX_DIM = 1280
+from .requests import new_sequence_id
 
 
 class EditSession:
@@ -60,13 +59,6 @@ class EditSession:
         return False
 
 
-def check_source_scale(scale: float) -> float:
-    low, high = SOURCE_SCALE_BOUNDS
-    if not low <= scale <= high:
-        raise ValueError(f"source scale {scale!r} is outside [{low}, {high}] (the official retargeting range)")
-    return float(scale)
-
-
 class PortraitEditor:
     """A full portrait image: the face is detected and cropped once, then each `edit()` returns the whole image
     with the edited face pasted back (or the 512x512 crop with paste_back=False).
@@ -75,11 +67,12 @@ class PortraitEditor:
     source's own ratio rounded to 2 decimals) means no retargeting.
     """
 
-    def __init__(self, client: LivePortraitClient, image: np.ndarray, source_scale: float = RETARGETING_CROP_SCALE,
+    def __init__(self, client: LivePortraitClient, image: np.ndarray, source_scale: float = C.RETARGETING_SCALE,
                  vx: float = C.SOURCE_CROP.vx, vy: float = C.SOURCE_CROP.vy, stitching: bool = True,
                  paste_back: bool = True, analyzer: FaceAnalyzer | None = None, face_models: str | None = None):
-        settings = C.CropSettings(check_source_scale(source_scale), vx, vy, rotate=True)
-        image = np.ascontiguousarray(C.trim_to_even(C.limit_size(np.asarray(image), SOURCE_MAX_DIM)))
+        settings = C.CropSettings(C.check_in("source scale (the official retargeting range)", source_scale,
+                                             C.RETARGETING_SCALE_BOUNDS), vx, vy, rotate=True)
+        image = np.ascontiguousarray(C.trim_to_even(C.limit_size(np.asarray(image), C.SOURCE_MAX_DIM)))
         own = analyzer is None
         analyzer = make_analyzer(face_models) if own else analyzer
         try:

@@ -46,7 +46,7 @@ class KeypointOverlay:
         return (points[:, :2] - self.center) * self.pixels_per_unit + CROP_SIZE / 2
 
     def keypoints(self, driving) -> np.ndarray:
-        """(21, 3) implicit keypoints of one DrivingInput (the first one call is the relative-motion anchor)."""
+        """(21, 3) implicit keypoints of one DrivingFrame (the first one call is the relative-motion anchor)."""
         info = driving.motion.info() if driving.motion is not None else self.client.extract_motion(driving.crop[None])
         if self.anchor is None:
             self.anchor = info

@@ -4,7 +4,7 @@ How a stream runs: the page's Start button calls the app through Gradio (portrai
 sequence STARTed, errors shown in the page), which answers with a one-use token; the page's script (PAGE_SCRIPT)
 then opens the camera, makes an RTCPeerConnection without STUN/TURN servers (host candidates only: the page serves
 its own network) and POSTs its offer with the token to OFFER_PATH. The answer carries one video track back: every
-camera frame animated by the stream's session (`animate(rgb) -> rgb`, `close()`: the page's LiveSession).
+camera frame animated by the stream's session (`animate(rgb) -> rgb`, `close()`: animate.LiveAnimation).
 
 When the server is slower than the camera, the newest camera frame wins: a frame still waiting when a newer one
 arrives is skipped, and counted (`LiveStats.skipped`); every other frame gets exactly one animated frame back. The

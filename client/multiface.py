@@ -9,7 +9,7 @@ pixel outside all masks is the source's.
 
     faces = SourceFaces.detect(image, analyzer, settings, options, faces="all")
     with faces.stream(client) as stream:                   # one AnimationStream per face, sent in step
-        stream.send(DrivingInput(crop=crop))
+        stream.send(DrivingFrame(crop=crop))
         for result in stream.ready():                      # FrameResult with one crop per face
             frame = faces.paste(result.image)
 """
@@ -21,7 +21,10 @@ import dataclasses
 import numpy as np
 
 from .. import crop as C
-from .client import AnimationStream, DrivingInput, FrameResult, LivePortraitClient, SourceInput
+from ..wire import DrivingFrame, SourceInput
+from .client import LivePortraitClient
+from .requests import FrameResult
+from .stream import AnimationStream
 from .faces import FaceAnalyzer, NoFaceError
 
 
@@ -122,7 +125,7 @@ class SourceFaces:
             return client.stream(self.faces[0].source, max_in_flight=max_in_flight, retry_s=retry_s)
         return FaceStreams(client, [f.source for f in self.faces], max_in_flight, retry_s)
 
-    def animate_image(self, client: LivePortraitClient, driving: DrivingInput) -> list[np.ndarray]:
+    def animate_image(self, client: LivePortraitClient, driving: DrivingFrame) -> list[np.ndarray]:
         """Image driving: one request per face, sent concurrently (the server batches them)."""
         with concurrent.futures.ThreadPoolExecutor(len(self.faces)) as pool:
             return list(pool.map(lambda f: client.animate_image(f.source, driving), self.faces))
@@ -156,7 +159,7 @@ class FaceStreams:
     def dropped(self) -> int:
         return self.streams[0].dropped
 
-    def offer(self, driving: DrivingInput, last: bool = False) -> int | None:
+    def offer(self, driving: DrivingFrame, last: bool = False) -> int | None:
         """A live frame to every face's stream if all have room, else dropped for all (see AnimationStream.offer)."""
         if not last and not all([s.has_room() for s in self.streams]):
             for s in self.streams:
@@ -164,7 +167,7 @@ class FaceStreams:
             return None
         return self.send(driving, last=last)
 
-    def send(self, driving: DrivingInput, last: bool = False) -> int:
+    def send(self, driving: DrivingFrame, last: bool = False) -> int:
         numbers = {s.send(driving, last=last) for s in self.streams}
         if len(numbers) != 1:
             raise RuntimeError(f"face streams out of step: frame numbers {sorted(numbers)}")

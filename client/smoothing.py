@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from ..pipeline import MotionFrame
+from ..wire import MotionFrame
 
 
 def _alpha(cutoff: float, dt: float) -> float:

@@ -20,9 +20,11 @@ from .. import crop as C
 from .. import keypoints as K
 from .. import source_video as SV
 from ..lip_array import LIP_ARRAY
-from ..pipeline import MotionFrame
+from ..wire import MotionFrame
 from . import media
-from .client import DrivingInput, LivePortraitClient, RequestFailed, SourceInput
+from ..wire import DrivingFrame, SourceInput
+from .client import LivePortraitClient
+from .errors import RequestFailed
 from .faces import FaceAnalyzer, NoFaceError
 
 MOTION_BATCH = 16       # crops per motion-extractor request (the served models accept batches up to 16)
@@ -87,13 +89,13 @@ def extract_motion(client: LivePortraitClient, crops: list[np.ndarray]) -> K.Mot
                            for f in ("R", "t", "exp", "scale", "kp", "pitch", "yaw", "roll")})
 
 
-def animate_source_video(args, client: LivePortraitClient, analyzer: FaceAnalyzer, options: dict, kind: str,
+def animate_source_video(settings, client: LivePortraitClient, analyzer: FaceAnalyzer, options: dict, kind: str,
                          template, driving_frames, driving_audio: str | None, output, progress_factory) -> int:
     """The whole v2v run; returns the number of frames written. `driving_frames` yields Prepared driving inputs
     (crops with ratios) for video/image driving; `template` is a MotionTemplate for template driving;
     `driving_audio` is the driving video's audio codec (None: no audio)."""
-    settings = C.CropSettings(args.source_scale, args.source_vx, args.source_vy, rotate=True)
-    track = track_source(args.source, analyzer, settings, args.source_max_dim, args.max_frames, args.quiet)
+    track = track_source(settings.source, analyzer, settings.source_crop, settings.source_max_dim,
+                         settings.max_frames, settings.quiet)
     # driving motion (all of it: the smoothing needs the whole sequence) and ratios
     if template is not None:
         motion = K.MotionInfo(R=template.R, t=template.t, exp=template.exp, scale=template.scale)
@@ -108,7 +110,7 @@ def animate_source_video(args, client: LivePortraitClient, analyzer: FaceAnalyze
             if kind == "image" or (len(prepared) >= len(track.crops)):
                 break
         if not prepared:
-            raise media.MediaError(f"the driving input {args.driving} has no frames")
+            raise media.MediaError(f"the driving input {settings.driving} has no frames")
         motion = extract_motion(client, [p.crop for p in prepared])
         ratios = [(p.eye_ratio, p.lip_ratio) for p in prepared]
         driving_is_video = kind != "image"
@@ -124,15 +126,15 @@ def animate_source_video(args, client: LivePortraitClient, analyzer: FaceAnalyze
     face_frames = [i for i, box in enumerate(track.boxes) if box is not None][:count]
     last = face_frames[-1] + 1
     choice = SV.audio_source(driving_audio is not None, track.audio_codec is not None)
-    audio = {"driving": args.driving, "source": args.source, None: None}[choice]
+    audio = {"driving": settings.driving, "source": settings.source, None: None}[choice]
     first = SourceInput(crop=track.crops[0], options={**options, "source_video": True},
                         eye_ratio=track.eye_ratios[0], lip_ratio=track.lip_ratios[0])
-    size = track.size if args.paste_back else (C.CROP_SIZE, C.CROP_SIZE)
+    size = track.size if settings.paste_back else (C.CROP_SIZE, C.CROP_SIZE)
     writer = media.VideoWriter(output, size, track.fps, audio_from=audio)
-    progress = progress_factory(last, args.quiet)
+    progress = progress_factory(last, settings.quiet)
     written = 0
     try:
-        with client.stream(first, max_in_flight=args.in_flight, retry_s=args.retry) as stream:
+        with client.stream(first, max_in_flight=settings.in_flight, retry_s=settings.retry) as stream:
             k = 0
             sent: dict[int, int] = {}                   # frame index -> send number
             for i in range(last):
@@ -141,21 +143,21 @@ def animate_source_video(args, client: LivePortraitClient, analyzer: FaceAnalyze
                 d = 0 if not driving_is_video else k
                 eye, lip = ratios[d] if d < len(ratios) else (None, None)
                 frame_motion = MotionFrame(R=R[k], exp=exp[k], t=motion.t[d], scale=motion.scale[d])
-                sent[i] = stream.send(DrivingInput(motion=frame_motion, eye_ratio=eye, lip_ratio=lip,
-                                                   source_crop=track.crops[k],
+                sent[i] = stream.send(DrivingFrame(motion=frame_motion, eye_ratio=eye, lip_ratio=lip,
+                                                   source=track.crops[k],
                                                    source_eye_ratio=track.eye_ratios[k],
                                                    source_lip_ratio=track.lip_ratios[k]),
                                       last=k == count - 1)
                 k += 1
             results = {r.number: r.image for r in stream.finish()}
-        with contextlib.closing(source_frames(args.source, args.source_max_dim)) as frames:
+        with contextlib.closing(source_frames(settings.source, settings.source_max_dim)) as frames:
             for i, (_, frame) in zip(range(last), frames):
                 if i in sent:
                     if sent[i] not in results:
                         raise RequestFailed(f"source frame {i} got no answer")
-                    frame = C.PasteBack(frame, track.boxes[i])(results.pop(sent[i])) if args.paste_back \
+                    frame = C.PasteBack(frame, track.boxes[i])(results.pop(sent[i])) if settings.paste_back \
                         else results.pop(sent[i])
-                elif not args.paste_back:
+                elif not settings.paste_back:
                     frame = np.zeros((C.CROP_SIZE, C.CROP_SIZE, 3), np.uint8)
                 writer.write(frame)
                 written += 1

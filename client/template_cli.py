@@ -15,7 +15,8 @@ import numpy as np
 from .. import crop as C
 from .. import spec
 from . import media
-from .client import DEFAULT_URL, LivePortraitClient, RequestFailed, ServerMismatch, ServerUnavailable
+from .client import DEFAULT_URL, LivePortraitClient
+from .errors import RequestFailed, ServerMismatch, ServerUnavailable
 from .driving import DrivingCropper
 from .faces import NoFaceError
 from .templates import MotionTemplate, TemplateError, is_template, load_template, save_npz

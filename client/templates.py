@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import NUM_KP
-from ..pipeline import MotionFrame
+from ..wire import MotionFrame
 from .media import atomic_output
 
 NPZ_FORMAT = "liveportrait-triton-template/1"

@@ -1,10 +1,11 @@
 """`liveportrait-triton ui`: a Gradio page on top of the Triton server (Animate, Edit, Live, status line).
 
-Everything goes through the client library: Animate runs the `animate` command's own code path (so every option
-and check is the command's), Live streams the browser's camera over WebRTC (`live_webrtc`: one server sequence per
-browser session, START with the portrait, one request per animated frame, END when the stream stops, the tab closes
-or the connection drops), and the status line reads the server's readiness and metrics. Edit holds one
-PortraitEditor (one sequence) per browser session; each slider move is one edit request on it. The page binds to
+Everything goes through the client library: the page's controls build one `animate.AnimateSettings` (the object
+the `animate` command builds from its flags), Animate runs `animate.animate` on it (so every option and check is
+the command's), Live streams the browser's camera over WebRTC (`live_webrtc`) into an `animate.LiveAnimation` (one
+server sequence per browser session, START with the portrait, one request per animated frame, END when the stream
+stops, the tab closes or the connection drops), and the status line reads the server's readiness and metrics.
+Edit holds one PortraitEditor (one sequence) per browser session; each slider move is one edit request on it. The page binds to
 loopback unless told otherwise; files come only from uploads (paths outside Gradio's upload folder are refused),
 uploads are size-limited and driving inputs duration-limited.
 
@@ -33,11 +34,9 @@ from .. import spec
 from . import animate as A
 from . import live_webrtc
 from . import media
-from .client import DEFAULT_URL, LivePortraitClient, RequestFailed, ServerMismatch, ServerUnavailable, \
-    new_sequence_id
-from .faces import NoFaceError, make_analyzer
-from .multiface import parse_faces
-from .profiling import StageTimer
+from .client import DEFAULT_URL, LivePortraitClient
+from .errors import RequestFailed, ServerMismatch, ServerUnavailable
+from .faces import NoFaceError
 from .status import StatusMonitor, metrics_candidates
 from .templates import TemplateError, load_template
 
@@ -81,10 +80,10 @@ def _motion_controls() -> list[Control]:
 def _crop_controls() -> list[Control]:
     out = []
     for who, settings in (("source", C.SOURCE_CROP), ("driving", C.DRIVING_CROP)):
-        out.append(Control(f"{who}_scale", f"{who} crop scale", "number", settings.scale, bounds=(1.0, 4.0),
+        out.append(Control(f"{who}_scale", f"{who} crop scale", "number", settings.scale, bounds=C.SCALE_BOUNDS,
                            step=0.05))
-        out.append(Control(f"{who}_vx", f"{who} crop x shift", "number", settings.vx, bounds=(-1.0, 1.0), step=0.01))
-        out.append(Control(f"{who}_vy", f"{who} crop y shift", "number", settings.vy, bounds=(-1.0, 1.0), step=0.01))
+        out.append(Control(f"{who}_vx", f"{who} crop x shift", "number", settings.vx, bounds=C.SHIFT_BOUNDS, step=0.01))
+        out.append(Control(f"{who}_vy", f"{who} crop y shift", "number", settings.vy, bounds=C.SHIFT_BOUNDS, step=0.01))
     out.append(Control("faces", "faces to animate (source images)", "choice", "largest",
                        choices=("largest", "all", "2", "3", "4")))
     out.append(Control("crop_driving", "crop the face out of driving frames", "check", False))
@@ -111,11 +110,10 @@ def _edit_controls() -> list[Control]:
 
 
 def _edit_crop_controls() -> list[Control]:
-    from .editing import RETARGETING_CROP_SCALE, SOURCE_SCALE_BOUNDS
-    return [Control("source_scale", "crop scale", "number", RETARGETING_CROP_SCALE, bounds=SOURCE_SCALE_BOUNDS,
+    return [Control("source_scale", "crop scale", "number", C.RETARGETING_SCALE, bounds=C.RETARGETING_SCALE_BOUNDS,
                     step=0.05),
-            Control("vx", "crop x shift", "number", C.SOURCE_CROP.vx, bounds=(-1.0, 1.0), step=0.01),
-            Control("vy", "crop y shift", "number", C.SOURCE_CROP.vy, bounds=(-1.0, 1.0), step=0.01),
+            Control("vx", "crop x shift", "number", C.SOURCE_CROP.vx, bounds=C.SHIFT_BOUNDS, step=0.01),
+            Control("vy", "crop y shift", "number", C.SOURCE_CROP.vy, bounds=C.SHIFT_BOUNDS, step=0.01),
             Control("stitching", "stitching", "check", True),
             Control("paste_back", "paste back into the full portrait", "check", True)]
 
@@ -134,19 +132,6 @@ def edit_settings(values: list) -> tuple[dict, dict]:
             controls[switch.name.removeprefix("set_")] = None
     crop = {c.name: v for c, v in zip(EDIT_CROP_CONTROLS, values[n + m:])}
     return controls, crop
-
-
-def animate_args(server: str, source: str, driving: str, output: str, settings: dict) -> argparse.Namespace:
-    """The `animate` command's arguments (its parser's defaults) with the page's settings applied."""
-    parser = argparse.ArgumentParser()
-    A.add_arguments(parser)
-    args = parser.parse_args(["--server", server, "--source", source, "--driving", driving, "--output", output,
-                              "--quiet"])
-    for name, value in settings.items():
-        if not hasattr(args, name):
-            raise ValueError(f"unknown setting {name!r}")
-        setattr(args, name, parse_faces(str(value)) if name == "faces" else value)
-    return args
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -194,61 +179,8 @@ def media_seconds(path: str, kind: str) -> float | None:
 # Live: one server sequence per browser session
 
 
-class LiveSession:
-    """A webcam stream animating one portrait: START on creation, one request per frame, END on close."""
-
-    def __init__(self, server: str, source: str, settings: dict, face_models: str | None, fps: float):
-        self.lock = threading.Lock()
-        args = animate_args(server, source, media.WEBCAM_PREFIX + "0", "live.mp4",
-                            {**settings, "face_models": face_models})
-        options = A.pipeline_options(args, "webcam")
-        analyzer = make_analyzer(face_models)
-        try:
-            faces = A.prepare_source(source, analyzer, C.CropSettings(
-                args.source_scale, args.source_vx, args.source_vy, rotate=True), args.source_max_dim, even=False,
-                timer=StageTimer(), options=options)          # the largest face
-        finally:
-            analyzer.close()
-        self.client = LivePortraitClient(server)
-        smooth = bool(args.smooth)
-        if smooth:
-            self.client.check_model(spec.MOTION)
-        self.paste = faces.paste if args.paste_back else None
-        self.still = faces.image if self.paste is not None else faces.crop512
-        self.frames = A.DrivingFrames(args, self.client, StageTimer(), fps, smooth, comparison=False)
-        self.sequence_id = new_sequence_id()
-        self.number = 0
-        self.closed = False
-        self.client.infer(faces.faces[0].source.tensors(), self.sequence_id, start=True, options=options)
-
-    def animate(self, frame: np.ndarray) -> np.ndarray:
-        """One webcam frame (RGB) -> the animated portrait (the still portrait until a face is found)."""
-        with self.lock:
-            if self.closed:
-                raise RequestFailed("the live session has ended")
-            prepared = self.frames(self.number, np.ascontiguousarray(frame[..., :3]))
-            self.number += 1
-            if prepared.driving is None:
-                return self.still
-            image, _ = self.client.infer(prepared.driving.tensors(), self.sequence_id)
-            return self.paste(image) if self.paste is not None else image
-
-    def close(self) -> None:
-        """END the sequence (the server frees its state now rather than at the idle timeout)."""
-        with self.lock:
-            if self.closed:
-                return
-            self.closed = True
-            try:
-                self.client.infer({}, self.sequence_id, end=True)
-            except RequestFailed:       # the server went away: its idle timeout frees the state
-                pass
-            self.frames.close()
-            self.client.close()
-
-
 class Sessions:
-    """Browser session id -> one open session object (LiveSession, PortraitEditor), at most `limit` at once.
+    """Browser session id -> one open session object (a live stream, a PortraitEditor), at most `limit` at once.
 
     A session is replaced when its key (portrait + settings) changes, closed when its browser tab closes
     (`close`) and, as a backstop for connections that vanish silently, when unused for `idle_s` (`sweep`).
@@ -379,15 +311,16 @@ class App:
         image_out = kind == "image" and not source_video
         output = folder / ("result" + (Path(driving).suffix.lower() if image_out else ".mp4"))
         comparison = folder / "comparison.mp4" if not image_out and not source_video else None
-        args = animate_args(self.server, source, driving, str(output), {**settings, "face_models": self.face_models})
-        args.comparison = str(comparison) if comparison else None
-        args.quiet = False                  # the progress bar (tqdm) is what the page's progress bar tracks
+        max_frames = None
         if kind == "video":
             reader = media.VideoReader(driving)
             fps = reader.info.fps
             reader.close()
-            args.max_frames = math.ceil(self.limits.driving_seconds * fps)      # containers may lie about length
-        summary = A.animate(args)
+            max_frames = math.ceil(self.limits.driving_seconds * fps)      # containers may lie about length
+        # quiet off: the progress bar (tqdm) is what the page's progress bar tracks
+        summary = A.animate(A.AnimateSettings.from_values(
+            **settings, server=self.server, source=source, driving=driving, output=str(output),
+            comparison=str(comparison) if comparison else None, face_models=self.face_models, max_frames=max_frames))
         message = f"{summary.frames} frame{'s' if summary.frames != 1 else ''} in {summary.wall_s:.1f} s"
         message += "".join(f"\n\nnote: {note}" for note in summary.notes)
         if image_out:
@@ -405,8 +338,10 @@ class App:
         self.live.close(session_id)
 
         def create():
-            stream = live_webrtc.LiveStream(LiveSession(self.server, source, settings, self.face_models,
-                                                        self.live_fps), on_frame=lambda: self.live.touch(session_id))
+            live = A.LiveAnimation(A.AnimateSettings.from_values(
+                **settings, server=self.server, source=source, driving=media.WEBCAM_PREFIX + "0", output="live.mp4",
+                face_models=self.face_models), self.live_fps)
+            stream = live_webrtc.LiveStream(live, on_frame=lambda: self.live.touch(session_id))
             stream.on_end = lambda: self.live.close(session_id, only=stream)
             return stream
         return self.live.get(session_id, secrets.token_hex(8), create)

@@ -19,6 +19,21 @@ import numpy as np
 CROP_SIZE = 512        # the crop the official cropper makes; the network input is its 256x256 resize
 
 
+SCALE_BOUNDS = (1.0, 4.0)       # crop scale (box side / landmark extent) every tool and page accepts
+SHIFT_BOUNDS = (-1.0, 1.0)      # vx, vy in box sides
+SOURCE_MAX_DIM = 1280          # a source picture's longer side is shrunk to this first (official default)
+RETARGETING_SCALE = 2.5                 # the official retargeting (editing) tab's default crop scale
+RETARGETING_SCALE_BOUNDS = (1.8, 3.2)   # and its narrower range
+
+
+def check_in(name: str, value: float, bounds: tuple[float, float]) -> float:
+    """`value` as a float if it is finite and inside `bounds`, else ValueError naming `name` and the range."""
+    low, high = bounds
+    if not (math.isfinite(value) and low <= value <= high):
+        raise ValueError(f"{name} must lie in [{low:g}, {high:g}], got {value!r}")
+    return float(value)
+
+
 @dataclasses.dataclass(frozen=True)
 class CropSettings:
     """How large the box is around the landmarks and where it sits (official crop options)."""
@@ -28,12 +43,9 @@ class CropSettings:
     rotate: bool = True     # align the box with the face's roll (the official source crop does)
 
     def __post_init__(self):
-        if not math.isfinite(self.scale) or self.scale <= 0:
-            raise ValueError(f"crop scale must be a positive number, got {self.scale!r}")
+        check_in("crop scale", self.scale, SCALE_BOUNDS)
         for name in ("vx", "vy"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or abs(value) > 1:
-                raise ValueError(f"crop offset {name} must lie in [-1, 1] (box sides), got {value!r}")
+            check_in(f"crop offset {name} (box sides)", getattr(self, name), SHIFT_BOUNDS)
 
 
 SOURCE_CROP = CropSettings(scale=2.3, vx=0.0, vy=-0.125, rotate=True)

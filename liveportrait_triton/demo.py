@@ -112,7 +112,7 @@ def run(args) -> int:
     from skimage import data
 
     from .client import animate as animate_cli
-    from .client.client import LivePortraitClient
+    from .client import LivePortraitClient
     from .client.faces import make_analyzer
     from .client.templates import save_npz
     from .crop import CropSettings, network_input, warp_crop
@@ -146,17 +146,14 @@ def run(args) -> int:
             template = make_template(client, crop256, face.eye_ratio(), args.frames, args.fps, args.yaw)
         template_path = save_npz(template, work / "head_turn_and_blink.npz")
         print(f"[demo] generated motion template {template_path} ({args.frames} frames at {args.fps:g} fps)")
-        parser = argparse.ArgumentParser()
-        animate_cli.add_arguments(parser)
         draw = args.draw_keypoints if args.draw_keypoints is not None else weights_note.startswith("SYNTHETIC")
-        animate_args = parser.parse_args([
-            "--source", str(source_path), "--driving", str(template_path), "--output", str(args.output),
-            "--server", server.grpc_url, "--no-relative-motion", "--eye-retargeting",
-            *(["--draw-keypoints"] if draw else [])])
+        settings = animate_cli.AnimateSettings(
+            source=str(source_path), driving=str(template_path), output=str(args.output), server=server.grpc_url,
+            options={"relative_motion": False, "eye_retargeting": True}, draw_keypoints=draw)
         if draw:
             print("[demo] drawing each frame's implicit keypoints on a panel beside the result (rings: the source's, "
                   "dots: this frame's; eyes cyan, lips magenta)")
-        code = animate_cli.run(animate_args)
+        code = animate_cli.run_settings(settings)
     if code != 0:
         return code
     print(f"[demo] {weights_note}")

@@ -22,6 +22,7 @@ from . import runtimes, spec
 from .arrays import batch_item, concatenate, nbytes
 from .config import NUM_KP
 from .lip_array import LIP_ARRAY
+from .wire import DrivingFrame
 
 
 class Runner(Protocol):
@@ -58,36 +59,6 @@ def crop_to_input(crops: np.ndarray) -> np.ndarray:
     if crops.ndim == 3:
         crops = crops[None]
     return np.ascontiguousarray(np.transpose(crops.astype(np.float32) / np.float32(255.0), (0, 3, 1, 2)))
-
-
-@dataclasses.dataclass
-class MotionFrame:
-    """One frame of template motion (official template keys R, exp, t, scale)."""
-    R: np.ndarray
-    exp: np.ndarray
-    t: np.ndarray
-    scale: np.ndarray
-
-    def info(self) -> K.MotionInfo:
-        """As a batch of one, in float32 (the server's requests are checked against the spec before they get here:
-        backend/requests.py)."""
-        def batch_of_one(value, *shape):
-            return np.asarray(value, np.float32).reshape(1, *shape)
-        return K.MotionInfo(R=batch_of_one(self.R, 3, 3), t=batch_of_one(self.t, 3),
-                            exp=batch_of_one(self.exp, NUM_KP, 3), scale=batch_of_one(self.scale, 1))
-
-
-@dataclasses.dataclass
-class DrivingFrame:
-    """One driving input: a crop (motion extractor runs) or a template motion frame, plus optional ratios."""
-    crop: np.ndarray | None = None
-    motion: MotionFrame | None = None
-    eye_ratio: float | None = None     # c_d_eye
-    lip_ratio: float | None = None     # c_d_lip
-    # a source-video frame's own source crop (256, 256, 3) and its ratios (2,), (1,)
-    source: np.ndarray | None = None
-    source_eye_ratio: np.ndarray | None = None
-    source_lip_ratio: np.ndarray | None = None
 
 
 @dataclasses.dataclass

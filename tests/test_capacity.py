@@ -15,7 +15,7 @@ import pytest
 from conftest import rendered_copy, server_metric
 from liveportrait_triton import spec
 from liveportrait_triton.cli import main
-from liveportrait_triton.client.client import DrivingInput, LivePortraitClient, ServerAtCapacity, SourceInput
+from liveportrait_triton.client import DrivingFrame, LivePortraitClient, ServerAtCapacity, SourceInput
 from liveportrait_triton.serve import TritonServer
 
 pytestmark = pytest.mark.server
@@ -43,7 +43,7 @@ def send_frames(stream, drivings, count: int) -> list:
     return got
 
 
-def refused_within(client: LivePortraitClient, source: SourceInput, driving: DrivingInput) -> float:
+def refused_within(client: LivePortraitClient, source: SourceInput, driving: DrivingFrame) -> float:
     """Seconds until a new stream's START is refused with the capacity message (fails if it is admitted)."""
     began = time.monotonic()
     with pytest.raises(ServerAtCapacity, match=f"{spec.CAPACITY_REFUSAL}: {CAPACITY} live streams") as refused:
@@ -57,7 +57,7 @@ def refused_within(client: LivePortraitClient, source: SourceInput, driving: Dri
 def test_full_server_refuses_at_once_and_a_freed_slot_admits(small_server, source_crops, driving_crops):
     server = small_server
     source = SourceInput(source_crops["s0"])
-    drivings = [DrivingInput(crop=c) for c in driving_crops]
+    drivings = [DrivingFrame(crop=c) for c in driving_crops]
     client = LivePortraitClient(server.grpc_url)
     admitted = [client.stream(source, max_in_flight=2) for _ in range(CAPACITY)]
     got = {i: send_frames(stream, drivings, 2) for i, stream in enumerate(admitted)}
@@ -88,7 +88,7 @@ def test_full_server_refuses_at_once_and_a_freed_slot_admits(small_server, sourc
 def test_an_idle_evicted_stream_frees_its_slot(small_server, source_crops, driving_crops):
     server = small_server
     source = SourceInput(source_crops["s1"])
-    driving = DrivingInput(crop=driving_crops[0])
+    driving = DrivingFrame(crop=driving_crops[0])
     client = LivePortraitClient(server.grpc_url)
     abandoned = [client.stream(source, max_in_flight=1) for _ in range(CAPACITY)]
     for stream in abandoned:
@@ -110,7 +110,7 @@ def test_retry_waits_for_a_free_slot_and_loses_no_frame(small_server, source_cro
     """While the server is full, a stream with retry_s keeps starting new sequences; once a slot frees it is
     admitted and every frame comes back once."""
     source = SourceInput(source_crops["s0"])
-    drivings = [DrivingInput(crop=c) for c in driving_crops]
+    drivings = [DrivingFrame(crop=c) for c in driving_crops]
     client = LivePortraitClient(small_server.grpc_url)
     full = [client.stream(source, max_in_flight=1) for _ in range(CAPACITY)]
     for stream in full:
@@ -147,7 +147,7 @@ def test_animate_command_says_the_server_is_full(small_server, source_crops, dri
     client = LivePortraitClient(small_server.grpc_url)
     full = [client.stream(source, max_in_flight=1) for _ in range(CAPACITY)]
     for stream in full:
-        stream.send(DrivingInput(crop=driving_crops[0]))
+        stream.send(DrivingFrame(crop=driving_crops[0]))
     out = tmp_path / "r.mp4"
     try:
         code = main(["animate", "--source", str(ASSETS / "source" / "s0.jpg"),
@@ -175,7 +175,7 @@ def test_a_stream_refused_by_a_full_cluster_retries_until_admitted(tiny_reposito
     repository = rendered_copy(tiny_repository, tmp_path / "repository", max_candidate_sequences=8,
                                max_live_sequences=1, threads=1)
     source = SourceInput(source_crops["s0"])
-    drivings = [DrivingInput(crop=c) for c in driving_crops]
+    drivings = [DrivingFrame(crop=c) for c in driving_crops]
     with LocalCluster(repository, 2, log_dir=tmp_path / "cluster") as cluster:
         client = LivePortraitClient(cluster.grpc_url)
         held, refusals = [], 0
@@ -217,7 +217,7 @@ def test_a_live_stream_drops_frames_while_the_server_is_behind(small_server, sou
     """`offer` sends a frame only when the window has room (the newest frame wins): offered faster than the server
     answers, frames are dropped and counted rather than queued, what is sent all comes back, and the last frame
     (the END) is always sent."""
-    drivings = [DrivingInput(crop=c) for c in driving_crops]
+    drivings = [DrivingFrame(crop=c) for c in driving_crops]
     with LivePortraitClient(small_server.grpc_url) as client, \
             client.stream(SourceInput(source_crops["s0"]), max_in_flight=1) as stream:
         numbers = [stream.offer(drivings[i % len(drivings)], last=i == 19) for i in range(20)]

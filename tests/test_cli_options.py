@@ -18,7 +18,7 @@ from liveportrait_triton import crop as C
 from liveportrait_triton import keypoints as K
 from liveportrait_triton.cli import main
 from liveportrait_triton.client import media
-from liveportrait_triton.client.client import DrivingInput, LivePortraitClient
+from liveportrait_triton.client import DrivingFrame, LivePortraitClient
 from liveportrait_triton.client.faces import MediapipeFaceAnalyzer
 from liveportrait_triton.client.multiface import SourceFaces
 from liveportrait_triton.client.smoothing import MotionSmoother, SmoothingSettings
@@ -73,7 +73,7 @@ def image_reference(client, analyzer, options=None, source=C.SOURCE_CROP, drivin
     else:
         crop = cv2.resize(picture, (256, 256), interpolation=cv2.INTER_LINEAR)
     eye, lip = (float(face.eye_ratio()[0]), float(face.lip_ratio()[0])) if ratios else (None, None)
-    [animated] = faces.animate_image(client, DrivingInput(crop=crop, eye_ratio=eye, lip_ratio=lip))
+    [animated] = faces.animate_image(client, DrivingFrame(crop=crop, eye_ratio=eye, lip_ratio=lip))
     return faces.paste(animated) if paste else animated
 
 
@@ -198,7 +198,7 @@ def stream_reference(client, analyzer, template, options=None, smoothing: Smooth
         count = frames or len(template)
         for i in range(count):
             motion = template.frame(i)
-            stream.send(DrivingInput(motion=smoother.motion(motion) if smoother else motion), last=i == count - 1)
+            stream.send(DrivingFrame(motion=smoother.motion(motion) if smoother else motion), last=i == count - 1)
         return np.stack([r.image for r in stream.finish()])
 
 

@@ -11,7 +11,7 @@ import pytest
 from conftest import ASSETS
 from liveportrait_triton.cli import main
 from liveportrait_triton.client import media
-from liveportrait_triton.client.client import DrivingInput, LivePortraitClient, SourceInput
+from liveportrait_triton.client import DrivingFrame, LivePortraitClient, SourceInput
 from liveportrait_triton.serve import TritonServer, free_port
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
@@ -24,9 +24,9 @@ def ports():
     return {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
 
 
-def driving_inputs() -> list[DrivingInput]:
+def driving_inputs() -> list[DrivingFrame]:
     reader = media.VideoReader(ASSETS / "driving" / "d0.mp4")
-    out = [DrivingInput(crop=cv2.resize(f, (256, 256))) for f, _ in zip(reader, range(FRAMES))]
+    out = [DrivingFrame(crop=cv2.resize(f, (256, 256))) for f, _ in zip(reader, range(FRAMES))]
     reader.close()
     return out
 

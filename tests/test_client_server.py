@@ -13,7 +13,7 @@ from liveportrait_triton import crop as C
 from liveportrait_triton import spec
 from liveportrait_triton.cli import main
 from liveportrait_triton.client import media
-from liveportrait_triton.client.client import (AnimationStream, AsyncLivePortraitClient, DrivingInput, LivePortraitClient,
+from liveportrait_triton.client import (AnimationStream, AsyncLivePortraitClient, DrivingFrame, LivePortraitClient,
                                                ServerUnavailable, SourceInput, new_sequence_id)
 from liveportrait_triton.client.faces import MediapipeFaceAnalyzer
 from liveportrait_triton.client.templates import load_template
@@ -144,7 +144,7 @@ def test_pkl_and_npz_templates_give_identical_frames(tmp_path, capsys, tiny_serv
         template = load_template(path)
         with client.stream(SourceInput(crop)) as stream:
             for i in range(4):
-                stream.send(DrivingInput(motion=template.frame(i)))
+                stream.send(DrivingFrame(motion=template.frame(i)))
             results.append([r.image for r in stream.finish()])
     assert len(results[0]) == 4 and all(np.array_equal(a, b) for a, b in zip(*results))
     assert not np.array_equal(results[0][0], results[0][3])          # the wink moves the face
@@ -192,7 +192,7 @@ def test_live_options_crop_retargeting_smoothing(tmp_path, capsys, tiny_server):
 def test_stream_unary_and_asyncio_agree(tiny_server, client):
     crop = cv2.resize(read_rgb(SOURCE / "s5.jpg"), (256, 256))
     reader = media.VideoReader(DRIVING / "d0.mp4")
-    drivings = [DrivingInput(crop=cv2.resize(f, (256, 256))) for f, _ in zip(reader, range(3))]
+    drivings = [DrivingFrame(crop=cv2.resize(f, (256, 256))) for f, _ in zip(reader, range(3))]
     reader.close()
     with client.stream(SourceInput(crop), max_in_flight=3) as stream:
         for d in drivings:
@@ -246,14 +246,14 @@ def test_keypoint_overlay_follows_the_driving_motion(client):
     of their region's colour, and a head turn moves the dots away from the rings by many pixels."""
     from liveportrait_triton import keypoints as K
     from liveportrait_triton.client.keypoint_overlay import COLOURS, KeypointOverlay
-    from liveportrait_triton.pipeline import MotionFrame
+    from liveportrait_triton.wire import MotionFrame
     crop = cv2.resize(read_rgb(SOURCE / "s0.jpg"), (256, 256))
     overlay = KeypointOverlay(client, crop)
     info = client.extract_motion(crop[None])
 
     def frame(yaw):
         R = K.rotation_matrix(info.pitch, info.yaw + np.float32(yaw), info.roll)[0]
-        return DrivingInput(motion=MotionFrame(R=R, exp=info.exp[0], t=info.t[0], scale=info.scale[0]))
+        return DrivingFrame(motion=MotionFrame(R=R, exp=info.exp[0], t=info.t[0], scale=info.scale[0]))
 
     straight, turned = overlay.keypoints(frame(0.0)), overlay.keypoints(frame(25.0))
     np.testing.assert_allclose(straight, info.transformed()[0], atol=1e-6)     # no motion: the source's own

@@ -16,10 +16,11 @@ from conftest import ASSETS
 from liveportrait_triton import spec
 from liveportrait_triton.cli import main
 from liveportrait_triton.client import media
-from liveportrait_triton.client.client import LivePortraitClient, RequestFailed, ServerMismatch, _compare, build_request
+from liveportrait_triton.client import LivePortraitClient, RequestFailed, ServerMismatch, build_request
+from liveportrait_triton.client.requests import compare_tensors
 from liveportrait_triton.client.smoothing import MotionSmoother, OneEuroFilter
 from liveportrait_triton.keypoints import rotation_matrix
-from liveportrait_triton.pipeline import MotionFrame
+from liveportrait_triton.wire import MotionFrame
 
 S0 = str(ASSETS / "source" / "s0.jpg")
 D0 = str(ASSETS / "driving" / "d0.mp4")
@@ -271,16 +272,16 @@ def served_metadata(model_spec, batched=True):
 
 def test_metadata_comparison():
     inputs, outputs = served_metadata(spec.PIPELINE_SPEC)
-    _compare("input", inputs, spec.PIPELINE_SPEC.inputs, True, "liveportrait")
-    _compare("output", outputs, spec.PIPELINE_SPEC.outputs, True, "liveportrait")
+    compare_tensors("input", inputs, spec.PIPELINE_SPEC.inputs, True, "liveportrait")
+    compare_tensors("output", outputs, spec.PIPELINE_SPEC.outputs, True, "liveportrait")
     wrong_shape = [dict(t, shape=["-1", "512", "512", "3"]) if t["name"] == "source" else t for t in inputs]
     with pytest.raises(ServerMismatch, match="input 'source' is UINT8 \\[-1, 512, 512, 3\\]"):
-        _compare("input", wrong_shape, spec.PIPELINE_SPEC.inputs, True, "liveportrait")
+        compare_tensors("input", wrong_shape, spec.PIPELINE_SPEC.inputs, True, "liveportrait")
     with pytest.raises(ServerMismatch, match="has outputs \\['image'\\]"):
-        _compare("output", outputs[:1], spec.PIPELINE_SPEC.outputs, True, "liveportrait")
+        compare_tensors("output", outputs[:1], spec.PIPELINE_SPEC.outputs, True, "liveportrait")
     wrong_type = [dict(t, datatype="FP16") if t["name"] == "image" else t for t in outputs]
     with pytest.raises(ServerMismatch, match="FP16"):
-        _compare("output", wrong_type, spec.PIPELINE_SPEC.outputs, True, "liveportrait")
+        compare_tensors("output", wrong_type, spec.PIPELINE_SPEC.outputs, True, "liveportrait")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -315,3 +316,31 @@ def test_a_wrong_input_is_a_local_error_and_a_refusal_keeps_its_cause():
         client.infer({"source": np.zeros((256, 256, 3), np.uint8)}, 1, start=True)
     assert isinstance(failed.value.__cause__, InferenceServerException)
     client.close()
+
+
+def test_animate_settings_are_one_object_for_the_command_the_page_and_the_library():
+    """The command's flags and the page's controls build the same AnimateSettings; every page control names a
+    setting; the limits the page shows are the ones the settings enforce (crop.py)."""
+    import argparse
+    from liveportrait_triton import crop as C
+    from liveportrait_triton.client import animate as A
+    from liveportrait_triton.client import ui
+    parser = argparse.ArgumentParser()
+    A.add_arguments(parser)
+    flags = parser.parse_args(["--source", "s.png", "--driving", "d.mp4", "--output", "o.mp4", "--no-relative-motion",
+                               "--source-scale", "2.8", "--faces", "2", "--in-flight", "3"])
+    from_flags = A.AnimateSettings.from_args(flags)
+    from_page = A.AnimateSettings.from_values(source="s.png", driving="d.mp4", output="o.mp4", relative_motion=False,
+                                              source_scale=2.8, faces="2", in_flight=3)
+    assert from_flags == from_page and from_page.options == {"relative_motion": False} and from_page.faces == 2
+    assert from_page.pipeline_options("image") == {"relative_motion": False, "driving_type": "image"}
+    defaults = {c.name: c.default for c in ui.ANIMATE_CONTROLS}
+    A.AnimateSettings.from_values(source="s", driving="d", output="o", **defaults)     # every control is a setting
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) \['bogus'\]"):
+        A.AnimateSettings.from_values(source="s", driving="d", output="o", bogus=1)
+    scale = next(c for c in ui.ANIMATE_CONTROLS if c.name == "source_scale")
+    assert scale.bounds == C.SCALE_BOUNDS
+    with pytest.raises(ValueError, match=r"crop scale must lie in \[1, 4\]"):
+        A.AnimateSettings.from_values(source="s", driving="d", output="o", source_scale=C.SCALE_BOUNDS[1] + 0.5)
+    edit_scale = next(c for c in ui.EDIT_CROP_CONTROLS if c.name == "source_scale")
+    assert edit_scale.bounds == C.RETARGETING_SCALE_BOUNDS and edit_scale.default == C.RETARGETING_SCALE

@@ -117,7 +117,7 @@ def test_every_request_of_a_sequence_names_its_session():
     import tritonclient.grpc as grpcclient
     import tritonclient.grpc.aio as aioclient
     import tritonclient.http as httpclient
-    from liveportrait_triton.client.client import build_request, session_headers
+    from liveportrait_triton.client import build_request, session_headers
     assert session_headers(42) == {spec.SESSION_HEADER: "42"}
     for module in (grpcclient, httpclient, aioclient):
         request = build_request(module, spec.PIPELINE, {}, sequence_id=42, end=True)
@@ -188,10 +188,10 @@ def wait_for_log(cluster, count: int, timeout_s: float = 10.0) -> None:
 @pytest.mark.server
 @pytest.mark.slow
 def test_every_sequence_stays_on_one_replica_and_all_replicas_serve(cluster, source_crops, driving_crops):
-    from liveportrait_triton.client.client import (AsyncLivePortraitClient, DrivingInput, LivePortraitClient,
+    from liveportrait_triton.client import (AsyncLivePortraitClient, DrivingFrame, LivePortraitClient,
                                                    SourceInput)
     source = SourceInput(source_crops["s0"])
-    drivings = [DrivingInput(crop=c) for c in driving_crops[:FRAMES]]
+    drivings = [DrivingFrame(crop=c) for c in driving_crops[:FRAMES]]
     kinds = ["stream"] * 6 + ["unary"] * 2 + ["http"] + ["async"] * 3     # 12 sequences, all at once
     # requests the server counts per sequence: a stream sends START, the frames and an empty END; a unary
     # sequence sends START with the first frame, then the others, the last one ending it
@@ -253,7 +253,7 @@ def test_every_sequence_stays_on_one_replica_and_all_replicas_serve(cluster, sou
 
 def placements(cluster, sessions: list[int]) -> dict[int, str]:
     """Where each session hashes now: any request carrying the header goes where the session's frames would."""
-    from liveportrait_triton.client.client import LivePortraitClient, session_headers
+    from liveportrait_triton.client import LivePortraitClient, session_headers
     log_start = len(parse_proxy_log(cluster.proxy_log()))
     with LivePortraitClient(cluster.grpc_url, check=False) as probe:
         for sid in sessions:
@@ -269,11 +269,11 @@ def test_the_header_not_the_connection_chooses_the_replica(cluster, source_crops
     """Control: on one client connection, a frame whose header hashes to another replica than its START's is
     refused there (that replica never saw the sequence), so the header is what keeps a sequence together."""
     from tritonclient.utils import InferenceServerException
-    from liveportrait_triton.client.client import DrivingInput, LivePortraitClient, SourceInput, session_headers
+    from liveportrait_triton.client import DrivingFrame, LivePortraitClient, SourceInput, session_headers
     placed = placements(cluster, SEQUENCE_IDS)
     first = SEQUENCE_IDS[0]
     elsewhere = next(sid for sid in SEQUENCE_IDS if placed[sid] != placed[first])
-    source, driving = SourceInput(source_crops["s0"]), DrivingInput(crop=driving_crops[0])
+    source, driving = SourceInput(source_crops["s0"]), DrivingFrame(crop=driving_crops[0])
     with LivePortraitClient(cluster.grpc_url) as client:
         start = client.request(source.tensors(), sequence_id=77, start=True)
         frame = client.request(driving.tensors(), sequence_id=77, end=True)
@@ -316,9 +316,9 @@ def test_a_killed_replica_moves_only_its_streams(cluster_to_break, source_crops,
     """A replica killed (on a cluster of its own): its streams reconnect through the proxy (START with the source
     again, anchor replayed) on a live replica and finish with every frame once; the others never notice."""
     cluster = cluster_to_break
-    from liveportrait_triton.client.client import DrivingInput, LivePortraitClient, SourceInput
+    from liveportrait_triton.client import DrivingFrame, LivePortraitClient, SourceInput
     source = SourceInput(source_crops["s0"])
-    drivings = [DrivingInput(crop=driving_crops[i % len(driving_crops)]) for i in range(KILL_FRAMES)]
+    drivings = [DrivingFrame(crop=driving_crops[i % len(driving_crops)]) for i in range(KILL_FRAMES)]
     placed = placements(cluster, SEQUENCE_IDS)
     victim = placed[SEQUENCE_IDS[0]]
     doomed = {sid for sid, replica in placed.items() if replica == victim}
@@ -391,7 +391,7 @@ def pids_mentioning(text: str) -> list[tuple[int, str]]:
 @needs_haproxy
 def test_cluster_command_serves_one_address_and_sigterm_leaves_nothing(tiny_repository, tmp_path):
     import sys
-    from liveportrait_triton.client.client import LivePortraitClient
+    from liveportrait_triton.client import LivePortraitClient
     from liveportrait_triton.serve import free_port
     repository = rendered_copy(tiny_repository, tmp_path / "repository", threads=1)
     grpc_port, http_port = free_port(), free_port()

@@ -101,8 +101,10 @@ def test_paste_back_refuses_a_box_off_the_image():
 
 
 def test_settings_and_size_helpers():
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(ValueError, match=r"crop scale must lie in \[1, 4\], got 0"):
         C.CropSettings(scale=0)
+    with pytest.raises(ValueError, match="crop scale"):
+        C.CropSettings(scale=4.5)       # the limit the CLI and the web page read (C.SCALE_BOUNDS)
     with pytest.raises(ValueError, match="vy"):
         C.CropSettings(vy=3)
     assert C.trim_to_even(np.zeros((375, 501, 3))).shape == (374, 500, 3)

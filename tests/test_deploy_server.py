@@ -162,7 +162,7 @@ def test_restricted_apis_need_the_admin_key_and_models_cannot_be_loaded(served):
 def test_a_frame_animates_through_the_linked_repository_and_queue_metrics_appear(served):
     import cv2
 
-    from liveportrait_triton.client.client import DrivingInput, LivePortraitClient, SourceInput
+    from liveportrait_triton.client import DrivingFrame, LivePortraitClient, SourceInput
     _, ports = served
 
     def crop(path: Path) -> np.ndarray:
@@ -172,7 +172,7 @@ def test_a_frame_animates_through_the_linked_repository_and_queue_metrics_appear
 
     with LivePortraitClient(f"127.0.0.1:{ports['grpc']}") as client:
         image = client.animate_image(SourceInput(crop(ASSETS / "source" / "s0.jpg")),
-                                     DrivingInput(crop=crop(ASSETS / "driving" / "d30.jpg")))
+                                     DrivingFrame(crop=crop(ASSETS / "driving" / "d30.jpg")))
     assert image.shape == (512, 512, 3) and image.dtype == np.uint8 and image.std() > 0
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{ports['metrics']}/metrics", timeout=10).read().decode()
     config = yaml.safe_load((REPO / "deploy" / "k8s" / "prometheus-adapter-rules.yaml").read_text())

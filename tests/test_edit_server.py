@@ -11,7 +11,7 @@ from liveportrait_triton import editing, spec
 from liveportrait_triton import keypoints as K
 from liveportrait_triton.cli import main
 from liveportrait_triton.client import media
-from liveportrait_triton.client.client import LivePortraitClient, RequestFailed, new_sequence_id
+from liveportrait_triton.client import LivePortraitClient, RequestFailed, new_sequence_id
 from liveportrait_triton.client.editing import PortraitEditor
 from liveportrait_triton.client.profiling import server_statistics, statistics_delta
 from liveportrait_triton.pipeline import Animator, TorchRunner

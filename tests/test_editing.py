@@ -7,7 +7,7 @@ import pytest
 from conftest import assert_images_close
 from liveportrait_triton import editing, spec
 from liveportrait_triton import keypoints as K
-from liveportrait_triton.backend.outcomes import Failure, FrameResult
+from liveportrait_triton.backend.outcomes import Failure, ServedFrame
 from liveportrait_triton.backend.pipeline_model import PipelineCore
 from liveportrait_triton.backend.requests import RawRequest, parse_request
 from liveportrait_triton.backend.sequences import SequenceStore
@@ -195,7 +195,7 @@ def test_core_serves_edits_batched_with_frames_from_the_cached_source(runner, as
         raw(1, parameters={"edit": True, "smile": 0.8, "yaw": 12, "eye_ratio": 0.6, "lip_ratio": 0.3}),
         raw(2, start=True, source=other[None], driving=astronaut_crop[None]),
     ])
-    assert [type(o) for o in outcomes] == [FrameResult, FrameResult]
+    assert [type(o) for o in outcomes] == [ServedFrame, ServedFrame]
     assert outcomes[0].frame_index == -1 and outcomes[1].frame_index == 0
     want = expected_edit(runner, astronaut_crop, controls, eye, lip)
     assert_images_close(outcomes[0].image, want, "edited image")
@@ -211,13 +211,13 @@ def test_edit_without_the_source_ratios_is_refused_alone(runner, astronaut_crop)
     outcomes = core.process([raw(3, start=True, source=astronaut_crop[None]),
                              raw(4, start=True, source=astronaut_crop[None], parameters={"edit": True,
                                                                                          "pitch": -10})])
-    assert isinstance(outcomes[0], FrameResult) and isinstance(outcomes[1], FrameResult)
+    assert isinstance(outcomes[0], ServedFrame) and isinstance(outcomes[1], ServedFrame)
     assert outcomes[1].image is not None
     outcomes = core.process([raw(3, parameters={"edit": True, "eye_ratio": 0.5}),
                              raw(4, parameters={"edit": True, "wink": 20})])
     assert isinstance(outcomes[0], Failure) and outcomes[0].caller_fault
     assert "eye_ratio needs the source's eye ratio: send source_eye_ratio" in outcomes[0].message
-    assert isinstance(outcomes[1], FrameResult)
+    assert isinstance(outcomes[1], ServedFrame)
     assert_images_close(outcomes[1].image, expected_edit(runner, astronaut_crop, spec.parse_edit({"wink": 20})),
                         "the other sequence's edit")
 

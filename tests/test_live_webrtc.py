@@ -40,7 +40,7 @@ def test_newest_frame_wins_and_skips_are_counted():
 
 
 class Inverting:
-    """A stand-in for the page's LiveSession (which needs a server; tests/test_ui.py runs that one): inverts each
+    """A stand-in for animate.LiveAnimation (which needs a server; tests/test_ui.py runs that one): inverts each
     frame, slowly enough that the camera outruns it."""
 
     def __init__(self, delay_s: float, fail_after: int | None = None):

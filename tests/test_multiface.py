@@ -10,7 +10,7 @@ from liveportrait_triton import keypoints as K
 from liveportrait_triton import spec
 from liveportrait_triton.cli import main
 from liveportrait_triton.client import media
-from liveportrait_triton.client.client import DrivingInput, LivePortraitClient
+from liveportrait_triton.client import DrivingFrame, LivePortraitClient
 from liveportrait_triton.client.faces import MediapipeFaceAnalyzer
 from liveportrait_triton.client.multiface import FaceSelection, SourceFace, SourceFaces, parse_faces, select
 from liveportrait_triton.client.profiling import server_statistics, statistics_delta
@@ -151,7 +151,7 @@ def test_all_faces_are_animated_in_batched_sequences(capsys, batching_server, in
     template = load_template(inputs["template"])
     with LivePortraitClient(tiny_server.grpc_url) as client, faces.stream(client) as streams:
         for i in range(frames):
-            streams.send(DrivingInput(motion=template.frame(i)), last=i == frames - 1)
+            streams.send(DrivingFrame(motion=template.frame(i)), last=i == frames - 1)
         crops = [r.image for r in streams.finish()]
     boxes = [f.box for f in faces.faces]
     for number, frame in enumerate(decoded):
@@ -183,7 +183,7 @@ def test_more_faces_than_asked_are_reported_and_left_as_they_are(capsys, tiny_se
     picture = media.read_image(inputs["driving_image"])
     crop = cv2.resize(picture, (256, 256), interpolation=cv2.INTER_LINEAR)
     with LivePortraitClient(tiny_server.grpc_url) as client:
-        animated = [client.animate_image(f.source, DrivingInput(crop=crop)) for f in faces.faces]
+        animated = [client.animate_image(f.source, DrivingFrame(crop=crop)) for f in faces.faces]
     boxes = [f.box for f in faces.faces]
     expected = paste_by_hand(source, boxes, animated)
     swapped = paste_by_hand(source, boxes, animated[::-1])

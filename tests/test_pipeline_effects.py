@@ -11,7 +11,8 @@ import pytest
 from liveportrait_triton import keypoints as K
 from liveportrait_triton import spec
 from liveportrait_triton.client.smoothing import MotionSmoother
-from liveportrait_triton.pipeline import Animator, DrivingFrame, MotionFrame, TorchRunner
+from liveportrait_triton.pipeline import Animator, TorchRunner
+from liveportrait_triton.wire import DrivingFrame, MotionFrame
 
 MOVED = 1e-4          # a keypoint coordinate that changed by more than this moved (the keypoints span ~0.5)
 

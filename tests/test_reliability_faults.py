@@ -21,7 +21,7 @@ import tritonclient.grpc as grpcclient
 
 from conftest import REPO, rendered_copy, serve_command, server_metric
 from liveportrait_triton import spec
-from liveportrait_triton.client.client import DrivingInput, LivePortraitClient, RequestFailed, SourceInput
+from liveportrait_triton.client import DrivingFrame, LivePortraitClient, RequestFailed, SourceInput
 from liveportrait_triton.serve import TritonServer
 
 pytestmark = pytest.mark.server
@@ -98,7 +98,7 @@ def test_client_that_disconnects_mid_stream_is_freed_on_idle(short_idle_server, 
     client = LivePortraitClient(server.grpc_url)
     stream = client.stream(SourceInput(source_crops["s0"]), max_in_flight=1)
     for crop in driving_crops[:2]:
-        stream.send(DrivingInput(crop=crop))
+        stream.send(DrivingFrame(crop=crop))
     got = []
     while len(got) < 2:
         got += stream.ready()
@@ -110,7 +110,7 @@ def test_client_that_disconnects_mid_stream_is_freed_on_idle(short_idle_server, 
     assert server_metric(server, "liveportrait_sequences_freed_total", reason="idle") == idle_before + 1
     with client.stream(SourceInput(source_crops["s1"])) as again:      # the server keeps serving
         for crop in driving_crops[:2]:
-            again.send(DrivingInput(crop=crop))
+            again.send(DrivingFrame(crop=crop))
         assert [r.number for r in again.finish()] == [0, 1]
     client.close()
 
@@ -181,7 +181,7 @@ def test_killed_stub_fails_loudly_and_the_health_check_says_so(tiny_repository, 
             assert healthcheck(probe, port).returncode == 0
         client = LivePortraitClient(server.grpc_url)
         stream = client.stream(SourceInput(source_crops["s0"]), max_in_flight=2, retry_s=30)
-        stream.send(DrivingInput(crop=driving_crops[0]))
+        stream.send(DrivingFrame(crop=driving_crops[0]))
         os.kill(server.stub_processes()[f"{spec.WARPING}_0_0"], signal.SIGKILL)
         killed = time.monotonic()
         checks = {probe: healthcheck(probe, port) for probe in ("ready", "live")}
@@ -192,7 +192,7 @@ def test_killed_stub_fails_loudly_and_the_health_check_says_so(tiny_repository, 
         began = time.monotonic()
         with pytest.raises(RequestFailed) as failed:
             for i in range(20):
-                stream.send(DrivingInput(crop=driving_crops[i % len(driving_crops)]))
+                stream.send(DrivingFrame(crop=driving_crops[i % len(driving_crops)]))
             stream.finish()
         waited = time.monotonic() - began
         message = str(failed.value)
@@ -201,7 +201,7 @@ def test_killed_stub_fails_loudly_and_the_health_check_says_so(tiny_repository, 
         with grpcclient.InferenceServerClient(server.grpc_url) as probe:
             time.sleep(3)       # no restart comes: the model still fails while Triton's readiness says 200
             with pytest.raises(RequestFailed, match="is not healthy"):
-                client.animate_image(SourceInput(source_crops["s1"]), DrivingInput(crop=driving_crops[1]))
+                client.animate_image(SourceInput(source_crops["s1"]), DrivingFrame(crop=driving_crops[1]))
             assert probe.is_server_ready() and probe.is_model_ready(spec.WARPING)
             motion = client.extract_motion(np.stack(driving_crops[:1]))        # other models serve
             assert motion.exp.shape == (1, 21, 3)

@@ -22,7 +22,7 @@ import pytest
 
 from conftest import server_metric
 from liveportrait_triton import spec
-from liveportrait_triton.client.client import DrivingInput, LivePortraitClient, SourceInput
+from liveportrait_triton.client import DrivingFrame, LivePortraitClient, SourceInput
 from test_reliability_faults import MiB, grown, server_memory
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
@@ -57,7 +57,7 @@ class Load:
                     with client.stream(source, max_in_flight=2) as stream:
                         while sent < FRAMES_PER_SEQUENCE:
                             last = sent == FRAMES_PER_SEQUENCE - 1 or self.stop.is_set()
-                            stream.send(DrivingInput(crop=self.drivings[(sent + k) % len(self.drivings)]), last=last)
+                            stream.send(DrivingFrame(crop=self.drivings[(sent + k) % len(self.drivings)]), last=last)
                             sent += 1
                             got += [r.number for r in stream.ready()]
                             if last:

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from liveportrait_triton import repository, spec
-from liveportrait_triton.client.client import DrivingInput, LivePortraitClient, SourceInput
+from liveportrait_triton.client import DrivingFrame, LivePortraitClient, SourceInput
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -42,7 +42,7 @@ def full_server(full_repository, tmp_path_factory):
 
 def official_request(reference, **options):
     source = SourceInput(reference["source_rgb256_uint8"], {"driving_type": "image", **options})
-    return source, DrivingInput(crop=reference["driving_rgb256_uint8"])
+    return source, DrivingFrame(crop=reference["driving_rgb256_uint8"])
 
 
 def sample_differences(reference, image: np.ndarray) -> np.ndarray:

@@ -20,7 +20,8 @@ from tritonclient.utils import InferenceServerException
 from conftest import ASSETS, assert_images_close, server_metric
 from liveportrait_triton import spec
 from liveportrait_triton.client.templates import load_template
-from liveportrait_triton.pipeline import Animator, DrivingFrame, MotionFrame, TorchRunner
+from liveportrait_triton.pipeline import Animator, TorchRunner
+from liveportrait_triton.wire import DrivingFrame, MotionFrame
 from liveportrait_triton.serve import ADMIN_HEADER
 
 pytestmark = pytest.mark.server

@@ -14,7 +14,7 @@ from liveportrait_triton import spec
 from liveportrait_triton.runtimes import RuntimePlanEntry
 from liveportrait_triton.pipeline import Animator, DrivingFrame, InputError, TorchRunner
 from liveportrait_triton.backend.model_config import ConfigError
-from liveportrait_triton.backend.outcomes import Failure, FrameResult
+from liveportrait_triton.backend.outcomes import Failure, ServedFrame
 from liveportrait_triton.backend.pipeline_model import PipelineBackend, PipelineCore
 from liveportrait_triton.backend.requests import RawRequest, parse_parameters, parse_request, plan_rounds
 from liveportrait_triton.backend.sequences import FREED_END, FREED_IDLE, SequenceStore
@@ -268,7 +268,7 @@ def test_core_batches_sequences_and_matches_the_animator(torch_runner, source_cr
         raw(2, driving=f0[None]),
         raw(1, driving=f1[None], end=True),
     ])
-    assert [type(o) for o in outcomes] == [FrameResult] * 4
+    assert [type(o) for o in outcomes] == [ServedFrame] * 4
     assert [o.frame_index for o in outcomes] == [0, -1, 0, 1] and outcomes[1].image is None
     want_1 = reference(torch_runner, s0, [f0, f1])
     want_2 = reference(torch_runner, s1, [f0], {"driving_multiplier": 0.5})
@@ -295,12 +295,12 @@ def test_core_isolates_bad_requests(torch_runner, source_crops, driving_crops):
     assert isinstance(outcomes[1], Failure) and "has no source" in outcomes[1].message
     assert isinstance(outcomes[2], Failure) and "must carry `source`" in outcomes[2].message
     assert all(o.caller_fault for o in outcomes[:3])
-    assert isinstance(outcomes[3], FrameResult) and outcomes[3].frame_index == 0
+    assert isinstance(outcomes[3], ServedFrame) and outcomes[3].frame_index == 0
     # sequence 5 kept its options: a frame without the lip ratio its option needs is refused, alone
     [missing_ratio] = core.process([raw(5, driving=frame)])
     assert isinstance(missing_ratio, Failure) and "driving_lip_ratio" in missing_ratio.message
     [ok] = core.process([raw(5, driving=frame, driving_lip_ratio=np.float32([[0.4]]))])
-    assert isinstance(ok, FrameResult) and ok.frame_index == 0
+    assert isinstance(ok, ServedFrame) and ok.frame_index == 0
 
 
 class FailingGenerator:

@@ -8,7 +8,7 @@ from conftest import assert_images_close
 from liveportrait_triton import keypoints as K
 from liveportrait_triton import source_video as SV
 from liveportrait_triton import spec
-from liveportrait_triton.backend.outcomes import Failure, FrameResult
+from liveportrait_triton.backend.outcomes import Failure, ServedFrame
 from liveportrait_triton.backend.pipeline_model import PipelineCore
 from liveportrait_triton.backend.requests import RawRequest
 from liveportrait_triton.backend.sequences import SequenceStore
@@ -151,7 +151,7 @@ def test_source_video_frames_use_their_own_source_batched_across_sequences(tiny_
     runner.calls.clear()
     second = core.process([raw(1, source=frames[1][None], **motion_inputs(*targets[1])),
                            raw(2, source=frames[2][None], end=True, **motion_inputs(*targets[2]))])
-    assert [type(o) for o in second] == [FrameResult, FrameResult] and [o.frame_index for o in second] == [1, 0]
+    assert [type(o) for o in second] == [ServedFrame, ServedFrame] and [o.frame_index for o in second] == [1, 0]
     assert (spec.APPEARANCE, 2) in runner.calls and [c for c in runner.calls if c[0] == spec.APPEARANCE] == [
         (spec.APPEARANCE, 2)], "both sequences' source frames went through F in one batch"
     assert [c for c in runner.calls if c[0] == spec.GENERATOR] == [(spec.GENERATOR, 2)]
@@ -176,7 +176,7 @@ def test_source_video_requests_are_checked(tiny_networks, frames):
                              raw(5, parameters={"edit": True, "smile": 0.5}),
                              raw(6, driving=frames[1][None])])
     assert "not a `driving` crop" in outcomes[0].message and "edits apply to a source image" in outcomes[1].message
-    assert isinstance(outcomes[2], FrameResult), "the other sequence is served"
+    assert isinstance(outcomes[2], ServedFrame), "the other sequence is served"
 
 
 # -- animate --source VIDEO on the real server ----------------------------------------------------------------

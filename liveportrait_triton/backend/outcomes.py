@@ -7,8 +7,11 @@ import numpy as np
 
 
 @dataclasses.dataclass
-class FrameResult:
-    """A served frame (image None when the request carried no driving input) and its index in the sequence."""
+class ServedFrame:
+    """A served frame (image None when the request carried no driving input) and its index in the sequence: the
+    response's `image` and `frame_index` tensors. The client's `FrameResult` (client/requests.py) is what a stream
+    hands its caller: numbered by what the caller sent (a reconnection replays the anchor frame under new
+    frame_index values) and with the latency measured at the client."""
     image: np.ndarray | None
     frame_index: int
 

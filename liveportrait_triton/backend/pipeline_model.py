@@ -9,7 +9,7 @@ import traceback
 from .. import spec
 from ..pipeline import Animator, InputError, StreamState
 from .model_config import ConfigError, check_model_config, config_parameter
-from .outcomes import Failure, FrameResult
+from .outcomes import Failure, ServedFrame
 from .requests import PipelineRequest, RawRequest, check_in_sequence, parse_request, plan_rounds
 from .sequences import SequenceListener, SequenceStore, release_free_memory
 
@@ -22,10 +22,10 @@ class PipelineCore:
         self.store = store
         self.batches = 0                # batches processed so far
 
-    def process(self, raws: list[RawRequest]) -> list[FrameResult | Failure]:
+    def process(self, raws: list[RawRequest]) -> list[ServedFrame | Failure]:
         """One outcome per request, in order. Caller faults fail only their own request."""
         self.batches += 1
-        outcomes: list[FrameResult | Failure | None] = [None] * len(raws)
+        outcomes: list[ServedFrame | Failure | None] = [None] * len(raws)
         parsed: list[PipelineRequest | None] = [None] * len(raws)
         for i, raw in enumerate(raws):
             try:
@@ -68,7 +68,7 @@ class PipelineCore:
                 outcomes[i] = Failure(str(exc))
                 continue
             if parsed[i].edit is None and parsed[i].frame is None:
-                outcomes[i] = FrameResult(image=None, frame_index=-1)
+                outcomes[i] = ServedFrame(image=None, frame_index=-1)
                 continue
             driving.append(i)
         if driving:     # validated requests only: the Animator takes them as they are
@@ -79,7 +79,7 @@ class PipelineCore:
                 images = [Failure(f"animation failed: {exc}", False, traceback.format_exc())] * len(driving)
             for i, image in zip(driving, images):
                 index = -1 if parsed[i].edit is not None else live[i].frames_done - 1
-                outcomes[i] = image if isinstance(image, Failure) else FrameResult(image=image, frame_index=index)
+                outcomes[i] = image if isinstance(image, Failure) else ServedFrame(image=image, frame_index=index)
         for i in indices:
             # END frees the sequence whatever became of its last frame; a START that did not register this
             # sequence (refused, or unparsable) must not free a live one of the same id
@@ -156,7 +156,7 @@ class PipelineBackend:
                               "their END")
         return cls(runner, idle, listener, capacity=int(capacity))
 
-    async def execute(self, raws: list[RawRequest]) -> list[FrameResult | Failure]:
+    async def execute(self, raws: list[RawRequest]) -> list[ServedFrame | Failure]:
         return await asyncio.get_running_loop().run_in_executor(self.worker, self.core.process, raws)
 
     def _evict_periodically(self, interval: float) -> None:

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from .. import spec
-from ..pipeline import DrivingFrame, Edit, InputError, MotionFrame, StreamState
+from ..pipeline import Edit, InputError, StreamState
+from ..wire import DrivingFrame, MotionFrame
 
 
 @dataclasses.dataclass
