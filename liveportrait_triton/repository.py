@@ -3,8 +3,8 @@
 Two targets share one layout and every tensor name:
 
 - ``local``: the Triton 2.51 bundled in the `nvidia-pytriton` wheel, which has only the Python backend. Each
-  sub-network is a Python-backend model (one generic adapter, `model_repository_templates/subnetwork/model.py`)
-  that runs the entry of the runtime plan (runtimes.runtime_plan: kind, device, precision, artefact) its
+  sub-network is a Python-backend model (one generic adapter, `backend/subnetwork_adapter.py`, which each
+  model's generated one-line `model.py` imports) that runs the entry of the runtime plan (runtimes.runtime_plan: kind, device, precision, artefact) its
   parameters report. The plan comes from the committed per-target choice (`runtime_choice.json`, written by
   `liveportrait-triton bench --runtime-choice`, which measures every kind), unless `export --runtime MODEL=KIND`
   overrides it.
