@@ -23,7 +23,6 @@ frames never leave the camera's buffer). Results go to
 from __future__ import annotations
 
 import argparse
-import csv
 import threading
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ import numpy as np
 
 from ..client import DrivingFrame, LivePortraitClient, SourceInput
 from .inputs import DEFAULT_DRIVING, DEFAULT_SOURCE, read_driving, read_source
-from .report import machine_info
+from .report import machine_info, write_dict_rows
 
 PROBE_STREAMS = 4
 PROBE_SECONDS = 15.0
@@ -135,10 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             for mode, window in (("send", args.in_flight), ("offer", args.in_flight), ("offer", 1))]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "overload.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_dict_rows(out / "overload.csv", rows)
     info = machine_info()
     lines = [f"# Live streams at 2x what the server keeps up with (`benchmarks/overload.py`)", "",
              f"Server throughput ({PROBE_STREAMS} streams, flat out): {throughput:.2f} frames/s, so it keeps up with "

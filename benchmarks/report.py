@@ -91,6 +91,15 @@ def write_csv(path: Path, rows: list[Row], machine: dict[str, str]) -> Path:
     return path
 
 
+def write_dict_rows(path: Path, rows: list[dict]) -> Path:
+    """Rows of one benchmark (dicts with the same keys, in order) as a CSV file with a header."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
 def _fmt(value: float, digits: int = 1) -> str:
     return "" if value != value else f"{value:.{digits}f}"     # NaN -> empty cell
 

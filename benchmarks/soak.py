@@ -15,7 +15,6 @@ Writes soak.csv (every sample) and soak.md (counts and slopes, with the machine 
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import threading
 import time
@@ -26,7 +25,7 @@ import numpy as np
 from .. import health
 from ..client import DrivingFrame, LivePortraitClient, ServerAtCapacity, SourceInput
 from .inputs import DEFAULT_DRIVING, DEFAULT_SOURCE, read_driving, read_source
-from .report import machine_info
+from .report import machine_info, write_dict_rows
 
 
 def sample(pid: int) -> tuple[float, int] | None:
@@ -118,10 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         t.join(timeout=600)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "soak.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_dict_rows(out / "soak.csv", rows)
     warm = args.minutes * 60 / 4
     lines = ["# Soak (`benchmarks/soak.py`)", "",
              f"{args.minutes:g} min, {args.workers} workers, {args.frames} frames per stream, every "

@@ -5,9 +5,9 @@ to the page's limit and one past it, against a running server (a benchmark, not 
         [--live-frames 20] [--out DIR]
 
 The page runs in this process on loopback (`ui.launch`, as `liveportrait-triton ui` does). Animate sessions are
-separate `gradio_client.Client`s calling `/animate` with a generated portrait (scikit-image's astronaut) and a
-generated 5-frame driving clip. Live sessions are opened with `App.live_start`, the call behind the page's Start
-button, and fed camera frames through their session's `animate`, the call the WebRTC track handler makes for the
+separate `gradio_client.Client`s calling `/animate` with the `examples` command's portrait (scikit-image's
+astronaut) and a 5-frame driving clip of it. Live sessions are opened with `App.live_start`, the call behind the
+page's Start button, and fed camera frames through their session's `animate`, the call the WebRTC track handler makes for the
 newest frame; the page's limit (`Limits.live_sessions`) plus one are started. Every call has a deadline: a session
 is answered, refused with the page's message, or reported as hung. Writes ui_load.md into `--out`.
 """
@@ -21,25 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..examples import write_examples
 from .report import machine_info
 
 DEADLINE_S = 600.0
 DRIVING_FRAMES = 5
-
-
-def make_media(folder: Path) -> tuple[Path, Path]:
-    import cv2
-    from skimage import data
-    from ..client import media
-    image = data.astronaut()
-    portrait = media.write_image(folder / "astronaut.png", image)
-    face = cv2.resize(image[0:300, 100:400], (256, 256))
-    driving = folder / "driving.mp4"
-    with media.VideoWriter(driving, (256, 256), 8.0) as writer:
-        for i in range(DRIVING_FRAMES):
-            shift = np.float32([[1, 0, 6 * np.sin(i)], [0, 1, 3 * np.cos(i)]])
-            writer.write(cv2.warpAffine(face, shift, (256, 256), borderMode=cv2.BORDER_REFLECT))
-    return portrait, driving
 
 
 def animate_session(url: str, portrait: Path, driving: Path) -> tuple[str, float, str]:
@@ -95,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     url = f"http://127.0.0.1:{port}/"
     limit = app.limits.live_sessions
     with tempfile.TemporaryDirectory(prefix="ui-load-") as folder:
-        portrait, driving = make_media(Path(folder))
+        examples = write_examples(Path(folder), frames=DRIVING_FRAMES)
+        portrait, driving = examples["portrait"], examples["driving"]
         uploads = Path(app.upload_folder) / "ui_load"
         uploads.mkdir(parents=True, exist_ok=True)
         live_portrait = str(Path(__import__("shutil").copy(portrait, uploads)))
