@@ -347,9 +347,10 @@ def test_human_and_animal_streams_on_one_server(both_server, in_process_both, so
             assert_images_close(image, expected, f"{key} frame {i}")
     human_s0 = in_process_frames(in_process_both, source_crops["s0"], {"stitching": False}, frames)
     assert np.abs(human_s0[1].astype(int) - results[("animal", "s0")][1][1]).mean() > 1, "the sets' frames differ"
-    # per model: 2 starts (F, M) and 6 frames (M, W, G) of each set; stitching: the stitched streams' frames
+    # per model: 2 starts (F, M) and 6 frames (M, W, G) of each set; the shared stitching MLP: the frames of the
+    # stitched streams (both human ones by default, one animal one that asked)
     per_set = {spec.APPEARANCE: 2, spec.MOTION: 2 + 6, spec.WARPING: 6, spec.GENERATOR: 6}
-    want = {**per_set, **{spec.served_name(m, spec.ANIMAL): n for m, n in per_set.items()}, spec.STITCHING: 3 + 3}
+    want = {**per_set, **{spec.served_name(m, spec.ANIMAL): n for m, n in per_set.items()}, spec.STITCHING: 6 + 3}
     counted = settled_statistics(client, models, before, want)
     assert {m: counted[m][0] for m in want} == want
     for model in (spec.WARPING, spec.GENERATOR, *spec.ANIMAL_SUBMODELS[2:]):
