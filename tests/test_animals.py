@@ -263,6 +263,63 @@ def test_full_animal_pipeline_matches_the_official_outputs(full_networks, full_a
     assert image_failures(animal_reference, stitching, [images[0], images[1], wrong])
 
 
+def served_animal_failures(url: str, reference, stitching: bool) -> list[str]:
+    """The reference's source and template frames as one animal stream of a served full-size repository: how the
+    images differ from the official ones."""
+    from liveportrait_triton.client import LivePortraitClient, SourceInput
+    frames = template_frames(reference)
+    with LivePortraitClient(url) as client:
+        options = {"subject": "animal", "driving_multiplier": DRIVING_MULTIPLIER, "stitching": stitching}
+        with client.stream(SourceInput(reference["source_rgb256_uint8"], options)) as stream:
+            for i, frame in enumerate(frames):
+                stream.send(frame, last=i == len(frames) - 1)
+            images = [r.image for r in stream.finish()]
+    return image_failures(reference, stitching, images)
+
+
+def served_runtime_failures(repository_dir, reference, stitching: bool) -> list[str]:
+    """The keypoints (which the server does not return) by the pipeline's own code over the repository's served
+    runtimes loaded in-process, and the images they give, against the official ones."""
+    from liveportrait_triton import repository
+    from liveportrait_triton.runtimes import create_runner
+    subjects = repository.repository_subjects(repository_dir)
+    runner = create_runner(repository.served_plan(repository_dir), "full", repository=repository_dir,
+                           subjects=subjects)
+    images, sent, state = animate_recording(Animator(runner), reference, stitching)
+    return keypoint_failures(reference, stitching, sent, state.motion_multiplier) + image_failures(
+        reference, stitching, images)
+
+
+@pytest.fixture(scope="module")
+def full_both_server(full_repository, full_animal_networks, tmp_path_factory):
+    """The full-size human repository (synthetic seed 0) plus the full animal set (seed 3), served."""
+    from liveportrait_triton import repository as repo
+    from liveportrait_triton.export.onnx_export import export_repository
+    from liveportrait_triton.runtimes import runtime_plan
+    from liveportrait_triton.serve import TritonServer
+    both = (spec.HUMAN, spec.ANIMAL)
+    out = tmp_path_factory.mktemp("repository_full_both")
+    repo.copy_artefacts(full_repository[0], out)
+    plan = runtime_plan("local", subjects=both)
+    export_repository(full_animal_networks, out, "decomposed", (1,), models=spec.ANIMAL_SUBMODELS, plan=plan,
+                      log=lambda _: None)
+    repo.write_repository_configs(out, "local", "full", plan=plan, subjects=both)
+    with TritonServer(out, log_file=tmp_path_factory.mktemp("triton_log_full_both") / "tritonserver.log",
+                      startup_timeout_s=900) as server:
+        yield out, server
+
+
+@pytest.mark.slow
+@pytest.mark.server
+@pytest.mark.parametrize("stitching", [False, True])
+def test_served_animal_pipeline_matches_the_official_outputs(full_both_server, animal_reference, stitching):
+    """The served runtimes (runtime_choice.json: OpenVINO and its fast-convolution graphs, ONNX Runtime) of the full
+    animal set: the images the real server returns, and the keypoints over the same runtimes in-process."""
+    path, server = full_both_server
+    assert served_animal_failures(server.grpc_url, animal_reference, stitching) == []
+    assert served_runtime_failures(path, animal_reference, stitching) == []
+
+
 # -- one server, both sets ---------------------------------------------------------------------------------------
 
 BATCH_WINDOW_US = 2_000_000      # the pipeline waits this long for company: requests sent together batch
