@@ -54,7 +54,7 @@ def engine_precision(model: str, requested: str) -> str:
     """The precision an engine of `model` is built in when `requested` is asked for."""
     if requested not in PRECISIONS:
         raise ValueError(f"unknown precision {requested!r}; choose one of {PRECISIONS}")
-    return "fp32" if model in ALWAYS_FP32 else requested
+    return "fp32" if spec.role_of(model) in ALWAYS_FP32 else requested
 
 
 def profile_shapes(model_spec: spec.ModelSpec, opt_batch: int = DEFAULT_OPT_BATCH,
@@ -68,7 +68,8 @@ def profile_shapes(model_spec: spec.ModelSpec, opt_batch: int = DEFAULT_OPT_BATC
 
 def engine_bound(model: str, output: str, precision: str) -> float:
     """Allowed max |engine - ONNX Runtime| of one output: relative to max(1, max |reference|) for float outputs,
-    in grey levels for the uint8 image."""
+    in grey levels for the uint8 image. An animal model's bounds are its role's."""
+    model = spec.role_of(model)
     if (model, output) not in TOLERANCES:       # the uint8 image
         return float(FP16_IMAGE_LEVELS if precision == "fp16" else UINT8_LEVELS)
     if precision == "fp16" and (model, output) in FP16_ENGINE_TOLERANCES:
@@ -89,7 +90,7 @@ def preflight(onnx_path: str | os.PathLike, model: str) -> None:
 
 def _keep_fp32(trt, network, model: str) -> int:
     """Constrain the model's FP32_LAYER_TYPES layers with floating-point outputs to FP32; returns how many."""
-    types = {getattr(trt.LayerType, name) for name in FP32_LAYER_TYPES.get(model, ())}
+    types = {getattr(trt.LayerType, name) for name in FP32_LAYER_TYPES.get(spec.role_of(model), ())}
     count = 0
     for i in range(network.num_layers):
         layer = network.get_layer(i)
@@ -172,7 +173,7 @@ def check_engine(runner, precision: str, inputs: dict[str, np.ndarray],
             diffs[t.name], export_bound, _ = output_difference(model, t.name, got[t.name], want)
         except ValidationError as exc:
             raise TensorRTError(f"engine vs ONNX Runtime: {exc}") from exc
-        scale = 1.0 if want.dtype == np.uint8 else export_bound / TOLERANCES[(model, t.name)]
+        scale = 1.0 if want.dtype == np.uint8 else export_bound / TOLERANCES[(spec.role_of(model), t.name)]
         bounds[t.name] = engine_bound(model, t.name, precision) * scale
     batch = next(iter(inputs.values())).shape[0]
     return EngineCheck(model, batch, diffs, bounds, runner.session.latency_ms(inputs, repeats))

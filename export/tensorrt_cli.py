@@ -27,8 +27,9 @@ REJECTED_PLAN_FILENAME = "model.rejected.plan"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repository", required=True, metavar="DIR",
                         help="model repository written by `liveportrait-triton export` (<model>/1/model.onnx)")
-    parser.add_argument("--models", nargs="+", choices=spec.SUBMODELS, default=list(spec.SUBMODELS),
-                        metavar="MODEL", help=f"models to build (default all: {', '.join(spec.SUBMODELS)})")
+    parser.add_argument("--models", nargs="+", choices=spec.ALL_SUBMODELS, default=None, metavar="MODEL",
+                        help=f"models to build (default: those of the model sets the repository holds: "
+                             f"{', '.join(spec.SUBMODELS)}, and the animal set's {', '.join(spec.ANIMAL_SUBMODELS)})")
     parser.add_argument("--precision", choices=PRECISIONS, default=None,
                         help="engine precision (default: the export's --precision from export.json, else fp16); "
                              "motion_extractor and the S MLPs are always fp32")
@@ -65,7 +66,10 @@ def _run(args) -> int:
     repository = Path(args.repository)
     if not repository.is_dir():
         raise TensorRTError(f"repository {str(repository)!r} does not exist: run `liveportrait-triton export` first")
-    manifests = {m: _export_manifest(repository, m) for m in args.models}
+    from ..repository import repository_subjects
+    subjects = repository_subjects(repository)
+    models = args.models or list(spec.subject_models(subjects))
+    manifests = {m: _export_manifest(repository, m) for m in models}
     config = args.config or next((m["config"] for m in manifests.values() if "config" in m), None)
     if config is None:
         raise TensorRTError("no export.json in the repository says which network configuration it holds; "
@@ -76,15 +80,15 @@ def _run(args) -> int:
     if max(check_batches) > args.max_batch or not 1 <= args.opt_batch <= args.max_batch <= spec.MAX_BATCH_SIZE:
         raise TensorRTError(f"need 1 <= --opt-batch <= --max-batch <= {spec.MAX_BATCH_SIZE} and check batches "
                             f"<= --max-batch; got opt {args.opt_batch}, max {args.max_batch}, check {check_batches}")
-    for model in args.models:
+    for model in models:
         preflight(model_path(repository, model), model)
     trt = import_tensorrt()
-    print(f"TensorRT {trt.__version__}; engines for {', '.join(args.models)} ({config} config, {requested} "
+    print(f"TensorRT {trt.__version__}; engines for {', '.join(models)} ({config} config, {requested} "
           f"requested), profile batch 1..{args.max_batch} opt {args.opt_batch}")
-    specs = spec.submodel_specs(config)
-    checker = None if args.no_check else _Checker(repository, config, max(check_batches))
+    specs = spec.submodel_specs(config, spec.SUBJECTS)
+    checker = None if args.no_check else _Checker(repository, config, max(check_batches), subjects)
     failures = []
-    for model in args.models:
+    for model in models:
         precision = engine_precision(model, requested)
         started = time.perf_counter()
         plan = build_engine(model_path(repository, model), specs[model], precision, args.opt_batch, args.max_batch,
@@ -121,16 +125,16 @@ def _run(args) -> int:
 class _Checker:
     """Generated inputs and ONNX Runtime (CPU) references from the repository's own ONNX files."""
 
-    def __init__(self, repository: Path, config: str, batch: int):
+    def __init__(self, repository: Path, config: str, batch: int, subjects=(spec.HUMAN,)):
         from ..pipeline import OnnxRunner
         from ..runtimes import RuntimeLoadError
         from .sample_inputs import sample_inputs
         require_cuda_torch()
         try:
-            self.onnx = OnnxRunner(repository, config)
+            self.onnx = OnnxRunner(repository, config, subjects=subjects)
         except RuntimeLoadError as exc:
             raise TensorRTError(f"{exc}; checking engines needs every model's ONNX file (or pass --no-check)") from exc
-        self.inputs = sample_inputs(self.onnx, batch)
+        self.inputs = sample_inputs(self.onnx, batch)     # by role: made with the human set's networks
 
     def check(self, plan: bytes, model_spec: spec.ModelSpec, precision: str, batches, repeats: int):
         from ..runtimes import RuntimeLoadError, RuntimePlanEntry, create_subnetwork
@@ -140,5 +144,5 @@ class _Checker:
         except RuntimeLoadError as exc:
             raise TensorRTError(str(exc)) from exc
         for batch in batches:
-            feeds = {k: v[:batch] for k, v in self.inputs[model_spec.name].items()}
+            feeds = {k: v[:batch] for k, v in self.inputs[spec.role_of(model_spec.name)].items()}
             yield check_engine(runner, precision, feeds, self.onnx.run(model_spec.name, feeds), repeats)

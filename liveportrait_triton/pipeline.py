@@ -297,11 +297,12 @@ class TorchRunner(runtimes.PlanRunner):
 
 
 class OnnxRunner(runtimes.PlanRunner):
-    """Exported `<repository>/<model>/1/` files in-process on the runtime layer's ONNX kinds (`kind` for all, or
-    {model: kind}; default ONNX Runtime)."""
+    """Exported `<repository>/<model>/1/` files of the model sets `subjects` in-process on the runtime layer's ONNX
+    kinds (`kind` for all, or {model: kind}; default ONNX Runtime)."""
 
     def __init__(self, repository: str | Path, config: str | dict, kind: str | dict[str, str] = "onnxruntime",
-                 threads: int | None = None):
-        kinds = {m: kind for m in spec.SUBMODELS} if isinstance(kind, str) else kind
-        super().__init__(runtimes.create_runner(runtimes.plan_of(kinds), config, repository=repository,
-                                                threads=threads).runners)
+                 threads: int | None = None, subjects=(spec.HUMAN,)):
+        models = spec.subject_models(subjects)
+        kinds = {m: kind for m in models} if isinstance(kind, str) else kind
+        super().__init__(runtimes.create_runner(runtimes.plan_of(kinds, models), config, repository=repository,
+                                                threads=threads, subjects=subjects).runners)

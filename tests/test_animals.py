@@ -148,6 +148,39 @@ def test_animal_weights_load_strictly(tmp_path, tiny_weights_dir, tiny_animal_we
         load_networks(tiny_weights_dir, "full", tiny_animal_weights_dir)
 
 
+# -- repository, runtime plan, engines ----------------------------------------------------------------------------
+
+def test_both_sets_render_each_animal_model_with_its_own_batching_and_plan_entry(tmp_path):
+    from liveportrait_triton import repository as repo
+    from liveportrait_triton.export.tensorrt_build import engine_bound, engine_precision
+    from liveportrait_triton.runtimes import runtime_plan
+    both = (spec.HUMAN, spec.ANIMAL)
+    plan = runtime_plan("local", {"animal_warping_module": "onnxruntime"}, subjects=both)
+    assert plan[spec.WARPING].kind == runtime_plan("local")[spec.WARPING].kind != "onnxruntime"
+    assert plan["animal_warping_module"].kind == "onnxruntime"
+    assert plan["animal_spade_generator"].kind == plan[spec.GENERATOR].kind     # its role's committed choice
+    files = repo.render_repository("local", "tiny", plan=plan, subjects=both)
+    roles = spec.submodel_specs("tiny")
+    for model in spec.ANIMAL_SUBMODELS:
+        config = repo.parse_config(files[f"{model}/config.pbtxt"])
+        assert config.name == model and config.max_batch_size == spec.MAX_BATCH_SIZE
+        assert config.HasField("dynamic_batching")
+        assert repo.config_parameters(config)["runtime"] == plan[model].kind
+        assert [i.name for i in config.input] == roles[spec.role_of(model)].input_names
+    pipeline = repo.parse_config(files[f"{spec.PIPELINE}/config.pbtxt"])
+    assert repo.config_parameters(pipeline)["subjects"] == "human,animal"
+    human_only = repo.render_repository("local", "tiny")
+    assert not any(path.startswith(spec.ANIMAL_PREFIX) for path in human_only)
+    assert repo.config_parameters(repo.parse_config(human_only[f"{spec.PIPELINE}/config.pbtxt"]))["subjects"] == "human"
+    repo.write_repository_configs(tmp_path, "local", "tiny", plan=plan, subjects=both)
+    assert repo.repository_subjects(tmp_path) == both and repo.served_plan(tmp_path) == plan
+    # TensorRT engines of the animal set follow their roles' rules (M and MLPs fp32, the same bounds)
+    assert engine_precision("animal_motion_extractor", "fp16") == "fp32"
+    assert engine_precision("animal_warping_module", "fp16") == "fp16"
+    assert engine_bound("animal_warping_module", "warped_feature", "fp16") == engine_bound(
+        spec.WARPING, "warped_feature", "fp16")
+
+
 # -- options ---------------------------------------------------------------------------------------------------
 
 def test_animal_options_defaults_and_refusals():
