@@ -23,7 +23,7 @@ import numpy as np
 from .. import crop as C
 from .. import spec
 from ..wire import DrivingFrame, MotionFrame
-from . import media
+from . import animals, media
 from .client import DEFAULT_URL, LivePortraitClient
 from .errors import RequestFailed, ServerMismatch, ServerUnavailable
 from .requests import new_sequence_id
@@ -55,6 +55,7 @@ class AnimateSettings:
     source_scale: float = C.SOURCE_CROP.scale
     source_vx: float = C.SOURCE_CROP.vx
     source_vy: float = C.SOURCE_CROP.vy
+    source_box: C.PixelBox | None = None    # animals: the box of the source to animate (None: the whole image)
     driving_scale: float = C.DRIVING_CROP.scale
     driving_vx: float = C.DRIVING_CROP.vx
     driving_vy: float = C.DRIVING_CROP.vy
@@ -80,7 +81,24 @@ class AnimateSettings:
             raise ValueError(f"unknown animation option(s) {sorted(unknown)}; known: {CLI_OPTIONS}")
         object.__setattr__(self, "options", {k: v for k, v in self.options.items() if v is not None})
         object.__setattr__(self, "faces", parse_faces(str(self.faces)))
+        if isinstance(self.source_box, str):
+            object.__setattr__(self, "source_box", C.PixelBox.parse(self.source_box) if self.source_box else None)
         self.source_crop, self.driving_crop        # crop limits checked here (crop.py), before any work
+        self._check_subject()
+
+    def _check_subject(self) -> None:
+        """What an animal source can do: one box instead of the face crop (the option rules are the spec's)."""
+        if not self.animal:
+            if self.source_box is not None:
+                raise ValueError("--source-box is for --subject animal (a human source is cropped around its face)")
+            return
+        refused = [_flag(name) for name, default in (("faces", "largest"), ("draw_keypoints", False),
+                                                     ("source_scale", C.SOURCE_CROP.scale),
+                                                     ("source_vx", C.SOURCE_CROP.vx), ("source_vy", C.SOURCE_CROP.vy))
+                   if getattr(self, name) != default]
+        if refused:
+            raise ValueError(f"{', '.join(refused)} are for human faces; an animal source is the whole image or "
+                             "the box --source-box x,y,w,h, and the keypoint panel draws the human set's keypoints")
 
     @classmethod
     def from_values(cls, **values) -> "AnimateSettings":
@@ -108,15 +126,28 @@ class AnimateSettings:
         return C.CropSettings(self.driving_scale, self.driving_vx, self.driving_vy, rotate=False)
 
     @property
+    def animal(self) -> bool:
+        """The source is animated by the Animals model set (option subject=animal)."""
+        return self.options.get("subject") == spec.ANIMAL
+
+    def pastes_back(self, options: dict) -> bool:
+        """Whether the result is pasted into the source picture (an animal's only with a box and stitching on:
+        `animals.pastes_back`)."""
+        return animals.pastes_back(self.source_box, options, self.paste_back) if self.animal else self.paste_back
+
+    @property
     def needs_ratios(self) -> bool:
         """Eye or lip retargeting is on: each driving frame carries its ratios."""
         return bool(self.options.get("eye_retargeting") or self.options.get("lip_retargeting"))
 
-    def pipeline_options(self, kind: str) -> dict:
-        """The sequence options sent with START for this driving kind (checked by the server's rule)."""
+    def pipeline_options(self, kind: str, source_video: bool = False) -> dict:
+        """The sequence options sent with START for this driving kind and source (checked by the server's rule,
+        `spec.parse_options`, which also refuses what an animal sequence cannot do)."""
         options = dict(self.options)
         if kind == "image":
             options["driving_type"] = "image"
+        if source_video:
+            options["source_video"] = True
         spec.parse_options(options)
         return options
 
@@ -163,6 +194,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           help=f"{who} crop shift along the face's x axis, in box sides (default {settings.vx})")
         crop.add_argument(f"--{who}-vy", type=float, default=settings.vy,
                           help=f"{who} crop shift along the face's y axis, in box sides (default {settings.vy})")
+    crop.add_argument("--source-box", metavar="X,Y,W,H",
+                      help="--subject animal: animate this box of the source image (pixels: top-left x, y, width, "
+                           "height), resized to 256x256 as the official no-crop rule resizes the whole image; the "
+                           "result is pasted back into it when stitching is on (default: the whole image, no "
+                           "paste-back); there is no automatic animal-face crop (see README, Animals)")
     crop.add_argument("--crop-driving", action=argparse.BooleanOptionalAction, default=DEFAULTS["crop_driving"],
                       help="crop the face out of driving frames (default off: the driving video is taken as an "
                            "already cropped face and resized to 256x256, as the official default)")
@@ -288,6 +324,14 @@ def prepare_source(path: str, analyzer, settings: C.CropSettings, max_dim: int, 
         return SourceFaces.detect(image, analyzer, settings, options, faces, what=f"the source image {path}")
 
 
+def source_faces(settings: AnimateSettings, analyzer, even: bool, timer: StageTimer, options: dict) -> SourceFaces:
+    """The source image's faces to animate (settings.faces), or an animal source (its box or the whole image)."""
+    if settings.animal:
+        return animals.animal_source(settings.source, settings.source_box, settings.source_max_dim, even, options)
+    return prepare_source(settings.source, analyzer, settings.source_crop, settings.source_max_dim, even, timer,
+                          options, settings.faces)
+
+
 class DrivingFrames:
     """Driving video/camera frames -> Prepared (runs in the prefetch thread): crop, ratios, optional smoothing.
     Every frame is looked at for a face; `faceless` lists the frames that showed none (see `faceless_note`)."""
@@ -408,7 +452,7 @@ def animate(settings: AnimateSettings) -> Summary:
         raise ValueError("--max-frames must be >= 1")
     if settings.in_flight < 1:
         raise ValueError("--in-flight must be >= 1")
-    options = settings.pipeline_options(kind)
+    options = settings.pipeline_options(kind, source_video=source_is_video)
 
     # local inputs first: a missing file or a face-less source fails before any server is needed
     media.require_file(settings.source, "source video" if source_is_video else "source image")
@@ -430,9 +474,7 @@ def animate(settings: AnimateSettings) -> Summary:
                 client.check_model(spec.MOTION)
             return _animate_source_video(settings, client, analyzer, options, kind, template, reader, driving_image,
                                          output, started)
-        faces = prepare_source(settings.source, analyzer, settings.source_crop, settings.source_max_dim,
-                               even=kind != "image",
-                               timer=timer, options=options, faces=settings.faces)
+        faces = source_faces(settings, analyzer, even=kind != "image", timer=timer, options=options)
         if len(faces) > 1 and (not settings.paste_back or settings.draw_keypoints):
             raise ValueError(f"--no-paste-back and --draw-keypoints are for one face; {len(faces)} faces were chosen "
                              "(--faces)")
@@ -443,8 +485,14 @@ def animate(settings: AnimateSettings) -> Summary:
             if settings.smooth or (settings.smooth is None and kind == "webcam"):
                 client.check_model(spec.MOTION)
         if kind == "image":
-            return _animate_image(settings, client, analyzer, faces, driving_image, output, timer, started)
-        return _animate_stream(settings, client, kind, faces, template, reader, output, comparison, timer, started)
+            summary = _animate_image(settings, client, analyzer, faces, driving_image, output, timer, started)
+        else:
+            summary = _animate_stream(settings, client, kind, faces, template, reader, output, comparison, timer,
+                                      started)
+        if settings.animal:
+            note = animals.paste_note(settings.source_box, options, settings.paste_back)
+            summary.notes += [note] if note else []
+        return summary
     finally:
         analyzer.close()
         if reader is not None:
@@ -499,7 +547,7 @@ def _animate_image(settings, client, analyzer, faces, driving_image, output, tim
                            lip_ratio=float(face.lip_ratio()[0]) if ratios else None)
     with timer("server (one request per face)"):
         animated = faces.animate_image(client, driving)
-    result = faces.paste(animated) if settings.paste_back else animated[0]
+    result = faces.paste(animated) if settings.pastes_back(faces.faces[0].source.options) else animated[0]
     media.write_image(output, result)
     wall = time.perf_counter() - started
     summary = Summary(output, 1, wall)
@@ -529,7 +577,7 @@ def _animate_stream(settings, client, kind, faces, template, reader, output, com
         frames = itertools.islice(frames, settings.max_frames)
         total = min(total, settings.max_frames) if total else settings.max_frames
     source_crop512 = faces.crop512
-    paste = faces.paste if settings.paste_back else None
+    paste = faces.paste if settings.pastes_back(faces.faces[0].source.options) else None
     still = faces.image if paste is not None else source_crop512
     overlay = None
     if settings.draw_keypoints:
@@ -661,15 +709,14 @@ class LiveAnimation:
         options = settings.pipeline_options("webcam")
         analyzer = make_analyzer(settings.face_models)
         try:
-            faces = prepare_source(settings.source, analyzer, settings.source_crop, settings.source_max_dim,
-                                   even=False, timer=StageTimer(), options=options)          # the largest face
+            faces = source_faces(settings, analyzer, even=False, timer=StageTimer(), options=options)
         finally:
             analyzer.close()
         self.client = LivePortraitClient(settings.server)
         smooth = bool(settings.smooth)
         if smooth:
             self.client.check_model(spec.MOTION)
-        self.paste = faces.paste if settings.paste_back else None
+        self.paste = faces.paste if settings.pastes_back(options) else None
         self.still = faces.image if self.paste is not None else faces.crop512
         self.frames = DrivingFrames(settings, self.client, StageTimer(), fps, smooth, comparison=False)
         self.sequence_id = new_sequence_id()
