@@ -82,7 +82,7 @@ class LivePortraitClient:
         if not self.model_ready(model):
             raise ServerUnavailable(f"the server at {self.where()} has no ready model {model!r} (is the repository "
                                     f"complete? see the server log)")
-        wanted = spec.PIPELINE_SPEC if model == self.model else spec.submodel_specs()[model]
+        wanted = spec.PIPELINE_SPEC if model == self.model else spec.submodel_specs(subjects=spec.SUBJECTS)[model]
         metadata = self._json(self._client.get_model_metadata(model, **self._as_json()))
         config = self._json(self._client.get_model_config(model, **self._as_json()))
         config = config.get("config", config)

@@ -1,7 +1,8 @@
 """`liveportrait-triton export`: export every served sub-network to ONNX, validate it, render the Triton configs.
 
 Writes `<repository>/<model>/1/model.onnx` (+ `export.json`, what was exported and how it validated) for every
-model in spec.SUBMODELS, then the repository's config.pbtxt files for the chosen target.
+model in spec.SUBMODELS (and, with animal weights, spec.ANIMAL_SUBMODELS: the official Animals mode's F, M, W and G
+as models of their own), then the repository's config.pbtxt files for the chosen target.
 """
 from __future__ import annotations
 
@@ -38,6 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint directory in the official layout (base_models/, retargeting_models/)")
     source.add_argument("--synthetic", type=int, metavar="SEED",
                         help="use deterministic synthetic weights from this seed (not a trained model)")
+    animals = parser.add_mutually_exclusive_group()
+    animals.add_argument("--animal-weights", metavar="DIR",
+                         help="also export the Animals set from DIR in the official liveportrait_animals layout "
+                              "(base_models_v1.1/, or base_models/ for v1.0); its stitching MLP is the humans' "
+                              "(--weights or --synthetic), and it has no eye/lip retargeting")
+    animals.add_argument("--animal-synthetic", type=int, metavar="SEED",
+                         help="also export an Animals set of deterministic synthetic weights from this seed")
     parser.add_argument("--config", choices=sorted(CONFIGS), default="full", help="network configuration")
     parser.add_argument("--repository", required=True, metavar="DIR", help="Triton model repository to write")
     parser.add_argument("--target", choices=TARGETS, default="local",
@@ -58,14 +66,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "repeatable. Each file is validated on ONNX Runtime and on the kind serving it")
 
 
-def load(args):
-    """The networks the arguments name (synthetic ones are written to a temporary directory and loaded)."""
+def subjects(args) -> tuple[str, ...]:
+    """The model sets the arguments export."""
+    animals = args.animal_weights is not None or args.animal_synthetic is not None
+    return (spec.HUMAN, spec.ANIMAL) if animals else (spec.HUMAN,)
+
+
+def load(args) -> dict:
+    """{subject: networks} the arguments name (synthetic ones are written to a temporary directory and loaded);
+    the animal set's networks carry the humans' stitching MLP, as the official Animals mode does."""
     from ..weights import load_networks, write_synthetic_weights
-    if args.weights is not None:
-        return load_networks(args.weights, args.config)
     with tempfile.TemporaryDirectory(prefix="liveportrait-synthetic-") as tmp:
-        write_synthetic_weights(tmp, args.synthetic, args.config)
-        return load_networks(tmp, args.config)
+        human_dir, animal_dir = args.weights, args.animal_weights
+        if human_dir is None:
+            human_dir = Path(tmp) / "human"
+            write_synthetic_weights(human_dir, args.synthetic, args.config)
+        if args.animal_synthetic is not None:
+            animal_dir = Path(tmp) / "animal"
+            write_synthetic_weights(animal_dir, args.animal_synthetic, args.config, spec.ANIMAL)
+        networks = {spec.HUMAN: load_networks(human_dir, args.config)}
+        if animal_dir is not None:
+            networks[spec.ANIMAL] = load_networks(human_dir, args.config, animal_dir)
+        return networks
+
+
+def weights_origin(args, model: str) -> str:
+    """Where an exported model's weights came from (recorded in export.json)."""
+    if model in spec.ANIMAL_SUBMODELS:
+        if args.animal_weights:
+            return str(Path(args.animal_weights).resolve())
+        return f"synthetic animal seed {args.animal_synthetic}"
+    return str(Path(args.weights).resolve()) if args.weights else f"synthetic seed {args.synthetic}"
 
 
 def run(args) -> int:
@@ -74,16 +105,19 @@ def run(args) -> int:
     from .onnx_export import OPSET, export_repository
     from .validate import ValidationError
     try:
-        plan = (runtimes.runtime_plan(args.target, runtimes.parse_runtime_overrides(args.runtime))
-                if args.target == "local" else {})
+        plan = (runtimes.runtime_plan(args.target, runtimes.parse_runtime_overrides(args.runtime),
+                                      subjects=subjects(args)) if args.target == "local" else {})
         networks = load(args)
     except (WeightsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     started = time.perf_counter()
     try:
-        exported = export_repository(networks, args.repository, args.grid_sample, args.validate_batches,
-                                     plan=plan)
+        exported = []
+        for subject, subject_networks in networks.items():
+            models = spec.SUBMODELS if subject == spec.HUMAN else spec.ANIMAL_SUBMODELS
+            exported += export_repository(subject_networks, args.repository, args.grid_sample, args.validate_batches,
+                                          models=models, plan=plan)
     except ValidationError as exc:
         print(f"error: export failed validation: {exc}", file=sys.stderr)
         return 1
@@ -91,7 +125,7 @@ def run(args) -> int:
         manifest = {
             "model": item.model, "config": args.config, "grid_sample": args.grid_sample,
             "opset": OPSET[args.grid_sample],
-            "weights": str(Path(args.weights).resolve()) if args.weights else f"synthetic seed {args.synthetic}",
+            "weights": weights_origin(args, item.model),
             "tensorrt_precision": args.precision,
             "runtime": plan[item.model].kind if item.model in plan else None,
             "runtime_plan": plan[item.model].parameters() if item.model in plan else None,
@@ -101,6 +135,6 @@ def run(args) -> int:
         (item.path.parent / MANIFEST_FILENAME).write_text(json.dumps(manifest, indent=2) + "\n")
     print(f"exported and validated {len(exported)} models in {time.perf_counter() - started:.0f} s")
     repository.write_repository_configs(args.repository, target=args.target, config=args.config,
-                                        plan=plan or None)
+                                        plan=plan or None, subjects=subjects(args))
     print(f"wrote Triton configs for target {args.target!r} into {args.repository}")
     return 0

@@ -156,7 +156,9 @@ def export_repository(networks: Networks, repository: str | os.PathLike, grid_sa
                       validate_batches: tuple[int, ...] = (1, 3), models: tuple[str, ...] = spec.SUBMODELS,
                       plan: runtimes.RuntimePlan | None = None, log=print) -> list[ExportedModel]:
     """Export, check and compare every served model into `<repository>/<model>/1/model.onnx`, on ONNX Runtime
-    and on the kind the runtime `plan` serves it on (`validation_entries`).
+    and on the kind the runtime `plan` serves it on (`validation_entries`). `models` are served names of one
+    model set, whose networks `networks` holds: the human set's (default), or the animal set's
+    (spec.ANIMAL_SUBMODELS, with networks loaded by `load_networks(human_dir, config, animal_dir)`).
 
     PyTorch references use the native F.grid_sample whatever `grid_sample` says, so the comparison also checks
     the decomposed grid sample. A file is moved into place only after it passed (and a model.plan built from an
@@ -165,10 +167,10 @@ def export_repository(networks: Networks, repository: str | os.PathLike, grid_sa
     """
     if not validate_batches or min(validate_batches) < 1:
         raise ValueError(f"validate_batches must be positive batch sizes, got {validate_batches}")
-    specs = spec.submodel_specs(networks.params)
+    specs = spec.submodel_specs(networks.params, spec.SUBJECTS)
     unknown = [m for m in models if m not in specs]
     if unknown:
-        raise ValueError(f"unknown models {unknown}; served models: {list(spec.SUBMODELS)}")
+        raise ValueError(f"unknown models {unknown}; served models: {list(spec.ALL_SUBMODELS)}")
     opset = OPSET[grid_sample]
     trace_batch = max(2, *validate_batches)
     reference_runner = TorchRunner(networks)
@@ -180,28 +182,29 @@ def export_repository(networks: Networks, repository: str | os.PathLike, grid_sa
     served = served_models(networks)
     done, failures = [], []
     for model in models:
+        role = spec.role_of(model)      # the sub-network it runs: its inputs, reference and network
         final = model_path(repository, model)
         partial = final.with_name("model.partial.onnx")
         rejected = final.with_name(REJECTED_FILENAME)
         with grid_sample_mode(networks, grid_sample):
-            export_model(served[model], inputs[model], partial, opset)
+            export_model(served[role], inputs[role], partial, opset)
         comparisons = []
         try:
             check_graph(partial, specs[model])
             references = []
             for batch in validate_batches:
-                feeds = {k: v[:batch] for k, v in inputs[model].items()}
+                feeds = {k: v[:batch] for k, v in inputs[role].items()}
                 with grid_sample_mode(networks, "native"):
-                    references.append((feeds, reference_runner.run(model, feeds)))
+                    references.append((feeds, reference_runner.run(role, feeds)))
             for entry in validation_entries(model, (plan or {}).get(model)):
                 kind = entry.kind
                 artefact = partial
                 if kind in runtimes.TORCH_KINDS:     # the network file the torch kinds serve, checked as served
                     artefact = final.with_name(runtimes.TORCH_FILENAME)
-                    save_network_file(networks, NETWORK_FIELD[model], artefact)
+                    save_network_file(networks, NETWORK_FIELD[role], artefact)
                 elif kind == "openvino_fastconv":    # its own ONNX file, checked as served
-                    artefact = export_fastconv_model(networks, model, final.with_name(runtimes.FASTCONV_ONNX_FILENAME),
-                                                     inputs[model], grid_sample)
+                    artefact = export_fastconv_model(networks, role, final.with_name(runtimes.FASTCONV_ONNX_FILENAME),
+                                                     inputs[role], grid_sample)
                 runner = runtimes.create_subnetwork(entry, specs[model], artefact=artefact)
                 comparisons += [compare(runner, feeds, reference) for feeds, reference in references]
                 del runner

@@ -151,7 +151,7 @@ def output_difference(model: str, output: str, got: np.ndarray, want: np.ndarray
         return (float(diff.max()) if diff.size else 0.0, float(UINT8_LEVELS),
                 float(np.count_nonzero(diff)) / max(1, diff.size))
     diff = float(np.max(np.abs(got.astype(np.float64) - want))) if want.size else 0.0
-    return diff, TOLERANCES[(model, output)] * max(1.0, float(np.max(np.abs(want)))), None
+    return diff, TOLERANCES[(spec.role_of(model), output)] * max(1.0, float(np.max(np.abs(want)))), None
 
 
 def compare(runner, inputs: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> Comparison:

@@ -128,6 +128,19 @@ def compose_keypoints(kp_canonical, R_new, delta_new, scale_new, t_new) -> np.nd
             + _f32(t_new).reshape(-1, 1, 3))
 
 
+def animal_driving_keypoints(source: MotionInfo, driving: MotionInfo) -> np.ndarray:
+    """x_d of the official Animals mode: s_s * (kp_c_s @ R_d + exp_d) + t_d, with t_d's z set to 0; the source's
+    scale, not the driving frame's (live_portrait_pipeline_animal.py)."""
+    t = np.array(driving.t, dtype=np.float32).reshape(-1, 3)
+    t[:, 2] = 0
+    return compose_keypoints(source.kp, driving.R, driving.exp, source.scale, t)
+
+
+def relative_to_anchor(x_d: np.ndarray, x_d0: np.ndarray, x_s: np.ndarray, multiplier: float) -> np.ndarray:
+    """(x_d - x_d0) * multiplier + x_s: the motion since the anchor frame, scaled onto the source."""
+    return (_f32(x_d) - _f32(x_d0)) * np.float32(multiplier) + _f32(x_s)
+
+
 def convex_hull_multiplier(x_s: np.ndarray, x_d0: np.ndarray) -> float:
     """'expression-friendly' motion scale: sqrt(hull volume of x_s) / sqrt(hull volume of the frame-0 result).
 

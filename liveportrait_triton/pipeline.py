@@ -5,7 +5,9 @@ from `spec`). `TorchRunner` runs our PyTorch modules in-process and `OnnxRunner`
 built by the runtime layer from a runtime plan (`runtimes.py`); the Triton pipeline model wraps BLS calls to the
 served sub-networks in the same interface (backend/bls.py `BlsRunner`).
 `Animator` holds the logic of the official per-frame block: source registration (F and M once), then for each driving frame M (or a motion
-template frame) -> keypoint maths -> stitching / retargeting MLPs -> W -> G, batched across streams.
+template frame) -> keypoint maths -> stitching / retargeting MLPs -> W -> G, batched across streams. A stream's
+`subject` option picks its model set (spec.SUBJECTS): the human set, or the official Animals mode's own F, M, W and
+G with its keypoint rule (`animal_keypoints`); streams of each set are batched with their own set only.
 """
 from __future__ import annotations
 
@@ -85,6 +87,10 @@ class StreamState:
     def nbytes(self) -> int:
         return nbytes(self.feature_volume)
 
+    @property
+    def subject(self) -> str:
+        return self.options.get("subject", spec.HUMAN)
+
 
 class Animator:
     """The LivePortrait per-frame computation over a Runner. It trusts what it is given: the served pipeline
@@ -97,10 +103,23 @@ class Animator:
     # -- source ---------------------------------------------------------------------------------------------
     def register_sources(self, crops: list[np.ndarray], options: list[dict],
                          eye_ratios: list | None = None, lip_ratios: list | None = None) -> list[StreamState]:
-        """F and M on a batch of source crops; one StreamState each."""
+        """F and M on a batch of source crops, one batch per model set; one StreamState each."""
+        eye_ratios = eye_ratios or [None] * len(crops)
+        lip_ratios = lip_ratios or [None] * len(crops)
+        states: list[StreamState | None] = [None] * len(crops)
+        for subject, items in by_subject([o.get("subject", spec.HUMAN) for o in options]).items():
+            registered = self._register_set(subject, [crops[i] for i in items], [options[i] for i in items],
+                                            [eye_ratios[i] for i in items], [lip_ratios[i] for i in items])
+            for i, state in zip(items, registered):
+                states[i] = state
+        return states
+
+    def _register_set(self, subject: str, crops: list[np.ndarray], options: list[dict], eye_ratios: list,
+                      lip_ratios: list) -> list[StreamState]:
         batch = crop_to_input(np.stack(crops))
-        appearance, raw_motion = run_concurrently(self.runner, [(spec.APPEARANCE, {"image": batch}),
-                                                                (spec.MOTION, {"image": batch})])
+        appearance, raw_motion = run_concurrently(self.runner, [
+            (spec.served_name(spec.APPEARANCE, subject), {"image": batch}),
+            (spec.served_name(spec.MOTION, subject), {"image": batch})])
         volume = appearance["feature_volume"]
         motion = K.MotionInfo.from_raw(raw_motion)
         x_s = motion.transformed()
@@ -109,28 +128,31 @@ class Animator:
             src = K.MotionInfo(R=motion.R[i:i + 1], t=motion.t[i:i + 1], exp=motion.exp[i:i + 1],
                                scale=motion.scale[i:i + 1], kp=motion.kp[i:i + 1], pitch=motion.pitch[i:i + 1],
                                yaw=motion.yaw[i:i + 1], roll=motion.roll[i:i + 1])
-            eye = None if eye_ratios is None or eye_ratios[i] is None else np.asarray(eye_ratios[i], np.float32).reshape(1, 2)
-            lip = None if lip_ratios is None or lip_ratios[i] is None else np.asarray(lip_ratios[i], np.float32).reshape(1, 1)
+            eye = None if eye_ratios[i] is None else np.asarray(eye_ratios[i], np.float32).reshape(1, 2)
+            lip = None if lip_ratios[i] is None else np.asarray(lip_ratios[i], np.float32).reshape(1, 1)
             states.append(StreamState(options=opts, feature_volume=batch_item(volume, i),
                                       source=src, x_s=x_s[i:i + 1], source_eye_ratio=eye, source_lip_ratio=lip,
                                       anchor=src if opts["anchor"] == "source" else None))
         return states
 
     # -- driving --------------------------------------------------------------------------------------------
-    def driving_motion(self, frames: list[DrivingFrame | Edit]) -> list[K.MotionInfo | None]:
-        """M on the crops of the batch (one call), template motion as given; None for edits."""
+    def driving_motion(self, frames: list[DrivingFrame | Edit], subject: str = spec.HUMAN) -> list[K.MotionInfo | None]:
+        """M of the `subject` set on the crops of the batch (one call), template motion as given; None for edits.
+        (The official Animals mode runs its own M on the driving frames, human faces included.)"""
         crops = [i for i, f in enumerate(frames) if isinstance(f, DrivingFrame) and f.motion is None]
         infos: list[K.MotionInfo | None] = [f.motion.info() if isinstance(f, DrivingFrame) and f.motion is not None
                                             else None for f in frames]
         if crops:
             batch = crop_to_input(np.stack([frames[i].crop for i in crops]))
-            m = K.MotionInfo.from_raw(self.runner.run(spec.MOTION, {"image": batch}))
+            m = K.MotionInfo.from_raw(self.runner.run(spec.served_name(spec.MOTION, subject), {"image": batch}))
             for j, i in enumerate(crops):
                 infos[i] = K.MotionInfo(R=m.R[j:j + 1], t=m.t[j:j + 1], exp=m.exp[j:j + 1], scale=m.scale[j:j + 1])
         return infos
 
     def driving_keypoints(self, state: StreamState, driving: K.MotionInfo, frame: DrivingFrame) -> np.ndarray:
         """x_d for one frame of one stream: motion transfer, stitching / retargeting, multiplier (updates state)."""
+        if state.subject == spec.ANIMAL:
+            return self.animal_keypoints(state, driving, frame)
         o = state.options
         if state.anchor is None:
             state.anchor = driving
@@ -147,6 +169,17 @@ class Animator:
                 state.x_d0_new = x
                 state.motion_multiplier = K.convex_hull_multiplier(state.x_s, x)
             x = (x - state.x_d0_new) * np.float32(state.motion_multiplier) + state.x_s
+        return self._retarget_and_stitch(state, x, frame)
+
+    def animal_keypoints(self, state: StreamState, driving: K.MotionInfo, frame: DrivingFrame) -> np.ndarray:
+        """x_d of the official Animals mode for one frame (updates state): the driving pose and expression on the
+        source's canonical keypoints at the source's scale (tz 0), relative to the first frame and scaled by the
+        convex-hull multiplier measured on that frame; stitching when asked; the driving multiplier."""
+        x = K.animal_driving_keypoints(state.source, driving)
+        if state.x_d0_new is None:
+            state.x_d0_new = x
+            state.motion_multiplier = K.convex_hull_multiplier(state.x_s, x)
+        x = K.relative_to_anchor(x, state.x_d0_new, state.x_s, state.motion_multiplier)
         return self._retarget_and_stitch(state, x, frame)
 
     def source_video_keypoints(self, frame_state: StreamState, frame: DrivingFrame) -> np.ndarray:
@@ -199,18 +232,29 @@ class Animator:
             x = K.apply_stitching(x, self.runner.run(spec.STITCHING, {"kp_source": x_s, "kp_driving": x})["delta"])
         return x
 
-    def render(self, volumes: np.ndarray, x_s: np.ndarray, x_d: np.ndarray) -> np.ndarray:
-        """W then G on a batch -> (B, 512, 512, 3) uint8 on the host (the served generator ends in the official
-        parse_output). The volumes and W's output stay where the runner keeps them; only the uint8 image is brought
-        to the host."""
-        warped = self.runner.run(spec.WARPING, {"feature_volume": volumes, "kp_source": x_s, "kp_driving": x_d})
-        image = self.runner.run(spec.GENERATOR, {"warped_feature": warped["warped_feature"]})["image"]
-        return to_host(self.runner, spec.GENERATOR, "image", image)
+    def render(self, volumes: np.ndarray, x_s: np.ndarray, x_d: np.ndarray, subject: str = spec.HUMAN) -> np.ndarray:
+        """W then G of the `subject` set on a batch -> (B, 512, 512, 3) uint8 on the host (the served generator
+        ends in the official parse_output). The volumes and W's output stay where the runner keeps them; only the
+        uint8 image is brought to the host."""
+        warping, generator = spec.served_name(spec.WARPING, subject), spec.served_name(spec.GENERATOR, subject)
+        warped = self.runner.run(warping, {"feature_volume": volumes, "kp_source": x_s, "kp_driving": x_d})
+        image = self.runner.run(generator, {"warped_feature": warped["warped_feature"]})["image"]
+        return to_host(self.runner, generator, "image", image)
 
     def animate(self, states: list[StreamState], frames: list[DrivingFrame | Edit]) -> list[np.ndarray]:
         """One driving frame or edit for each of several streams (a stream may appear once per call), rendered
-        in one W+G batch. Edits leave the stream's frame count and anchor as they are."""
-        drivings = self.driving_motion(frames)
+        in one W+G batch per model set (a set's networks batch its own streams only). Edits leave the stream's
+        frame count and anchor as they are."""
+        images: list[np.ndarray | None] = [None] * len(states)
+        for subject, items in by_subject([s.subject for s in states]).items():
+            rendered = self._animate_set(subject, [states[i] for i in items], [frames[i] for i in items])
+            for i, image in zip(items, rendered):
+                images[i] = image
+        return images
+
+    def _animate_set(self, subject: str, states: list[StreamState],
+                     frames: list[DrivingFrame | Edit]) -> list[np.ndarray]:
+        drivings = self.driving_motion(frames, subject)
         # source-video frames: F and M on their own source crops, in one batch for the whole round
         video = [i for i, (s, f) in enumerate(zip(states, frames)) if s.options.get("source_video")]
         rendered = list(states)
@@ -224,11 +268,19 @@ class Animator:
                else self.source_video_keypoints(r, f) if r is not s else self.driving_keypoints(s, d, f)
                for s, r, d, f in zip(states, rendered, drivings, frames)]
         images = self.render(concatenate([r.feature_volume for r in rendered]),
-                             np.concatenate([r.x_s for r in rendered]), np.concatenate(x_d))
+                             np.concatenate([r.x_s for r in rendered]), np.concatenate(x_d), subject)
         for s, f in zip(states, frames):
             if not isinstance(f, Edit):
                 s.frames_done += 1
         return list(images)
+
+
+def by_subject(subjects: list[str]) -> dict[str, list[int]]:
+    """Indices of a batch's items per model set, in order of first appearance (each set is run as its own batch)."""
+    groups: dict[str, list[int]] = {}
+    for i, subject in enumerate(subjects):
+        groups.setdefault(subject, []).append(i)
+    return groups
 
 
 class TorchRunner(runtimes.PlanRunner):
@@ -236,8 +288,12 @@ class TorchRunner(runtimes.PlanRunner):
     layer's `torch` kind for every sub-network, on `device` in `precision` (fp32 on the CPU: exact)."""
 
     def __init__(self, networks, device: str = "cpu", threads: int | None = None, precision: str | None = None):
-        super().__init__(runtimes.create_runner(runtimes.uniform_plan("torch", device, precision), networks.params,
-                                                networks=networks, threads=threads).runners)
+        """`networks`: the human set's (weights.load_networks), or {subject: networks} for several sets."""
+        sets = networks if isinstance(networks, dict) else {spec.HUMAN: networks}
+        subjects = tuple(s for s in spec.SUBJECTS if s in sets)
+        params = next(iter(sets.values())).params
+        super().__init__(runtimes.create_runner(runtimes.uniform_plan("torch", device, precision, subjects), params,
+                                                networks=sets, threads=threads, subjects=subjects).runners)
 
 
 class OnnxRunner(runtimes.PlanRunner):

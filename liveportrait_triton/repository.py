@@ -77,8 +77,8 @@ class ServingOptions:
             raise ValueError("sequence_idle_timeout_s must be >= 1")
         if self.pipeline_instances < 1 or self.threads < 0:
             raise ValueError("pipeline_instances must be >= 1 and threads >= 0")
-        if set(self.instances) - set(spec.SUBMODELS) or any(c < 1 for c in self.instances.values()):
-            raise ValueError(f"instances must map served sub-networks {list(spec.SUBMODELS)} to counts >= 1, "
+        if set(self.instances) - set(spec.ALL_SUBMODELS) or any(c < 1 for c in self.instances.values()):
+            raise ValueError(f"instances must map served sub-networks {list(spec.ALL_SUBMODELS)} to counts >= 1, "
                              f"got {dict(self.instances)}")
         if self.bls_tensors not in (None, *spec.BLS_TENSOR_PATHS):
             raise ValueError(f"bls_tensors must be one of {list(spec.BLS_TENSOR_PATHS)}")
@@ -120,10 +120,16 @@ def repository_network_config(repository_dir: str | Path) -> str:
     return (config_parameters(read_config(path)).get("network_config") if path.is_file() else None) or "full"
 
 
+def repository_subjects(repository_dir: str | Path) -> tuple[str, ...]:
+    """The model sets a rendered repository serves (its pipeline config's `subjects`; human where absent)."""
+    path = Path(repository_dir) / spec.PIPELINE / "config.pbtxt"
+    return spec.parse_subjects(config_parameters(read_config(path)).get("subjects") if path.is_file() else None)
+
+
 def served_plan(repository_dir: str | Path) -> runtimes.RuntimePlan:
     """The runtime plan a rendered local-target repository serves, as its sub-networks' configs report it."""
     plan = {}
-    for model in spec.SUBMODELS:
+    for model in spec.subject_models(repository_subjects(repository_dir)):
         path = Path(repository_dir) / model / "config.pbtxt"
         try:
             plan[model] = runtimes.RuntimePlanEntry.from_parameters(model, config_parameters(read_config(path)))
@@ -203,9 +209,10 @@ def render_submodel_config(model: spec.ModelSpec, target: str, config: str, plat
     return config_text(submodel_config(model, target, config, platform, options, entry), _header(target, config))
 
 
-def pipeline_config(target: str, config: str,
-                    options: ServingOptions = ServingOptions()) -> model_config_pb2.ModelConfig:
-    """The ModelConfig of the `liveportrait` sequence model (Python backend, BLS to the sub-networks)."""
+def pipeline_config(target: str, config: str, options: ServingOptions = ServingOptions(),
+                    subjects=(spec.HUMAN,)) -> model_config_pb2.ModelConfig:
+    """The ModelConfig of the `liveportrait` sequence model (Python backend, BLS to the sub-networks of the model
+    sets `subjects`, which its `subjects` parameter names)."""
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; choose one of {list(TARGETS)}")
     pb = model_config_pb2.ModelConfig(name=spec.PIPELINE, backend="python",
@@ -227,13 +234,15 @@ def pipeline_config(target: str, config: str,
     _parameters(pb, {"network_config": config,
                      "sequence_idle_timeout_s": str(options.sequence_idle_timeout_s),
                      "max_live_sequences": str(options.live_capacity),
-                     "bls_tensors": options.bls_tensors or DEFAULT_BLS_TENSORS[target]})
+                     "bls_tensors": options.bls_tensors or DEFAULT_BLS_TENSORS[target],
+                     "subjects": ",".join(spec.parse_subjects(",".join(subjects)))})
     return pb
 
 
-def render_pipeline_config(target: str, config: str, options: ServingOptions = ServingOptions()) -> str:
+def render_pipeline_config(target: str, config: str, options: ServingOptions = ServingOptions(),
+                           subjects=(spec.HUMAN,)) -> str:
     """config.pbtxt of the `liveportrait` sequence model (pipeline_config as text)."""
-    return config_text(pipeline_config(target, config, options), _header(target, config))
+    return config_text(pipeline_config(target, config, options, subjects), _header(target, config))
 
 
 def ngc_platform(repository_dir: str | Path | None, model: str, platform: str | None) -> str:
@@ -250,28 +259,31 @@ def ngc_platform(repository_dir: str | Path | None, model: str, platform: str | 
 def render_repository(target: str = "local", config: str = "full", platform: str | None = None,
                       options: ServingOptions = ServingOptions(),
                       repository_dir: str | Path | None = None,
-                      plan: runtimes.RuntimePlan | None = None) -> dict[str, str]:
-    """Every generated file of a repository as {relative path: text} (artefacts such as model.onnx excluded).
+                      plan: runtimes.RuntimePlan | None = None, subjects=(spec.HUMAN,)) -> dict[str, str]:
+    """Every generated file of a repository of the model sets `subjects` as {relative path: text} (artefacts such
+    as model.onnx excluded).
 
     Local sub-networks run `plan` (default: runtimes.runtime_plan(target), the committed choice)."""
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; choose one of {list(TARGETS)}")
-    plan = runtimes.plan_of(plan or runtimes.runtime_plan(target)) if target == "local" else {}
+    models = spec.subject_models(subjects)
+    plan = (runtimes.plan_of(plan or runtimes.runtime_plan(target, subjects=subjects), models)
+            if target == "local" else {})
     files = {}
-    for name, model in spec.submodel_specs(config).items():
+    for name, model in spec.submodel_specs(config, subjects).items():
         chosen = ngc_platform(repository_dir, name, platform) if target == "ngc" else None
         files[f"{name}/config.pbtxt"] = render_submodel_config(model, target, config, chosen, options,
                                                                plan.get(name))
         if target == "local":
             files[f"{name}/1/model.py"] = SUBNETWORK_ADAPTER.read_text()
-    files[f"{spec.PIPELINE}/config.pbtxt"] = render_pipeline_config(target, config, options)
+    files[f"{spec.PIPELINE}/config.pbtxt"] = render_pipeline_config(target, config, options, subjects)
     files[f"{spec.PIPELINE}/1/model.py"] = PIPELINE_ADAPTER.read_text()
     return files
 
 
 def write_repository_configs(repository_dir: str | Path, target: str = "local", config: str = "full",
                              platform: str | None = None, options: ServingOptions = ServingOptions(),
-                             plan: runtimes.RuntimePlan | None = None) -> list[Path]:
+                             plan: runtimes.RuntimePlan | None = None, subjects=(spec.HUMAN,)) -> list[Path]:
     """Write every config.pbtxt and Python-backend model.py of a repository; returns the paths written.
 
     The ONNX (or TensorRT) artefacts are not touched: export writes them. On the ngc target a stale local adapter
@@ -279,13 +291,13 @@ def write_repository_configs(repository_dir: str | Path, target: str = "local", 
     """
     root = Path(repository_dir)
     written = []
-    for rel, text in render_repository(target, config, platform, options, root, plan).items():
+    for rel, text in render_repository(target, config, platform, options, root, plan, subjects).items():
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
         written.append(path)
     if target == "ngc":
-        for name in spec.SUBMODELS:
+        for name in spec.subject_models(subjects):
             stale = root / name / "1" / SUBNETWORK_ADAPTER.name
             if stale.is_file() and stale.read_text() == SUBNETWORK_ADAPTER.read_text():
                 stale.unlink()
@@ -294,8 +306,11 @@ def write_repository_configs(repository_dir: str | Path, target: str = "local", 
 
 def copy_artefacts(source_dir: str | Path, repository_dir: str | Path) -> None:
     """Copy the exported files of every sub-network (<model>/1/model.onnx, and model.pt / model.plan where export
-    or the TensorRT build wrote them) from one repository into another (e.g. a test's copy)."""
-    for name in spec.SUBMODELS:
+    or the TensorRT build wrote them) from one repository into another (e.g. a test's copy); the animal set's
+    too where the source holds it."""
+    for name in spec.ALL_SUBMODELS:
+        if name not in spec.SUBMODELS and not (Path(source_dir) / name).is_dir():
+            continue
         for filename in sorted(set(runtimes.ARTEFACT.values())):
             src = Path(source_dir) / name / "1" / filename
             if filename != ONNX_FILENAME and not src.is_file():

@@ -113,8 +113,8 @@ class RuntimePlanEntry:
     artefact: str = ""
 
     def __post_init__(self):
-        if self.model not in spec.SUBMODELS:
-            raise RuntimeLoadError(f"no served sub-network {self.model!r}; served: {list(spec.SUBMODELS)}")
+        if self.model not in spec.ALL_SUBMODELS:
+            raise RuntimeLoadError(f"no served sub-network {self.model!r}; served: {list(spec.ALL_SUBMODELS)}")
         if self.kind not in KINDS:
             raise RuntimeLoadError(f"{self.model}: unknown runtime {self.kind!r}; choose one of {list(KINDS)}")
         if not self.artefact:
@@ -164,19 +164,20 @@ class RuntimePlanEntry:
         return f"{self.model} runs {self.kind} on {self.device} in {self.precision} from {self.artefact}"
 
 
-RuntimePlan = dict     # {sub-network: RuntimePlanEntry}, in spec.SUBMODELS order
+RuntimePlan = dict     # {sub-network: RuntimePlanEntry}, in spec.ALL_SUBMODELS order
 
 
-def plan_of(kinds: Mapping[str, str | RuntimePlanEntry]) -> RuntimePlan:
-    """A plan naming every served sub-network ({model: kind or entry}), else RuntimeLoadError naming the fault."""
-    missing = [m for m in spec.SUBMODELS if m not in kinds]
-    unknown = sorted(set(kinds) - set(spec.SUBMODELS))
+def plan_of(kinds: Mapping[str, str | RuntimePlanEntry], models: tuple[str, ...] = spec.SUBMODELS) -> RuntimePlan:
+    """A plan naming every served sub-network of `models` (default: the human set; spec.subject_models gives
+    those of several model sets) ({model: kind or entry}), else RuntimeLoadError naming the fault."""
+    missing = [m for m in models if m not in kinds]
+    unknown = sorted(set(kinds) - set(models))
     if missing or unknown:
         raise RuntimeLoadError("runtime plan: " + "; ".join(
             part for part in (missing and f"no kind for {missing}", unknown and f"unknown sub-networks {unknown}")
             if part))
     plan = {m: k if isinstance(k, RuntimePlanEntry) else RuntimePlanEntry.of(m, k) for m, k in
-            ((m, kinds[m]) for m in spec.SUBMODELS)}
+            ((m, kinds[m]) for m in models)}
     wrong = [m for m, entry in plan.items() if entry.model != m]
     if wrong:
         raise RuntimeLoadError(f"runtime plan: entries of {wrong} name another sub-network")
@@ -192,15 +193,21 @@ def runtime_choice(target: str = "local", path: str | os.PathLike = RUNTIME_CHOI
 
 
 def runtime_plan(target: str = "local", overrides: Mapping[str, str | RuntimePlanEntry] | None = None,
-                 path: str | os.PathLike = RUNTIME_CHOICE_FILE) -> RuntimePlan:
-    """THE runtime plan of a repository of `target`: the committed choice, then `overrides` ({model: kind or
-    entry}, e.g. `export --runtime MODEL=KIND`)."""
-    return plan_of({**runtime_choice(target, path), **(overrides or {})})
+                 path: str | os.PathLike = RUNTIME_CHOICE_FILE, subjects=(spec.HUMAN,)) -> RuntimePlan:
+    """THE runtime plan of a repository of `target` holding the model sets `subjects`: the committed choice (an
+    animal sub-network, the same architecture as its human one, gets its role's), then `overrides` ({model: kind
+    or entry}, e.g. `export --runtime MODEL=KIND`)."""
+    choice = runtime_choice(target, path)
+    models = spec.subject_models(subjects)
+    return plan_of({**{m: choice[spec.role_of(m)] for m in models}, **(overrides or {})}, models)
 
 
-def uniform_plan(kind: str, device: str | None = None, precision: str | None = None) -> RuntimePlan:
-    """Every sub-network on one kind (the in-process PyTorch reference, the device check)."""
-    return plan_of({m: RuntimePlanEntry.of(m, kind, device, precision) for m in spec.SUBMODELS})
+def uniform_plan(kind: str, device: str | None = None, precision: str | None = None,
+                 subjects=(spec.HUMAN,)) -> RuntimePlan:
+    """Every sub-network of the model sets `subjects` on one kind (the in-process PyTorch reference, the device
+    check)."""
+    models = spec.subject_models(subjects)
+    return plan_of({m: RuntimePlanEntry.of(m, kind, device, precision) for m in models}, models)
 
 
 def parse_runtime_overrides(items: list[str]) -> dict[str, str]:
@@ -208,9 +215,9 @@ def parse_runtime_overrides(items: list[str]) -> dict[str, str]:
     out = {}
     for item in items:
         model, sep, kind = item.partition("=")
-        if not sep or model not in spec.SUBMODELS or kind not in KINDS:
+        if not sep or model not in spec.ALL_SUBMODELS or kind not in KINDS:
             raise RuntimeLoadError(f"--runtime {item!r}: expected MODEL=KIND with MODEL one of "
-                                   f"{list(spec.SUBMODELS)} and KIND one of {list(KINDS)}")
+                                   f"{list(spec.ALL_SUBMODELS)} and KIND one of {list(KINDS)}")
         out[model] = kind
     return out
 
@@ -304,16 +311,30 @@ class PlanRunner:
 
 
 def create_runner(plan: RuntimePlan, config: str | dict, *, networks=None,
-                  repository: str | os.PathLike | None = None, threads: int | None = None) -> PlanRunner:
-    """A PlanRunner for every served sub-network of network `config` on `plan` (runtime_plan, uniform_plan):
-    the torch kinds run `networks` when given, every other artefact comes from `repository`."""
-    plan = plan_of(plan)
-    specs = spec.submodel_specs(config)
-    return PlanRunner({m: create_subnetwork(entry, specs[m], networks=networks, threads=threads,
+                  repository: str | os.PathLike | None = None, threads: int | None = None,
+                  subjects=(spec.HUMAN,)) -> PlanRunner:
+    """A PlanRunner for every served sub-network of the model sets `subjects` of network `config` on `plan`
+    (runtime_plan, uniform_plan): the torch kinds run `networks` when given (a dict {subject: networks} for
+    several sets), every other artefact comes from `repository`."""
+    plan = plan_of(plan, spec.subject_models(subjects))
+    specs = spec.submodel_specs(config, subjects)
+    return PlanRunner({m: create_subnetwork(entry, specs[m], networks=_networks_of(networks, m), threads=threads,
                                              artefact=None if repository is None
                                              or (entry.kind in TORCH_KINDS and networks is not None)
                                              else entry.path(repository))
                         for m, entry in plan.items()})
+
+
+def _networks_of(networks, model: str):
+    """The loaded networks that hold `model`'s network: `networks`, or its set's of {subject: networks} (the
+    shared MLPs from the human set's, else from the animal set's, which carry the humans' MLPs)."""
+    if not isinstance(networks, Mapping):
+        return networks
+    order = (spec.ANIMAL,) if model in spec.ANIMAL_SUBMODELS else (spec.HUMAN, spec.ANIMAL)
+    for subject in order:
+        if subject in networks:
+            return networks[subject]
+    raise RuntimeLoadError(f"{model}: no {order[0]} networks given (got {sorted(networks)})")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -336,7 +357,7 @@ def _network_file(model_spec: spec.ModelSpec, artefact, kind: str):
         networks = load_network_file(artefact)
     except WeightsError as exc:
         raise RuntimeLoadError(str(exc)) from exc
-    if getattr(networks, NETWORK_FIELD[model_spec.name]) is None:
+    if getattr(networks, NETWORK_FIELD[spec.role_of(model_spec.name)]) is None:
         raise RuntimeLoadError(f"{artefact} does not hold the network of {model_spec.name!r}")
     return networks
 

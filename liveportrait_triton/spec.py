@@ -79,6 +79,52 @@ RETARGET_LIP = "retarget_lip"
 PIPELINE = "liveportrait"
 SUBMODELS = (APPEARANCE, MOTION, WARPING, GENERATOR, STITCHING, RETARGET_EYE, RETARGET_LIP)
 
+# Model sets. The official Animals mode has the humans' architecture with its own checkpoints of F, M, W and G;
+# it shares the humans' stitching MLP and has no eye/lip retargeting. Each animal sub-network is a served model of
+# its own, named with ANIMAL_PREFIX, so both sets live in one repository and batch apart.
+HUMAN = "human"
+ANIMAL = "animal"
+SUBJECTS = (HUMAN, ANIMAL)
+ANIMAL_PREFIX = "animal_"
+ANIMAL_ROLES = (APPEARANCE, MOTION, WARPING, GENERATOR)        # the sub-networks the animal set has its own of
+ANIMAL_SUBMODELS = tuple(ANIMAL_PREFIX + role for role in ANIMAL_ROLES)
+ALL_SUBMODELS = SUBMODELS + ANIMAL_SUBMODELS
+# the served models each subject's sequences use
+SUBJECT_MODELS = {HUMAN: SUBMODELS, ANIMAL: (*ANIMAL_SUBMODELS, STITCHING)}
+
+
+def served_name(role: str, subject: str = HUMAN) -> str:
+    """The served model that runs sub-network `role` (a name of SUBMODELS) for `subject`'s sequences."""
+    if subject == ANIMAL and role in ANIMAL_ROLES:
+        return ANIMAL_PREFIX + role
+    if role not in SUBJECT_MODELS.get(subject, ()):
+        raise KeyError(f"the {subject} model set has no sub-network {role!r}")
+    return role
+
+
+def role_of(model: str) -> str:
+    """The sub-network a served model runs (its name in SUBMODELS): `animal_warping_module` -> `warping_module`."""
+    return model[len(ANIMAL_PREFIX):] if model in ANIMAL_SUBMODELS else model
+
+
+def parse_subjects(text: str | None) -> tuple[str, ...]:
+    """The pipeline config's `subjects` parameter ('human,animal'; absent: human) as model sets in SUBJECTS
+    order; ValueError naming an unknown one."""
+    named = [s.strip() for s in (text or HUMAN).split(",") if s.strip()]
+    unknown = sorted(set(named) - set(SUBJECTS))
+    if unknown or not named:
+        raise ValueError(f"subjects {text!r}: expected a comma-separated list of {list(SUBJECTS)}")
+    return tuple(s for s in SUBJECTS if s in named)
+
+
+def subject_models(subjects=(HUMAN,)) -> tuple[str, ...]:
+    """The served models a repository of these model sets holds, in ALL_SUBMODELS order."""
+    unknown = sorted(set(subjects) - set(SUBJECTS))
+    if unknown:
+        raise ValueError(f"unknown model set(s) {unknown}; choose from {list(SUBJECTS)}")
+    wanted = {m for s in subjects for m in SUBJECT_MODELS[s]}
+    return tuple(m for m in ALL_SUBMODELS if m in wanted)
+
 SOURCE_SIZE = 256      # network input crop, H = W
 OUTPUT_SIZE = 512      # generator output, H = W
 MAX_BATCH_SIZE = 16    # largest batch any served sub-network accepts (TensorRT profiles cover 1..16)
@@ -87,8 +133,14 @@ MAX_BATCH_SIZE = 16    # largest batch any served sub-network accepts (TensorRT 
 BLS_TENSOR_PATHS = ("numpy", "torch-cpu", "torch-gpu")
 
 
-def submodel_specs(config: str | dict = "full") -> dict[str, ModelSpec]:
-    """Spec of every served sub-network for a network configuration ('full', 'tiny' or a params dict)."""
+def submodel_specs(config: str | dict = "full", subjects=(HUMAN,)) -> dict[str, ModelSpec]:
+    """Spec of every served sub-network of these model sets for a network configuration ('full', 'tiny' or a
+    params dict). An animal model's spec is its role's, under its own name."""
+    roles = _role_specs(config)
+    return {m: dataclasses.replace(roles[role_of(m)], name=m) for m in subject_models(subjects)}
+
+
+def _role_specs(config: str | dict) -> dict[str, ModelSpec]:
     params = model_params(config) if isinstance(config, str) else config
     volume = feature_volume_shape(params)
     warped = warped_feature_channels(params)
@@ -161,6 +213,8 @@ class Option:
 
 # Per-sequence options, sent as request parameters with the START request (names as the official CLI's flags).
 PIPELINE_OPTIONS: dict[str, Option] = {
+    "subject": Option(str, HUMAN, "the model set animating the sequence: human faces, or the official Animals "
+                      "mode's networks (whose options are fixed as ANIMAL_OPTIONS says)", choices=SUBJECTS),
     "relative_motion": Option(bool, True, "transfer motion relative to the anchor frame (else absolute pose/exp)"),
     "stitching": Option(bool, True, "apply the stitching MLP"),
     "eye_retargeting": Option(bool, False, "eye retargeting (needs source_eye_ratio and driving_eye_ratio)"),
@@ -178,16 +232,36 @@ PIPELINE_OPTIONS: dict[str, Option] = {
 }
 
 
+# The official Animals mode (live_portrait_pipeline_animal.py) has one way to move: relative to the first driving
+# frame, whole face, expression-friendly motion, from a source image; no eye/lip retargeting. An animal sequence
+# takes these values (sent or not); any other value of them is refused. Its stitching is off unless asked for
+# (the official animal example runs without it).
+ANIMAL_OPTIONS = {"relative_motion": True, "eye_retargeting": False, "lip_retargeting": False,
+                  "animation_region": "all", "driving_option": "expression-friendly", "driving_type": "video",
+                  "anchor": "first_frame", "source_video": False}
+ANIMAL_DEFAULTS = {"stitching": False}
+
+
 class OptionError(ValueError):
     """An unknown option or an out-of-range value."""
 
 
 def parse_options(raw: dict[str, Any]) -> dict[str, Any]:
-    """Validate request parameters against PIPELINE_OPTIONS; returns the full option dict with defaults."""
+    """Validate request parameters against PIPELINE_OPTIONS; returns the full option dict with defaults (an
+    animal sequence's defaults and fixed values as ANIMAL_DEFAULTS and ANIMAL_OPTIONS say)."""
     unknown = sorted(set(raw) - set(PIPELINE_OPTIONS))
     if unknown:
         raise OptionError(f"unknown option(s) {unknown}; known options: {sorted(PIPELINE_OPTIONS)}")
-    return {name: _checked(name, opt, raw.get(name, opt.default)) for name, opt in PIPELINE_OPTIONS.items()}
+    options = {name: _checked(name, opt, raw.get(name, opt.default)) for name, opt in PIPELINE_OPTIONS.items()}
+    if options["subject"] == ANIMAL:
+        refused = {name: options[name] for name, value in ANIMAL_OPTIONS.items() if options[name] != value}
+        if refused:
+            named = ", ".join(f"{name}={value!r}" for name, value in refused.items())
+            raise OptionError(f"option(s) {named} are not available with subject='animal': the official Animals "
+                              "mode moves the whole face relative to the first driving frame, from a source image, "
+                              "without eye/lip retargeting (leave these options out)")
+        options.update({name: value for name, value in ANIMAL_DEFAULTS.items() if name not in raw})
+    return options
 
 
 def _checked(name: str, opt: Option, value: Any, kind: str = "option") -> Any:

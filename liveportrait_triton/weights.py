@@ -9,6 +9,11 @@ Official layout (relative to the weights directory)::
     retargeting_models/stitching_retargeting_module.pth
         {"retarget_shoulder": sd, "retarget_mouth": sd, "retarget_eye": sd}, keys with or without "module."
 
+Official Animals layout (its own F, M, W and G; stitching is the humans' file above, eye/lip retargeting unused)::
+
+    base_models_v1.1/{appearance_feature_extractor,motion_extractor,warping_module,spade_generator}.pth  (v1.1)
+    base_models/...                                                                                      (v1.0)
+
 Loading is strict and uses ``torch.load(weights_only=True)``: no code in a checkpoint runs.
 """
 from __future__ import annotations
@@ -37,6 +42,10 @@ BASE_FILES = {
     "spade_generator": "base_models/spade_generator.pth",
 }
 STITCHING_FILE = "retargeting_models/stitching_retargeting_module.pth"
+# folders of the animal base models, in order of preference: v1.1 (the official default since 2025-01-01), v1.0
+ANIMAL_BASE_FOLDERS = ("base_models_v1.1", "base_models")
+HUMAN_SUBJECTS = ("human", "humans")          # `weights --subject` spellings
+ANIMAL_SUBJECTS = ("animal", "animals")
 # checkpoint sub-dict -> configuration key of the MLP it holds
 STITCHING_SUBDICTS = {"retarget_shoulder": "stitching", "retarget_mouth": "lip", "retarget_eye": "eye"}
 DDP_PREFIX = "module."
@@ -150,19 +159,43 @@ def _load_strict(module: nn.Module, state: dict, where: str, config: str) -> Non
     module.load_state_dict(state, strict=True)
 
 
-def load_networks(weights_dir: str | os.PathLike, config: str = "full") -> Networks:
-    """Load every sub-network from a directory in the official layout (strict; errors name file, key, shapes)."""
+def animal_base_models(animal_dir: str | os.PathLike) -> Path:
+    """The folder of an official Animals weights directory that holds its base models: base_models_v1.1/ (v1.1),
+    else base_models/ (v1.0); WeightsError naming both when neither holds the four files."""
+    root = Path(animal_dir)
+    if not root.is_dir():
+        raise WeightsError(f"animal weights directory {str(root)!r} does not exist or is not a directory")
+    names = [Path(rel).name for rel in BASE_FILES.values()]
+    for folder in ANIMAL_BASE_FOLDERS:
+        if all((root / folder / name).is_file() for name in names):
+            return root / folder
+    raise WeightsError(f"animal weights directory {str(root)!r} holds neither "
+                       + " nor ".join(f"{folder}/{{{','.join(names)}}}" for folder in ANIMAL_BASE_FOLDERS)
+                       + " (the official liveportrait_animals layout)")
+
+
+def load_networks(weights_dir: str | os.PathLike, config: str = "full",
+                  animal_dir: str | os.PathLike | None = None) -> Networks:
+    """Load every sub-network from a directory in the official layout (strict; errors name file, key, shapes).
+
+    With `animal_dir` (the official Animals layout), F, M, W and G are the animal set's, loaded as strictly, and
+    the stitching (and unused eye/lip) MLPs the humans' from `weights_dir`, as the official Animals mode does."""
     root = Path(weights_dir)
     if not root.is_dir():
         raise WeightsError(f"weights directory {str(root)!r} does not exist or is not a directory")
-    missing = [rel for rel in [*BASE_FILES.values(), STITCHING_FILE] if not (root / rel).is_file()]
+    base = {name: root / rel for name, rel in BASE_FILES.items()}
+    if animal_dir is not None:
+        folder = animal_base_models(animal_dir)
+        base = {name: folder / Path(rel).name for name, rel in BASE_FILES.items()}
+    needed = ([rel for rel in BASE_FILES.values()] if animal_dir is None else []) + [STITCHING_FILE]
+    missing = [rel for rel in needed if not (root / rel).is_file()]
     if missing:
         raise WeightsError(f"weights directory {str(root)!r} lacks {', '.join(missing)} "
                            f"(expected the official layout: base_models/*.pth and {STITCHING_FILE})")
     params = model_params(config)
     modules = build_networks(params)
-    for name, rel in BASE_FILES.items():
-        _load_strict(modules[name], _torch_load(root / rel), str(root / rel), config)
+    for name, path in base.items():
+        _load_strict(modules[name], _torch_load(path), str(path), config)
     checkpoint = _torch_load(root / STITCHING_FILE)
     where = str(root / STITCHING_FILE)
     if not isinstance(checkpoint, dict):
@@ -283,10 +316,23 @@ def synthetic_checkpoints(seed: int, config: str = "full") -> dict[str, dict]:
     return out
 
 
-def write_synthetic_weights(out_dir: str | os.PathLike, seed: int, config: str = "full") -> list[Path]:
-    """Write synthetic checkpoints in the official layout; returns the written paths."""
+def synthetic_animal_checkpoints(seed: int, config: str = "full") -> dict[str, dict]:
+    """relative path -> checkpoint object in the official Animals layout (base_models_v1.1/): the base models that
+    synthetic_checkpoints makes for the seed, so seed 3 (full) is the reference's `make_test_weights.py --seed 3`
+    base models, which its Animals vectors place at the animal paths."""
+    checkpoints = synthetic_checkpoints(seed, config)
+    return {f"{ANIMAL_BASE_FOLDERS[0]}/{Path(rel).name}": checkpoints[rel] for rel in BASE_FILES.values()}
+
+
+def write_synthetic_weights(out_dir: str | os.PathLike, seed: int, config: str = "full",
+                            subject: str = "human") -> list[Path]:
+    """Write synthetic checkpoints in the official layout (humans), or the official Animals layout (`subject`
+    animal); returns the written paths."""
+    if subject not in (*HUMAN_SUBJECTS, *ANIMAL_SUBJECTS):
+        raise WeightsError(f"unknown subject {subject!r}; choose one of {[*HUMAN_SUBJECTS, *ANIMAL_SUBJECTS]}")
+    make = synthetic_animal_checkpoints if subject in ANIMAL_SUBJECTS else synthetic_checkpoints
     written = []
-    for rel, obj in synthetic_checkpoints(seed, config).items():
+    for rel, obj in make(seed, config).items():
         path = Path(out_dir) / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")

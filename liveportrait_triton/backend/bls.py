@@ -40,7 +40,7 @@ class BlsRunner:
         if tensors not in spec.BLS_TENSOR_PATHS:
             raise ConfigError(f"bls_tensors must be one of {list(spec.BLS_TENSOR_PATHS)}, got {tensors!r}")
         self.pb_utils = pb_utils
-        self.specs = spec.submodel_specs(network_config)
+        self.specs = spec.submodel_specs(network_config, spec.SUBJECTS)    # names of every model set
         self.tensors = tensors
         self.on_gpu = tensors == "torch-gpu"
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -52,7 +52,7 @@ class BlsRunner:
 
     def resident(self, model: str) -> bool:
         """Whether the model's outputs stay device-resident (torch tensors in the runner's device memory)."""
-        return self.tensors != "numpy" and model in DEVICE_MODELS
+        return self.tensors != "numpy" and spec.role_of(model) in DEVICE_MODELS
 
     def _input(self, model: str, t: spec.TensorSpec, value):
         if is_torch(value):

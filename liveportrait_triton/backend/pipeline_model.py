@@ -10,16 +10,17 @@ from .. import spec
 from ..pipeline import Animator, InputError, StreamState
 from .model_config import ConfigError, check_model_config, config_parameter
 from .outcomes import Failure, ServedFrame
-from .requests import PipelineRequest, RawRequest, check_in_sequence, parse_request, plan_rounds
+from .requests import PipelineRequest, RawRequest, check_in_sequence, check_subject, parse_request, plan_rounds
 from .sequences import SequenceListener, SequenceStore, release_free_memory
 
 
 class PipelineCore:
     """Serves batches of pipeline requests over a Runner (synchronous; one batch at a time)."""
 
-    def __init__(self, runner, store: SequenceStore):
+    def __init__(self, runner, store: SequenceStore, subjects: tuple[str, ...] = (spec.HUMAN,)):
         self.animator = Animator(runner)
         self.store = store
+        self.subjects = subjects        # the model sets the server holds (a START asks for one of them)
         self.batches = 0                # batches processed so far
 
     def process(self, raws: list[RawRequest]) -> list[ServedFrame | Failure]:
@@ -48,7 +49,13 @@ class PipelineCore:
                 if request.corrid in self.store:
                     outcomes[i] = Failure(f"sequence id {request.corrid} is already live: a second START on it is "
                                           "refused (END it first, or use a new sequence id)")
-                elif len(starts) >= self.store.room():
+                    continue
+                try:
+                    check_subject(request.options, self.subjects)
+                except InputError as exc:
+                    outcomes[i] = Failure(str(exc))
+                    continue
+                if len(starts) >= self.store.room():
                     outcomes[i] = self._at_capacity(request.corrid)
                 else:
                     starts.append(i)
@@ -119,9 +126,10 @@ class PipelineBackend:
     """
 
     def __init__(self, runner, idle_timeout_s: float, listener: SequenceListener | None = None,
-                 eviction_interval_s: float | None = None, capacity: int | None = None):
+                 eviction_interval_s: float | None = None, capacity: int | None = None,
+                 subjects: tuple[str, ...] = (spec.HUMAN,)):
         self.store = SequenceStore(idle_timeout_s, listener, capacity=capacity)
-        self.core = PipelineCore(runner, self.store)
+        self.core = PipelineCore(runner, self.store, subjects)
         self.worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="liveportrait-pipeline")
         self._stop = threading.Event()
         interval = eviction_interval_s if eviction_interval_s is not None else min(max(idle_timeout_s / 4, 0.25), 5)
@@ -154,7 +162,11 @@ class PipelineBackend:
             raise ConfigError(f"max_live_sequences ({capacity}) must be a whole number >= 1 and below Triton's "
                               f"max_candidate_sequences ({candidates}), which also holds refused STARTs until "
                               "their END")
-        return cls(runner, idle, listener, capacity=int(capacity))
+        try:
+            subjects = spec.parse_subjects(config_parameter(model_config, "subjects", spec.HUMAN))
+        except ValueError as exc:
+            raise ConfigError(f"model {spec.PIPELINE!r}: {exc}") from None
+        return cls(runner, idle, listener, capacity=int(capacity), subjects=subjects)
 
     async def execute(self, raws: list[RawRequest]) -> list[ServedFrame | Failure]:
         return await asyncio.get_running_loop().run_in_executor(self.worker, self.core.process, raws)

@@ -172,8 +172,21 @@ def check_source_frame(options: dict, request: PipelineRequest) -> None:
     frame.source_lip_ratio = request.source_lip_ratio
 
 
+def check_subject(options: dict, served: tuple[str, ...]) -> None:
+    """A START may ask only for a model set the server holds (its pipeline config's `subjects`)."""
+    if options["subject"] not in served:
+        raise InputError(f"this server has no {options['subject']} model set (it serves {', '.join(served)}): "
+                         f"export the repository with the {options['subject']} weights "
+                         f"(`liveportrait-triton export ... --animal-weights DIR`), or send subject="
+                         f"{served[0]}")
+
+
 def check_edit(state: StreamState, edit: Edit) -> None:
-    """Target eye/lip ratios need the source's own ratios, sent with the START request."""
+    """Target eye/lip ratios need the source's own ratios, sent with the START request; the animal set has no
+    editing (the official Animals mode has no retargeting controls)."""
+    if state.subject == spec.ANIMAL:
+        raise InputError("edits apply to human sequences: the animal model set has no retargeting controls "
+                         "(the official Animals mode has none)")
     for name in ("eye", "lip"):
         if edit.controls.get(f"{name}_ratio") is not None and getattr(state, f"source_{name}_ratio") is None:
             raise InputError(f"edit control {name}_ratio needs the source's {name} ratio: send source_{name}_ratio "

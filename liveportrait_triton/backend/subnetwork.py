@@ -53,7 +53,7 @@ class Subnetwork:
     def from_config(cls, model_config: dict, version_dir: str | Path) -> "Subnetwork":
         """Validate a sub-network's config.pbtxt (Triton's JSON form), read its plan entry and load it."""
         name = model_config.get("name")
-        specs = spec.submodel_specs(config_parameter(model_config, "network_config"))
+        specs = spec.submodel_specs(config_parameter(model_config, "network_config"), spec.SUBJECTS)
         if name not in specs:
             raise ConfigError(f"{name!r} is not a served sub-network; expected one of {list(specs)}")
         check_model_config(model_config, specs[name])

@@ -48,15 +48,17 @@ class ServedModel(nn.Module):
 
     def __init__(self, networks, model_spec: spec.ModelSpec):
         super().__init__()
-        if model_spec.name not in NETWORK_FIELD:
-            raise KeyError(f"no network serves model {model_spec.name!r}; served models: {sorted(NETWORK_FIELD)}")
+        role = spec.role_of(model_spec.name)
+        if role not in NETWORK_FIELD:
+            raise KeyError(f"no network serves model {model_spec.name!r}; served models: {list(spec.ALL_SUBMODELS)}")
         self.model_spec = model_spec
-        self.field = NETWORK_FIELD[model_spec.name]
+        self.role = role            # the sub-network it runs (an animal model runs its role's architecture)
+        self.field = NETWORK_FIELD[role]
         # Registered under the Networks field name, so mlp_forward can take this module as `networks`.
         self.add_module(self.field, getattr(networks, self.field))
 
     def named_outputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        name = self.model_spec.name
+        name = self.role
         net = getattr(self, self.field)
         if name == spec.APPEARANCE:
             return {"feature_volume": net(inputs["image"])}
