@@ -55,7 +55,7 @@ class AnimateSettings:
     source_scale: float = C.SOURCE_CROP.scale
     source_vx: float = C.SOURCE_CROP.vx
     source_vy: float = C.SOURCE_CROP.vy
-    source_box: C.PixelBox | None = None    # animals: the box of the source to animate (None: the whole image)
+    source_box: C.PixelBox | str | None = None  # animals: the box to animate, "auto" (cat-face detector), None: all
     driving_scale: float = C.DRIVING_CROP.scale
     driving_vx: float = C.DRIVING_CROP.vx
     driving_vy: float = C.DRIVING_CROP.vy
@@ -81,9 +81,12 @@ class AnimateSettings:
             raise ValueError(f"unknown animation option(s) {sorted(unknown)}; known: {CLI_OPTIONS}")
         object.__setattr__(self, "options", {k: v for k, v in self.options.items() if v is not None})
         object.__setattr__(self, "faces", parse_faces(str(self.faces)))
-        if isinstance(self.source_box, str):
-            object.__setattr__(self, "source_box", C.PixelBox.parse(self.source_box) if self.source_box else None)
+        if isinstance(self.source_box, str):        # "x,y,w,h", "auto" (animals.AUTO) or "" (none)
+            text = self.source_box.strip()
+            box = C.PixelBox.parse(text) if text not in ("", animals.AUTO) else text or None
+            object.__setattr__(self, "source_box", box)
         self.source_crop, self.driving_crop        # crop limits checked here (crop.py), before any work
+        spec.parse_options(self.options)            # and the options by the server's rule
         self._check_subject()
 
     def _check_subject(self) -> None:
@@ -97,7 +100,7 @@ class AnimateSettings:
                                                      ("source_vx", C.SOURCE_CROP.vx), ("source_vy", C.SOURCE_CROP.vy))
                    if getattr(self, name) != default]
         if refused:
-            raise ValueError(f"{', '.join(refused)} are for human faces; an animal source is the whole image or "
+            raise ValueError(f"{', '.join(refused)}: for human faces only; an animal source is the whole image or "
                              "the box --source-box x,y,w,h, and the keypoint panel draws the human set's keypoints")
 
     @classmethod
@@ -144,11 +147,17 @@ class AnimateSettings:
         """The sequence options sent with START for this driving kind and source (checked by the server's rule,
         `spec.parse_options`, which also refuses what an animal sequence cannot do)."""
         options = dict(self.options)
+        implied = []
         if kind == "image":
             options["driving_type"] = "image"
+            implied.append(f"driving_type=image: the driving input {self.driving} is an image")
         if source_video:
             options["source_video"] = True
-        spec.parse_options(options)
+            implied.append(f"source_video: the source {self.source} is a video")
+        try:
+            spec.parse_options(options)
+        except spec.OptionError as exc:
+            raise spec.OptionError(f"{exc} ({'; '.join(implied)})" if implied else str(exc)) from None
         return options
 
 
@@ -176,7 +185,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     motion = parser.add_argument_group("motion (sent to the server with the sequence)")
     for name in CLI_OPTIONS:
         opt = spec.PIPELINE_OPTIONS[name]
-        help_text = f"{opt.help} (server default: {opt.default})"
+        help_text = f"{opt.help} (server default: {opt.default}"
+        help_text += f"; {spec.ANIMAL_DEFAULTS[name]} for --subject animal)" if name in spec.ANIMAL_DEFAULTS else ")"
         if opt.kind is bool:
             motion.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None,
                                 help=help_text)
@@ -194,11 +204,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           help=f"{who} crop shift along the face's x axis, in box sides (default {settings.vx})")
         crop.add_argument(f"--{who}-vy", type=float, default=settings.vy,
                           help=f"{who} crop shift along the face's y axis, in box sides (default {settings.vy})")
-    crop.add_argument("--source-box", metavar="X,Y,W,H",
+    crop.add_argument("--source-box", metavar="X,Y,W,H|auto",
                       help="--subject animal: animate this box of the source image (pixels: top-left x, y, width, "
                            "height), resized to 256x256 as the official no-crop rule resizes the whole image; the "
                            "result is pasted back into it when stitching is on (default: the whole image, no "
-                           "paste-back); there is no automatic animal-face crop (see README, Animals)")
+                           "paste-back). auto: the crop around a frontal cat face found by OpenCV's cat-face "
+                           "cascade (cats only; see README, Animals)")
     crop.add_argument("--crop-driving", action=argparse.BooleanOptionalAction, default=DEFAULTS["crop_driving"],
                       help="crop the face out of driving frames (default off: the driving video is taken as an "
                            "already cropped face and resized to 256x256, as the official default)")
@@ -466,7 +477,7 @@ def animate(settings: AnimateSettings) -> Summary:
         reader = media.VideoReader(settings.driving)
     else:
         reader = media.WebcamReader(settings.driving, settings.fps)
-    analyzer = make_analyzer(settings.face_models)
+    analyzer = None if settings.animal else make_analyzer(settings.face_models)     # an animal has no landmarks
     try:
         if source_is_video:
             with timer("connect + check server"):
@@ -494,7 +505,8 @@ def animate(settings: AnimateSettings) -> Summary:
             summary.notes += [note] if note else []
         return summary
     finally:
-        analyzer.close()
+        if analyzer is not None:
+            analyzer.close()
         if reader is not None:
             reader.close()
         if client is not None:

@@ -22,6 +22,11 @@ CROP_SIZE = 512        # the crop the official cropper makes; the network input 
 SCALE_BOUNDS = (1.0, 4.0)       # crop scale (box side / landmark extent) every tool and page accepts
 SHIFT_BOUNDS = (-1.0, 1.0)      # vx, vy in box sides
 SOURCE_MAX_DIM = 1280          # a source picture's longer side is shrunk to this first (official default)
+# An animal face box found by a detector (client/animals.py) grows to the crop: side x ANIMAL_FACE_SCALE, moved up by
+# ANIMAL_FACE_VY of the crop side (the official crop is 2.3 x the extent of X-Pose's 9 face points, moved up by
+# 0.125; a detector's box is already wider than those points).
+ANIMAL_FACE_SCALE = 1.8
+ANIMAL_FACE_VY = -0.1
 RETARGETING_SCALE = 2.5                 # the official retargeting (editing) tab's default crop scale
 RETARGETING_SCALE_BOUNDS = (1.8, 3.2)   # and its narrower range
 
@@ -139,6 +144,15 @@ class PixelBox:
                              f"x + w must be <= {width} and y + h <= {height}")
         return self
 
+    @classmethod
+    def square_around(cls, center: tuple[float, float], side: float, width: int, height: int) -> "PixelBox":
+        """The square of `side` pixels centred on `center`, shrunk to fit a width x height image and moved inside
+        it where it would stick out."""
+        side = max(1, min(int(round(side)), width, height))
+        x = min(max(int(round(center[0] - side / 2)), 0), width - side)
+        y = min(max(int(round(center[1] - side / 2)), 0), height - side)
+        return cls(x, y, side, side)
+
     def scaled(self, k: float, width: int, height: int) -> "PixelBox":
         """The same box in the image resized by `k` to width x height (a shrunk source), kept inside it."""
         x, y = min(int(round(self.x * k)), width - 1), min(int(round(self.y * k)), height - 1)
@@ -162,6 +176,13 @@ class PixelBox:
         """(4, 2) corners in the image: top-left, top-right, bottom-right, bottom-left."""
         x0, y0, x1, y1 = self.x, self.y, self.x + self.w, self.y + self.h
         return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], dtype=np.float64)
+
+
+def animal_crop_box(face: PixelBox, width: int, height: int) -> PixelBox:
+    """The crop of a detected animal face box in a width x height image (ANIMAL_FACE_SCALE, ANIMAL_FACE_VY)."""
+    side = max(face.w, face.h) * ANIMAL_FACE_SCALE
+    center = (face.x + face.w / 2, face.y + face.h / 2 + ANIMAL_FACE_VY * side)
+    return PixelBox.square_around(center, side, width, height)
 
 
 def box_from_landmarks(points: np.ndarray, eye_center, mouth_center, settings: CropSettings) -> CropBox:

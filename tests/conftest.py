@@ -177,6 +177,27 @@ def tiny_repository(tmp_path_factory, tiny_weights_dir) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_animals_repository(tmp_path_factory, tiny_weights_dir) -> Path:
+    """`export` of both model sets, tiny: the session's human weights and synthetic animal weights (seed 3)."""
+    from liveportrait_triton.cli import main
+    out = tmp_path_factory.mktemp("repository_tiny_animals")
+    code = main(["export", "--weights", str(tiny_weights_dir), "--animal-synthetic", "3", "--config", "tiny",
+                 "--repository", str(out), "--validate-batches", "1"])
+    if code != 0:
+        pytest.fail(f"export of the tiny human + animal repository failed with status {code}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_animals_server(tiny_animals_repository, tmp_path_factory):
+    """The bundled Triton server with both model sets (tiny networks) on 127.0.0.1, free ports."""
+    from liveportrait_triton.serve import TritonServer
+    log = tmp_path_factory.mktemp("triton_log") / "tritonserver.log"
+    with TritonServer(tiny_animals_repository, log_file=log) as server:
+        yield server
+
+
 def serve_command(repository: Path) -> tuple[list[str], list[int]]:
     """`liveportrait-triton serve` of `repository` on free loopback ports, and the ports (http, grpc, metrics)."""
     from liveportrait_triton.serve import free_port
