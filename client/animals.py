@@ -49,6 +49,14 @@ DETECT_MAX_DIM = 640                        # the detector looks at the image sh
 DETECT_SEARCHES = ((1.2, 40), (1.1, 32), (1.3, 32), (1.1, 24))
 
 
+def parse_box(text: str | None) -> C.PixelBox | str | None:
+    """A `--source-box` value: 'x,y,w,h' (a PixelBox), AUTO, or empty/None (the whole image)."""
+    text = (text or "").strip()
+    if text in ("", AUTO):
+        return text or None
+    return C.PixelBox.parse(text)
+
+
 class NoAnimalFaceError(ValueError):
     """`--source-box auto` found no cat face (or its detector is missing)."""
 

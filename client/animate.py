@@ -82,9 +82,7 @@ class AnimateSettings:
         object.__setattr__(self, "options", {k: v for k, v in self.options.items() if v is not None})
         object.__setattr__(self, "faces", parse_faces(str(self.faces)))
         if isinstance(self.source_box, str):        # "x,y,w,h", "auto" (animals.AUTO) or "" (none)
-            text = self.source_box.strip()
-            box = C.PixelBox.parse(text) if text not in ("", animals.AUTO) else text or None
-            object.__setattr__(self, "source_box", box)
+            object.__setattr__(self, "source_box", animals.parse_box(self.source_box))
         self.source_crop, self.driving_crop        # crop limits checked here (crop.py), before any work
         spec.parse_options(self.options)            # and the options by the server's rule
         self._check_subject()

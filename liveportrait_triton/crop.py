@@ -145,6 +145,12 @@ class PixelBox:
         return self
 
     @classmethod
+    def from_corners(cls, first: tuple[float, float], second: tuple[float, float]) -> "PixelBox":
+        """The box spanned by two opposite corner pixels (both included), in either order."""
+        (x0, x1), (y0, y1) = sorted((int(first[0]), int(second[0]))), sorted((int(first[1]), int(second[1])))
+        return cls(x0, y0, x1 - x0 + 1, y1 - y0 + 1)
+
+    @classmethod
     def square_around(cls, center: tuple[float, float], side: float, width: int, height: int) -> "PixelBox":
         """The square of `side` pixels centred on `center`, shrunk to fit a width x height image and moved inside
         it where it would stick out."""
