@@ -597,7 +597,7 @@ def _animate_stream(settings, client, kind, faces, template, reader, output, com
     if overlay is not None and paste is not None:       # [result | keypoint panel]: the panel at the frame's height
         still = overlay.beside(still, overlay.draw(source_crop512, overlay.source_points))
     out_size = (still.shape[1], still.shape[0])
-    server_models = [spec.PIPELINE, *spec.SUBMODELS]
+    server_models = [spec.PIPELINE, *spec.SUBJECT_MODELS[spec.ANIMAL if settings.animal else spec.HUMAN]]
     stats_before = server_statistics(client._client, server_models) if settings.profile else None
     writer = media.VideoWriter(output, out_size, fps, audio_from=audio)
     side = media.VideoWriter(comparison, (3 * C.CROP_SIZE, C.CROP_SIZE), fps) if comparison else None
@@ -778,7 +778,9 @@ def _profile_report(timer: StageTimer, frames: int, wall: float, latencies: list
             # what the client waited for beyond the server's own queue + compute: gRPC transfer, (de)serialization
             network = max(float(np.sum(latencies)) - pipeline["queue"] - pipeline["compute"], 0.0)
             extra.append(("network + (de)serialization (est.)", network, len(latencies)))
-    for model in spec.SUBMODELS:
+    for model in stats:
+        if model == spec.PIPELINE:
+            continue
         entry = stats.get(model)
         if entry and entry["count"]:
             extra.append((f"server:   {model}", entry["compute"] + entry["queue"], int(entry["count"])))

@@ -186,12 +186,14 @@ def test_cat_face_detector(capsys, inputs, tmp_path):
 
 @pytest.mark.server
 def test_animate_animal_whole_image_is_the_512_crop(capsys, tiny_animals_server, inputs, tmp_path):
-    """No box: the whole image resized to 256 (the official no-crop rule), no paste-back, 512x512 frames."""
+    """No box: the whole image resized to 256 (the official no-crop rule), no paste-back, 512x512 frames; the
+    profile shows the animal set's models at work and none of the humans' own."""
     out = tmp_path / "whole.mp4"
     code, err = run_animate(capsys, "--source", inputs["source"], "--driving", inputs["template"], "--output", out,
-                            "--server", tiny_animals_server.grpc_url, "--subject", "animal")
+                            "--server", tiny_animals_server.grpc_url, "--subject", "animal", "--profile")
     assert code == 0, err
     assert "no paste-back without --source-box" in err
+    assert f"server:   {spec.ANIMAL_PREFIX}{spec.WARPING}" in err and f"server:   {spec.WARPING}" not in err, err
     frames = frames_of(out)
     assert frames.shape == (TEMPLATE_FRAMES, 512, 512, 3)
     assert_frames_move(frames)
