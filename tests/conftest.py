@@ -23,6 +23,7 @@ SHARED_ASSETS = SHARED / "assets"
 REFERENCE = SHARED / "reference"
 DATA = REPO / "tests" / "data"
 COMPACT_REFERENCE = DATA / "parity_seed0_s0_d30.npz"
+COMPACT_ANIMALS = DATA / "parity_animals_seed3_s39_wink.npz"     # the official Animals mode (README there)
 ASSETS = generated_media.ensure()       # same layout as shared/assets: source/, driving/, templates/
 
 
@@ -42,10 +43,10 @@ class CompactReference:
 
     IMAGES = ("source", "driving", "driving0")
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, images: tuple[str, ...] = IMAGES):
         self.data = dict(np.load(path))
         self.sampled = {k.rsplit(".", 1)[0] for k in self.data if k.endswith(".index")}
-        for image in self.IMAGES:
+        for image in images:
             rgb = self.data[f"{image}_rgb256_uint8"]
             self.data[f"{image}_tensor"] = (rgb.astype(np.float32) / 255.0).transpose(2, 0, 1)[None].copy()
 
@@ -78,6 +79,12 @@ def reference() -> CompactReference:
 
 
 @pytest.fixture(scope="session")
+def animal_reference() -> CompactReference:
+    """The compact official vectors of the Animals mode (always present)."""
+    return CompactReference(COMPACT_ANIMALS, ("source",))
+
+
+@pytest.fixture(scope="session")
 def full_reference() -> dict[str, np.ndarray]:
     """The full official vectors from shared/reference (optional: the test skips without them)."""
     return dict(np.load(need_shared(REFERENCE / "public" / "ref_seed0_s0_d30.npz")))
@@ -97,6 +104,24 @@ def tiny_weights_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("weights_tiny_seed0")
     write_synthetic_weights(out, seed=0, config="tiny")
     return out
+
+
+ANIMAL_SEED = 3      # the synthetic animal weights of the official Animals vectors
+
+
+@pytest.fixture(scope="session")
+def tiny_animal_weights_dir(tmp_path_factory):
+    from liveportrait_triton.weights import write_synthetic_weights
+    out = tmp_path_factory.mktemp("weights_tiny_animals_seed3")
+    write_synthetic_weights(out, seed=ANIMAL_SEED, config="tiny", subject="animal")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_animal_networks(tiny_weights_dir, tiny_animal_weights_dir):
+    """The tiny animal set (seed 3) with the human set's stitching MLP (seed 0), as the Animals mode loads it."""
+    from liveportrait_triton.weights import load_networks
+    return load_networks(tiny_weights_dir, "tiny", tiny_animal_weights_dir)
 
 
 @pytest.fixture(scope="session")
@@ -178,23 +203,28 @@ def tiny_repository(tmp_path_factory, tiny_weights_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_animals_repository(tmp_path_factory, tiny_weights_dir) -> Path:
-    """`export` of both model sets, tiny: the session's human weights and synthetic animal weights (seed 3)."""
-    from liveportrait_triton.cli import main
-    out = tmp_path_factory.mktemp("repository_tiny_animals")
-    code = main(["export", "--weights", str(tiny_weights_dir), "--animal-synthetic", "3", "--config", "tiny",
-                 "--repository", str(out), "--validate-batches", "1"])
-    if code != 0:
-        pytest.fail(f"export of the tiny human + animal repository failed with status {code}")
+def tiny_both_repository(tmp_path_factory, tiny_repository, tiny_animal_networks) -> Path:
+    """The tiny repository's human set plus the tiny animal set exported beside it: one repository, both sets."""
+    from liveportrait_triton import repository as repo
+    from liveportrait_triton import spec
+    from liveportrait_triton.export.onnx_export import export_repository
+    from liveportrait_triton.runtimes import runtime_plan
+    out = tmp_path_factory.mktemp("repository_tiny_both")
+    repo.copy_artefacts(tiny_repository, out)
+    both = (spec.HUMAN, spec.ANIMAL)
+    plan = runtime_plan("local", subjects=both)
+    export_repository(tiny_animal_networks, out, "decomposed", (1,), models=spec.ANIMAL_SUBMODELS, plan=plan,
+                      log=lambda _: None)
+    repo.write_repository_configs(out, "local", "tiny", plan=plan, subjects=both)
     return out
 
 
 @pytest.fixture(scope="module")
-def tiny_animals_server(tiny_animals_repository, tmp_path_factory):
+def tiny_both_server(tiny_both_repository, tmp_path_factory):
     """The bundled Triton server with both model sets (tiny networks) on 127.0.0.1, free ports."""
     from liveportrait_triton.serve import TritonServer
     log = tmp_path_factory.mktemp("triton_log") / "tritonserver.log"
-    with TritonServer(tiny_animals_repository, log_file=log) as server:
+    with TritonServer(tiny_both_repository, log_file=log) as server:
         yield server
 
 

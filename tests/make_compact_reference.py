@@ -1,4 +1,5 @@
-"""Write tests/data/parity_seed0_s0_d30.npz, the compact copy of the official parity vectors the tests ship with.
+"""Write tests/data/parity_seed0_s0_d30.npz and parity_animals_seed3_s39_wink.npz, the compact copies of the
+official parity vectors (humans; Animals mode) the tests ship with.
 
     .venv/bin/python tests/make_compact_reference.py [--shared ../shared]
 
@@ -20,8 +21,9 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-NAME = "ref_seed0_s0_d30.npz"
-OUT = REPO / "tests" / "data" / "parity_seed0_s0_d30.npz"
+# shared/reference/public/<name> -> tests/data/<compact name>
+FILES = {"ref_seed0_s0_d30.npz": "parity_seed0_s0_d30.npz",
+         "ref_animals_seed3_s39_wink.npz": "parity_animals_seed3_s39_wink.npz"}
 WHOLE_LIMIT = 5000
 SAMPLES = 8192
 SEED = 20240531
@@ -58,16 +60,18 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared", help="the shared/ folder")
     args = parser.parse_args(argv)
-    source = args.shared / "reference" / "public" / NAME
-    reference = dict(np.load(source))
-    out = compact(reference)
-    meta = json.loads(str(reference["meta_json"])) if "meta_json" in reference else {}
-    out["compact_json"] = np.asarray(json.dumps({"from": f"shared/reference/public/{NAME}", "samples": SAMPLES,
-                                                 "seed": SEED, "whole_limit": WHOLE_LIMIT,
-                                                 "official_commit": meta.get("official_commit", "")}))
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(OUT, **out)
-    print(f"wrote {OUT} ({OUT.stat().st_size / 1e6:.2f} MB, {len(out)} arrays) from {source}")
+    for name, compact_name in FILES.items():
+        source = args.shared / "reference" / "public" / name
+        reference = dict(np.load(source))
+        out = compact(reference)
+        meta = json.loads(str(reference["meta_json"])) if "meta_json" in reference else {}
+        out["compact_json"] = np.asarray(json.dumps({"from": f"shared/reference/public/{name}", "samples": SAMPLES,
+                                                     "seed": SEED, "whole_limit": WHOLE_LIMIT,
+                                                     "official_commit": meta.get("official_commit", "")}))
+        path = REPO / "tests" / "data" / compact_name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(path, **out)
+        print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB, {len(out)} arrays) from {source}")
     return 0
 
 

@@ -185,12 +185,12 @@ def test_cat_face_detector(capsys, inputs, tmp_path):
 
 
 @pytest.mark.server
-def test_animate_animal_whole_image_is_the_512_crop(capsys, tiny_animals_server, inputs, tmp_path):
+def test_animate_animal_whole_image_is_the_512_crop(capsys, tiny_both_server, inputs, tmp_path):
     """No box: the whole image resized to 256 (the official no-crop rule), no paste-back, 512x512 frames; the
     profile shows the animal set's models at work and none of the humans' own."""
     out = tmp_path / "whole.mp4"
     code, err = run_animate(capsys, "--source", inputs["source"], "--driving", inputs["template"], "--output", out,
-                            "--server", tiny_animals_server.grpc_url, "--subject", "animal", "--profile")
+                            "--server", tiny_both_server.grpc_url, "--subject", "animal", "--profile")
     assert code == 0, err
     assert "no paste-back without --source-box" in err
     assert f"server:   {spec.ANIMAL_PREFIX}{spec.WARPING}" in err and f"server:   {spec.WARPING}" not in err, err
@@ -200,12 +200,12 @@ def test_animate_animal_whole_image_is_the_512_crop(capsys, tiny_animals_server,
 
 
 @pytest.mark.server
-def test_animate_animal_box_with_stitching_pastes_into_the_box(capsys, tiny_animals_server, inputs, tmp_path):
+def test_animate_animal_box_with_stitching_pastes_into_the_box(capsys, tiny_both_server, inputs, tmp_path):
     """A box and --stitching: the result is the source with the box animated; outside it the source (within
     H.264's loss), inside it the animation."""
     out = tmp_path / "boxed.mp4"
     code, err = run_animate(capsys, "--source", inputs["source"], "--driving", inputs["template"], "--output", out,
-                            "--server", tiny_animals_server.grpc_url, "--subject", "animal", "--stitching",
+                            "--server", tiny_both_server.grpc_url, "--subject", "animal", "--stitching",
                             "--source-box", BOX.text)
     assert code == 0, err
     assert "paste-back" not in err
@@ -224,11 +224,11 @@ def test_animate_animal_box_with_stitching_pastes_into_the_box(capsys, tiny_anim
 
 
 @pytest.mark.server
-def test_animate_animal_box_without_stitching_is_the_crop(capsys, tiny_animals_server, inputs, tmp_path):
+def test_animate_animal_box_without_stitching_is_the_crop(capsys, tiny_both_server, inputs, tmp_path):
     """The official rule: no stitching (an animal's default), no paste-back, even with a box."""
     out = tmp_path / "crop.mp4"
     code, err = run_animate(capsys, "--source", inputs["source"], "--driving", inputs["template"], "--output", out,
-                            "--server", tiny_animals_server.grpc_url, "--subject", "animal", "--source-box", BOX.text)
+                            "--server", tiny_both_server.grpc_url, "--subject", "animal", "--source-box", BOX.text)
     assert code == 0, err
     assert "no paste-back without stitching" in err
     frames = frames_of(out)
@@ -237,11 +237,11 @@ def test_animate_animal_box_without_stitching_is_the_crop(capsys, tiny_animals_s
 
 
 @pytest.mark.server
-def test_animate_animal_driven_by_a_human_video(capsys, tiny_animals_server, inputs, tmp_path):
+def test_animate_animal_driven_by_a_human_video(capsys, tiny_both_server, inputs, tmp_path):
     """A human driving video (the human face path crops it) drives the animal; with --comparison beside it."""
     out, side = tmp_path / "video.mp4", tmp_path / "side.mp4"
     code, err = run_animate(capsys, "--source", inputs["source"], "--driving", inputs["driving"], "--output", out,
-                            "--comparison", side, "--server", tiny_animals_server.grpc_url, "--subject", "animal",
+                            "--comparison", side, "--server", tiny_both_server.grpc_url, "--subject", "animal",
                             "--crop-driving")
     assert code == 0, err
     frames = frames_of(out)

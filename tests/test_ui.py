@@ -483,8 +483,8 @@ def animal_inputs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def animals_page_url(tiny_animals_server):
-    app = ui.App(tiny_animals_server.grpc_url, tiny_animals_server.metrics_url)
+def animals_page_url(tiny_both_server):
+    app = ui.App(tiny_both_server.grpc_url, tiny_both_server.metrics_url)
     port = free_port()
     demo = ui.launch(app, "127.0.0.1", port, block=False)
     try:
@@ -499,18 +499,18 @@ def animals_page_url(tiny_animals_server):
     ({"subject": "animal", "stitching": True, "source_box": ANIMAL_BOX},
      ["--subject", "animal", "--stitching", "--source-box", ANIMAL_BOX], (450, 300)),
 ], ids=["whole image", "box with stitching"])
-def test_animals_page_matches_the_command(animals_page_url, tiny_animals_server, animal_inputs, capsys, tmp_path,
+def test_animals_page_matches_the_command(animals_page_url, tiny_both_server, animal_inputs, capsys, tmp_path,
                                           values, flags, size):
     client = gradio_client.Client(animals_page_url[0], verbose=False)
     page = page_animate(client, animal_inputs["source"], animal_inputs["template"], values)
-    command = command_animate(capsys, tiny_animals_server, animal_inputs["source"], animal_inputs["template"],
+    command = command_animate(capsys, tiny_both_server, animal_inputs["source"], animal_inputs["template"],
                               tmp_path / "out.mp4", flags)
     assert page.shape == command.shape == (4, size[1], size[0], 3), (page.shape, command.shape)
     same = np.abs(page.astype(np.int16) - command.astype(np.int16))
     assert same.max() <= 1 and same.mean() <= 0.01, f"page vs command: max {same.max()}, mean {same.mean():.4f}"
 
 
-def test_browser_animals(browser, animals_page_url, tiny_animals_server, animal_inputs, capsys, tmp_path):
+def test_browser_animals(browser, animals_page_url, tiny_both_server, animal_inputs, capsys, tmp_path):
     """In Chromium: upload the cat and a template, choose the animal subject (stitching turns off), set the box by
     clicking two corners on the picture (its fields follow), tick stitching, animate; the video equals the
     command's with the box the page shows."""
@@ -553,7 +553,7 @@ def test_browser_animals(browser, animals_page_url, tiny_animals_server, animal_
     finally:
         context.close()
     from_page = np.stack([f.copy() for f in media.VideoReader(downloaded)])
-    command = command_animate(capsys, tiny_animals_server, animal_inputs["source"], animal_inputs["template"],
+    command = command_animate(capsys, tiny_both_server, animal_inputs["source"], animal_inputs["template"],
                               tmp_path / "command.mp4", ["--subject", "animal", "--stitching", "--source-box", box])
     assert from_page.shape == command.shape == (4, 300, 450, 3), (from_page.shape, command.shape)
     same = np.abs(from_page.astype(np.int16) - command.astype(np.int16))
