@@ -523,6 +523,7 @@ def test_browser_animals(browser, animals_page_url, tiny_both_server, animal_inp
         page.locator("#animate-driving input[type=file]").set_input_files(str(animal_inputs["template"]))
         page.wait_for_selector("#animate-source >> text=chelsea", timeout=30000)
         page.wait_for_selector("#animate-driving >> text=turn", timeout=30000)
+        wait_for(lambda: "animal set served" in page.inner_text("#server-status"), 30, "the status line's set")
         page.get_by_text("Animals", exact=True).first.click()
         page.locator("#animate-subject input").click()
         page.get_by_role("option", name="animal").click()
