@@ -4,9 +4,9 @@ The official Animals mode crops the animal's face around X-Pose's keypoints, a C
 non-commercial licence; without it the official code resizes the whole image to 256x256. Here the source is the
 whole image, or a box the user gives (`--source-box x,y,w,h`, pixels of the source image as read), resized the
 same way (`crop.PixelBox`), or, with `--source-box auto`, the crop around a frontal cat face that OpenCV's LBP
-cat-face cascade finds (`detect_cat_face`). The official pipeline pastes the animated crop back only when it cropped and
-stitching is on; the box stands in for its crop, so the result is pasted into the box only with a box, stitching
-on and `--paste-back` (else the 512x512 animated crop is the output).
+cat-face cascade finds (`detect_cat_face`). The official pipeline pastes the animated crop back only when it
+cropped and stitching is on; the box stands in for its crop, so the result is pasted into the box only with a box,
+stitching on and `--paste-back` (else the 512x512 animated crop is the output).
 """
 from __future__ import annotations
 
