@@ -1,12 +1,15 @@
 """Memory each model set takes in the server: RSS and PSS of the Triton process and of every Python-backend stub
 (one per model instance), after loading and after animating a few frames of each set the repository serves.
 
-    .venv/bin/python -m liveportrait_triton.benchmarks.model_set_memory --repository DIR [--repository DIR ...]
-        [--frames 2] [--out results.json]
+    .venv/bin/python -m liveportrait_triton.benchmarks.model_set_memory [--repository DIR ...] [--frames 2]
+        [--activations 1,4 --config full] [--out results.json]
 
 Each repository is served in turn on free loopback ports by the bundled Triton server. Per stub the model is read
 from its instance name; the human and animal sets' totals are the sums over their models (the shared stitching
-MLP and the pipeline counted apart). Linux only (reads /proc).
+MLP and the pipeline counted apart). `--activations` measures, per sub-network of a set (F, M, W, G; the same for
+either set), its weights' bytes and the peak memory one PyTorch forward (fp32, CPU) adds at each batch size, each in
+a fresh process (peak RSS before and after the forward): the numbers a second set's cost is calculated from.
+Linux only (reads /proc).
 """
 from __future__ import annotations
 
@@ -83,13 +86,64 @@ def measure(repository: Path, frames: int) -> dict:
             f"after_{frames}_frames_per_set": served}
 
 
+def _forward_peak(role: str, config: str, batch: int, queue) -> None:
+    """In a fresh process: (weights bytes, peak-RSS growth of one forward at `batch`) of sub-network `role`."""
+    import resource
+
+    import torch
+
+    from ..config import model_params
+    from ..weights import build_network
+    torch.set_num_threads(1)
+    params = model_params(config)
+    network = build_network(params, {spec.APPEARANCE: "appearance_feature_extractor", spec.MOTION: "motion_extractor",
+                                     spec.WARPING: "warping_module", spec.GENERATOR: "spade_generator"}[role]).eval()
+    if role == spec.GENERATOR:
+        network.fold_spectral_norm()        # as loading does
+    weights = sum(t.numel() * t.element_size() for t in network.state_dict().values())
+    model_spec = spec.submodel_specs(config)[role]
+    inputs = [torch.rand(batch, *t.shape) * (0.5 if t.name.startswith("kp") else 1.0) for t in model_spec.inputs]
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with torch.no_grad():
+        if role == spec.WARPING:
+            network(*inputs)
+        else:
+            network(inputs[0])
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    queue.put((weights, (after - before) * KIB))
+
+
+def activations(config: str, batches: list[int]) -> dict:
+    """{sub-network: {"weights_mib", "forward_peak_mib": {batch: MiB}}} for F, M, W and G."""
+    import multiprocessing
+    context = multiprocessing.get_context("spawn")
+    out = {}
+    for role in spec.ANIMAL_ROLES:
+        entry = {"forward_peak_mib": {}}
+        for batch in batches:
+            queue = context.Queue()
+            process = context.Process(target=_forward_peak, args=(role, config, batch, queue))
+            process.start()
+            weights, peak = queue.get(timeout=1800)
+            process.join()
+            entry["weights_mib"] = weights / KIB ** 2
+            entry["forward_peak_mib"][batch] = peak / KIB ** 2
+        out[role] = entry
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repository", action="append", required=True, type=Path, help="repository to serve")
+    parser.add_argument("--repository", action="append", default=[], type=Path, help="repository to serve")
     parser.add_argument("--frames", type=int, default=2, help="frames animated per served set")
+    parser.add_argument("--activations", type=lambda text: [int(b) for b in text.split(",")], default=[],
+                        metavar="B[,B...]", help="measure weights and forward peaks at these batch sizes")
+    parser.add_argument("--config", default="full", help="network configuration of --activations")
     parser.add_argument("--out", type=Path, help="also write the results as JSON")
     args = parser.parse_args(argv)
     results = [measure(path, args.frames) for path in args.repository]
+    if args.activations:
+        results.append({"config": args.config, "activations": activations(args.config, args.activations)})
     text = json.dumps(results, indent=2)
     print(text)
     if args.out:
