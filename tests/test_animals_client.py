@@ -248,3 +248,29 @@ def test_animate_animal_driven_by_a_human_video(capsys, tiny_both_server, inputs
     assert frames.shape == (4, 512, 512, 3)
     assert_frames_move(frames)
     assert frames_of(side).shape == (4, 512, 3 * 512, 3)
+
+
+@pytest.mark.server
+def test_live_animation_of_an_animal_pastes_into_the_box_exactly(tiny_both_server, inputs):
+    """The library's per-frame API (the live tab's) on an animal source: each camera frame (a human face) comes
+    back as the whole source picture with only the box animated; every pixel outside the box is the source's."""
+    import cv2
+    from skimage import data
+    from liveportrait_triton.client.animate import LiveAnimation
+    settings = AnimateSettings(source=str(inputs["source"]), driving=media.WEBCAM_PREFIX + "0", output="live.mp4",
+                               server=tiny_both_server.grpc_url, options={"subject": spec.ANIMAL, "stitching": True},
+                               source_box=BOX.text)
+    live = LiveAnimation(settings, fps=10)
+    face = cv2.resize(data.astronaut()[0:300, 100:400], (256, 256))
+    try:
+        frames = [live.animate(np.roll(face, 6 * i, axis=1)) for i in range(3)]
+    finally:
+        live.close()
+    source = chelsea()
+    inside = np.zeros(source.shape[:2], bool)
+    inside[BOX.y:BOX.y + BOX.h, BOX.x:BOX.x + BOX.w] = True
+    for i, frame in enumerate(frames):
+        assert frame.shape == source.shape, frame.shape
+        assert np.array_equal(frame[~inside], source[~inside]), f"frame {i}: a pixel outside the box changed"
+        assert np.abs(frame[inside].astype(np.int16) - source[inside]).mean() > 10.0, f"frame {i}: box not animated"
+    assert np.abs(frames[2].astype(np.int16) - frames[0]).mean() > 0.05, "the camera's motion did not reach the box"
