@@ -23,7 +23,7 @@ import numpy as np
 from .. import crop as C
 from .. import spec
 from ..wire import DrivingFrame, MotionFrame
-from . import media
+from . import animals, media
 from .client import DEFAULT_URL, LivePortraitClient
 from .errors import RequestFailed, ServerMismatch, ServerUnavailable
 from .requests import new_sequence_id
@@ -55,6 +55,7 @@ class AnimateSettings:
     source_scale: float = C.SOURCE_CROP.scale
     source_vx: float = C.SOURCE_CROP.vx
     source_vy: float = C.SOURCE_CROP.vy
+    source_box: C.PixelBox | str | None = None  # animals: the box to animate, "auto" (cat-face detector), None: all
     driving_scale: float = C.DRIVING_CROP.scale
     driving_vx: float = C.DRIVING_CROP.vx
     driving_vy: float = C.DRIVING_CROP.vy
@@ -80,7 +81,25 @@ class AnimateSettings:
             raise ValueError(f"unknown animation option(s) {sorted(unknown)}; known: {CLI_OPTIONS}")
         object.__setattr__(self, "options", {k: v for k, v in self.options.items() if v is not None})
         object.__setattr__(self, "faces", parse_faces(str(self.faces)))
+        if isinstance(self.source_box, str):        # "x,y,w,h", "auto" (animals.AUTO) or "" (none)
+            object.__setattr__(self, "source_box", animals.parse_box(self.source_box))
         self.source_crop, self.driving_crop        # crop limits checked here (crop.py), before any work
+        spec.parse_options(self.options)            # and the options by the server's rule
+        self._check_subject()
+
+    def _check_subject(self) -> None:
+        """What an animal source can do: one box instead of the face crop (the option rules are the spec's)."""
+        if not self.animal:
+            if self.source_box is not None:
+                raise ValueError("--source-box is for --subject animal (a human source is cropped around its face)")
+            return
+        refused = [_flag(name) for name, default in (("faces", "largest"), ("draw_keypoints", False),
+                                                     ("source_scale", C.SOURCE_CROP.scale),
+                                                     ("source_vx", C.SOURCE_CROP.vx), ("source_vy", C.SOURCE_CROP.vy))
+                   if getattr(self, name) != default]
+        if refused:
+            raise ValueError(f"{', '.join(refused)}: for human faces only; an animal source is the whole image or "
+                             "the box --source-box x,y,w,h, and the keypoint panel draws the human set's keypoints")
 
     @classmethod
     def from_values(cls, **values) -> "AnimateSettings":
@@ -108,16 +127,35 @@ class AnimateSettings:
         return C.CropSettings(self.driving_scale, self.driving_vx, self.driving_vy, rotate=False)
 
     @property
+    def animal(self) -> bool:
+        """The source is animated by the Animals model set (option subject=animal)."""
+        return self.options.get("subject") == spec.ANIMAL
+
+    def pastes_back(self, options: dict) -> bool:
+        """Whether the result is pasted into the source picture (an animal's only with a box and stitching on:
+        `animals.pastes_back`)."""
+        return animals.pastes_back(self.source_box, options, self.paste_back) if self.animal else self.paste_back
+
+    @property
     def needs_ratios(self) -> bool:
         """Eye or lip retargeting is on: each driving frame carries its ratios."""
         return bool(self.options.get("eye_retargeting") or self.options.get("lip_retargeting"))
 
-    def pipeline_options(self, kind: str) -> dict:
-        """The sequence options sent with START for this driving kind (checked by the server's rule)."""
+    def pipeline_options(self, kind: str, source_video: bool = False) -> dict:
+        """The sequence options sent with START for this driving kind and source (checked by the server's rule,
+        `spec.parse_options`, which also refuses what an animal sequence cannot do)."""
         options = dict(self.options)
+        implied = []
         if kind == "image":
             options["driving_type"] = "image"
-        spec.parse_options(options)
+            implied.append(f"driving_type=image: the driving input {self.driving} is an image")
+        if source_video:
+            options["source_video"] = True
+            implied.append(f"source_video: the source {self.source} is a video")
+        try:
+            spec.parse_options(options)
+        except spec.OptionError as exc:
+            raise spec.OptionError(f"{exc} ({'; '.join(implied)})" if implied else str(exc)) from None
         return options
 
 
@@ -145,7 +183,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     motion = parser.add_argument_group("motion (sent to the server with the sequence)")
     for name in CLI_OPTIONS:
         opt = spec.PIPELINE_OPTIONS[name]
-        help_text = f"{opt.help} (server default: {opt.default})"
+        help_text = f"{opt.help} (server default: {opt.default}"
+        help_text += f"; {spec.ANIMAL_DEFAULTS[name]} for --subject animal)" if name in spec.ANIMAL_DEFAULTS else ")"
         if opt.kind is bool:
             motion.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None,
                                 help=help_text)
@@ -163,6 +202,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           help=f"{who} crop shift along the face's x axis, in box sides (default {settings.vx})")
         crop.add_argument(f"--{who}-vy", type=float, default=settings.vy,
                           help=f"{who} crop shift along the face's y axis, in box sides (default {settings.vy})")
+    crop.add_argument("--source-box", metavar="X,Y,W,H|auto",
+                      help="--subject animal: animate this box of the source image (pixels: top-left x, y, width, "
+                           "height), resized to 256x256 as the official no-crop rule resizes the whole image; the "
+                           "result is pasted back into it when stitching is on (default: the whole image, no "
+                           "paste-back). auto: the crop around a frontal cat face found by OpenCV's cat-face "
+                           "cascade (cats only; see README, Animals)")
     crop.add_argument("--crop-driving", action=argparse.BooleanOptionalAction, default=DEFAULTS["crop_driving"],
                       help="crop the face out of driving frames (default off: the driving video is taken as an "
                            "already cropped face and resized to 256x256, as the official default)")
@@ -288,6 +333,14 @@ def prepare_source(path: str, analyzer, settings: C.CropSettings, max_dim: int, 
         return SourceFaces.detect(image, analyzer, settings, options, faces, what=f"the source image {path}")
 
 
+def source_faces(settings: AnimateSettings, analyzer, even: bool, timer: StageTimer, options: dict) -> SourceFaces:
+    """The source image's faces to animate (settings.faces), or an animal source (its box or the whole image)."""
+    if settings.animal:
+        return animals.animal_source(settings.source, settings.source_box, settings.source_max_dim, even, options)
+    return prepare_source(settings.source, analyzer, settings.source_crop, settings.source_max_dim, even, timer,
+                          options, settings.faces)
+
+
 class DrivingFrames:
     """Driving video/camera frames -> Prepared (runs in the prefetch thread): crop, ratios, optional smoothing.
     Every frame is looked at for a face; `faceless` lists the frames that showed none (see `faceless_note`)."""
@@ -408,7 +461,7 @@ def animate(settings: AnimateSettings) -> Summary:
         raise ValueError("--max-frames must be >= 1")
     if settings.in_flight < 1:
         raise ValueError("--in-flight must be >= 1")
-    options = settings.pipeline_options(kind)
+    options = settings.pipeline_options(kind, source_video=source_is_video)
 
     # local inputs first: a missing file or a face-less source fails before any server is needed
     media.require_file(settings.source, "source video" if source_is_video else "source image")
@@ -422,7 +475,7 @@ def animate(settings: AnimateSettings) -> Summary:
         reader = media.VideoReader(settings.driving)
     else:
         reader = media.WebcamReader(settings.driving, settings.fps)
-    analyzer = make_analyzer(settings.face_models)
+    analyzer = None if settings.animal else make_analyzer(settings.face_models)     # an animal has no landmarks
     try:
         if source_is_video:
             with timer("connect + check server"):
@@ -430,9 +483,7 @@ def animate(settings: AnimateSettings) -> Summary:
                 client.check_model(spec.MOTION)
             return _animate_source_video(settings, client, analyzer, options, kind, template, reader, driving_image,
                                          output, started)
-        faces = prepare_source(settings.source, analyzer, settings.source_crop, settings.source_max_dim,
-                               even=kind != "image",
-                               timer=timer, options=options, faces=settings.faces)
+        faces = source_faces(settings, analyzer, even=kind != "image", timer=timer, options=options)
         if len(faces) > 1 and (not settings.paste_back or settings.draw_keypoints):
             raise ValueError(f"--no-paste-back and --draw-keypoints are for one face; {len(faces)} faces were chosen "
                              "(--faces)")
@@ -443,10 +494,17 @@ def animate(settings: AnimateSettings) -> Summary:
             if settings.smooth or (settings.smooth is None and kind == "webcam"):
                 client.check_model(spec.MOTION)
         if kind == "image":
-            return _animate_image(settings, client, analyzer, faces, driving_image, output, timer, started)
-        return _animate_stream(settings, client, kind, faces, template, reader, output, comparison, timer, started)
+            summary = _animate_image(settings, client, analyzer, faces, driving_image, output, timer, started)
+        else:
+            summary = _animate_stream(settings, client, kind, faces, template, reader, output, comparison, timer,
+                                      started)
+        if settings.animal:
+            note = animals.paste_note(settings.source_box, options, settings.paste_back)
+            summary.notes += [note] if note else []
+        return summary
     finally:
-        analyzer.close()
+        if analyzer is not None:
+            analyzer.close()
         if reader is not None:
             reader.close()
         if client is not None:
@@ -499,7 +557,7 @@ def _animate_image(settings, client, analyzer, faces, driving_image, output, tim
                            lip_ratio=float(face.lip_ratio()[0]) if ratios else None)
     with timer("server (one request per face)"):
         animated = faces.animate_image(client, driving)
-    result = faces.paste(animated) if settings.paste_back else animated[0]
+    result = faces.paste(animated) if settings.pastes_back(faces.faces[0].source.options) else animated[0]
     media.write_image(output, result)
     wall = time.perf_counter() - started
     summary = Summary(output, 1, wall)
@@ -529,7 +587,7 @@ def _animate_stream(settings, client, kind, faces, template, reader, output, com
         frames = itertools.islice(frames, settings.max_frames)
         total = min(total, settings.max_frames) if total else settings.max_frames
     source_crop512 = faces.crop512
-    paste = faces.paste if settings.paste_back else None
+    paste = faces.paste if settings.pastes_back(faces.faces[0].source.options) else None
     still = faces.image if paste is not None else source_crop512
     overlay = None
     if settings.draw_keypoints:
@@ -539,7 +597,7 @@ def _animate_stream(settings, client, kind, faces, template, reader, output, com
     if overlay is not None and paste is not None:       # [result | keypoint panel]: the panel at the frame's height
         still = overlay.beside(still, overlay.draw(source_crop512, overlay.source_points))
     out_size = (still.shape[1], still.shape[0])
-    server_models = [spec.PIPELINE, *spec.SUBMODELS]
+    server_models = [spec.PIPELINE, *spec.SUBJECT_MODELS[spec.ANIMAL if settings.animal else spec.HUMAN]]
     stats_before = server_statistics(client._client, server_models) if settings.profile else None
     writer = media.VideoWriter(output, out_size, fps, audio_from=audio)
     side = media.VideoWriter(comparison, (3 * C.CROP_SIZE, C.CROP_SIZE), fps) if comparison else None
@@ -661,15 +719,14 @@ class LiveAnimation:
         options = settings.pipeline_options("webcam")
         analyzer = make_analyzer(settings.face_models)
         try:
-            faces = prepare_source(settings.source, analyzer, settings.source_crop, settings.source_max_dim,
-                                   even=False, timer=StageTimer(), options=options)          # the largest face
+            faces = source_faces(settings, analyzer, even=False, timer=StageTimer(), options=options)
         finally:
             analyzer.close()
         self.client = LivePortraitClient(settings.server)
         smooth = bool(settings.smooth)
         if smooth:
             self.client.check_model(spec.MOTION)
-        self.paste = faces.paste if settings.paste_back else None
+        self.paste = faces.paste if settings.pastes_back(options) else None
         self.still = faces.image if self.paste is not None else faces.crop512
         self.frames = DrivingFrames(settings, self.client, StageTimer(), fps, smooth, comparison=False)
         self.sequence_id = new_sequence_id()
@@ -721,7 +778,9 @@ def _profile_report(timer: StageTimer, frames: int, wall: float, latencies: list
             # what the client waited for beyond the server's own queue + compute: gRPC transfer, (de)serialization
             network = max(float(np.sum(latencies)) - pipeline["queue"] - pipeline["compute"], 0.0)
             extra.append(("network + (de)serialization (est.)", network, len(latencies)))
-    for model in spec.SUBMODELS:
+    for model in stats:
+        if model == spec.PIPELINE:
+            continue
         entry = stats.get(model)
         if entry and entry["count"]:
             extra.append((f"server:   {model}", entry["compute"] + entry["queue"], int(entry["count"])))

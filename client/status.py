@@ -1,4 +1,4 @@
-"""What a server is doing, for a status line: ready models, live sequences, recent queue time.
+"""What a server is doing, for a status line: ready models, live sequences, recent queue time, the Animals set.
 
 Readiness comes over gRPC (`is_model_ready` per model of the spec); live sequences and queue times come from
 Triton's Prometheus metrics endpoint (`liveportrait_live_sequences`, the pipeline's custom gauge, and Triton's
@@ -67,6 +67,7 @@ class ServerStatus:
     queue_ms: float | None              # mean pipeline queue time of the requests since the last poll
     error: str | None = None
     metrics_tried: tuple[str, ...] = ()     # when no metrics endpoint answered: where they were looked for
+    animals: bool | None = None         # every model of the Animals set is ready (subject=animal can be served)
 
     def line(self) -> str:
         if self.error:
@@ -79,6 +80,8 @@ class ServerStatus:
             parts.append(f"live sequences ? (no metrics at {', '.join(self.metrics_tried) or 'the metrics URL'}: "
                          "start the page with --metrics-url, which `serve` prints)")
         parts.append("queue " + (f"{self.queue_ms:.1f} ms" if self.queue_ms is not None else "- (no requests)"))
+        if self.animals is not None:
+            parts.append("animal set " + ("served" if self.animals else "not served"))
         return "server: " + " | ".join(parts)
 
 
@@ -108,13 +111,15 @@ class StatusMonitor:
         models = [spec.PIPELINE, *spec.SUBMODELS]
         try:
             ready = [m for m in models if self.client.model_ready(m)]
+            animals = all([self.client.model_ready(m) for m in spec.ANIMAL_SUBMODELS])
         except Exception as exc:        # grpc raises its own types for a refused connection
             return ServerStatus([], models, None, None, error=f"unreachable ({str(exc).splitlines()[0][:120]})")
         try:
             samples = self.samples()
         except OSError:
             return ServerStatus(ready, [m for m in models if m not in ready], None, None,
-                                metrics_tried=tuple([self.metrics_url] if self.metrics_url else self.candidates))
+                                metrics_tried=tuple([self.metrics_url] if self.metrics_url else self.candidates),
+                                animals=animals)
         live = metric_sum(samples, LIVE_SEQUENCES, model=spec.PIPELINE)
         queue_us = metric_sum(samples, QUEUE_US, model=spec.PIPELINE) or 0.0
         done = metric_sum(samples, SUCCESSES, model=spec.PIPELINE) or 0.0
@@ -123,4 +128,4 @@ class StatusMonitor:
             queue_ms = (queue_us - self._previous[0]) / (done - self._previous[1]) / 1000.0
         self._previous = (queue_us, done)
         return ServerStatus(ready, [m for m in models if m not in ready],
-                            int(live) if live is not None else None, queue_ms)
+                            int(live) if live is not None else None, queue_ms, animals=animals)

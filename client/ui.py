@@ -27,10 +27,12 @@ import threading
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from .. import crop as C
 from .. import spec
+from . import animals
 from . import animate as A
 from . import live_webrtc
 from . import media
@@ -56,7 +58,7 @@ USER_ERRORS = (media.MediaError, NoFaceError, TemplateError, ServerUnavailable, 
 class Control:
     name: str               # the `animate` argument it sets
     label: str
-    kind: str               # "check", "choice", "number"
+    kind: str               # "check", "choice", "number", "text"
     default: object
     choices: tuple = ()
     bounds: tuple[float, float] | None = None
@@ -86,6 +88,8 @@ def _crop_controls() -> list[Control]:
         out.append(Control(f"{who}_vy", f"{who} crop y shift", "number", settings.vy, bounds=C.SHIFT_BOUNDS, step=0.01))
     out.append(Control("faces", "faces to animate (source images)", "choice", "largest",
                        choices=("largest", "all", "2", "3", "4")))
+    out.append(Control("source_box", "animal source box x,y,w,h (pixels; empty: the whole image; auto: cat-face "
+                       "detector)", "text", ""))
     out.append(Control("crop_driving", "crop the face out of driving frames", "check", False))
     out.append(Control("paste_back", "paste back into the full source picture", "check", True))
     out.append(Control("smooth", "smooth head pose and expression (One-Euro)", "check", False))
@@ -95,7 +99,10 @@ def _crop_controls() -> list[Control]:
 MOTION_CONTROLS = _motion_controls()
 CROP_CONTROLS = _crop_controls()
 ANIMATE_CONTROLS = MOTION_CONTROLS + CROP_CONTROLS
-LIVE_CONTROLS = [c for c in ANIMATE_CONTROLS if c.name != "faces"]      # live animates the largest face
+# live animates the largest human face
+LIVE_CONTROLS = [c for c in ANIMATE_CONTROLS if c.name not in ("faces", "subject", "source_box")]
+ANIMAL_CONTROLS = ("subject", "source_box")      # shown in the Animate tab's Animals section
+BOX_FIELDS = ("x", "y", "w", "h")
 LIVE_DEFAULTS = {"crop_driving": True, "smooth": True}      # a camera is not a face crop, and it jitters
 RATIO_CONTROLS = ("eye_ratio", "lip_ratio")      # unset (None) by default: a checkbox says whether to set them
 
@@ -327,6 +334,50 @@ class App:
             return None, None, str(output), str(output), message
         return str(output), str(comparison) if comparison else None, None, str(output), message
 
+    # -- the animal source's box --------------------------------------------------------------------------
+    def box_view(self, source: str | None, box_text: str | None, corner=None) -> np.ndarray | None:
+        """The source image with the box to animate drawn on it in green (for `auto`, the crop the cat-face
+        detector finds) and a pending first corner as a dot; None without a source image. A box that is not valid
+        is not drawn (Animate names its problem)."""
+        if not source or not media.is_image(source):
+            return None
+        image = media.read_image(uploaded_file(source, "source image", self.upload_folder), "source image")
+        try:
+            box = animals.source_box(image, animals.parse_box(box_text), image.shape, 1.0)
+        except ValueError:
+            box = None
+        thickness = max(2, round(max(image.shape[:2]) / 250))
+        if box is not None:
+            cv2.rectangle(image, (box.x, box.y), (box.x + box.w - 1, box.y + box.h - 1), (0, 255, 0), thickness)
+        if corner is not None:
+            cv2.circle(image, (int(corner[0]), int(corner[1])), 2 * thickness, (0, 255, 0), -1)
+        return image
+
+    @staticmethod
+    def box_click(corner, point) -> tuple[tuple[int, int] | None, str | None]:
+        """A click on the box preview: the first click sets one corner (-> (corner, None)), the second the
+        opposite one (-> (None, the box 'x,y,w,h'))."""
+        point = (int(point[0]), int(point[1]))
+        if corner is None:
+            return point, None
+        return None, C.PixelBox.from_corners(corner, point).text
+
+    @staticmethod
+    def box_fields(box_text: str | None) -> list[int | None]:
+        """The box text as the x, y, w, h fields (None each for the whole image, `auto` or a box not valid)."""
+        try:
+            box = animals.parse_box(box_text)
+        except ValueError:
+            box = None
+        return [box.x, box.y, box.w, box.h] if isinstance(box, C.PixelBox) else [None] * 4
+
+    @staticmethod
+    def box_text(*fields) -> str:
+        """x, y, w, h fields -> the box text ('' until all four are filled)."""
+        if any(v is None for v in fields):
+            return ""
+        return ",".join(str(int(v)) for v in fields)
+
     # -- live ---------------------------------------------------------------------------------------------
     def live_start(self, session_id: str, source: str | None, settings: dict) -> live_webrtc.LiveStream:
         """A new live stream for this browser session (its previous one ends): the sequence STARTs with the
@@ -404,6 +455,8 @@ def _widget(control: Control, overrides: dict, tab: str):
     elem_id = f"{tab}-{control.name.replace('_', '-')}"
     if control.kind == "check":
         return gr.Checkbox(value=default, label=control.label, elem_id=elem_id)
+    if control.kind == "text":
+        return gr.Textbox(value=default, label=control.label, elem_id=elem_id)
     if control.kind == "choice":
         return gr.Dropdown(choices=list(control.choices), value=default, label=control.label, elem_id=elem_id)
     low, high = control.bounds
@@ -481,6 +534,21 @@ def build(app: App):
             raise user_error(exc) from None
         return [gr.update(value=start[name]) for name in RATIO_CONTROLS] + [preview]
 
+    def box_view(source, box_text, corner=None):
+        try:
+            return app.box_view(source, box_text, corner)
+        except USER_ERRORS as exc:
+            raise user_error(exc) from None
+
+    def box_typed(source, *fields):
+        text = app.box_text(*fields)
+        return text, box_view(source, text)
+
+    def box_clicked(source, box_text, corner, event: gr.SelectData):
+        corner, clicked = app.box_click(corner, event.index)
+        box_text = clicked or box_text
+        return [corner, box_text, *app.box_fields(box_text), box_view(source, box_text, corner)]
+
     progress = {"progress": (inspect.Parameter.empty, gr.Progress(track_tqdm=True))}
     request = {"request": (gr.Request, inspect.Parameter.empty)}
     animate_names = ["source", "driving", *(c.name for c in ANIMATE_CONTROLS)]
@@ -500,10 +568,26 @@ def build(app: App):
                                  file_types=SOURCE_SUFFIXES, elem_id="animate-source")
                 driving = gr.File(label="Driving video, image or motion template (.npz/.pkl)",
                                   file_types=DRIVING_SUFFIXES, type="filepath", elem_id="animate-driving")
+            with gr.Accordion("Animals", open=False, elem_id="animate-animals"):
+                gr.Markdown("The official Animals mode (subject `animal`): a source image, the whole image or a box "
+                            "of it (type x, y, w, h, or click two opposite corners on the picture; `auto`: the crop "
+                            "around a frontal cat face), driven by a human driving video or a template. No eye/lip "
+                            "retargeting; stitching is off unless ticked, and only a box with stitching is pasted "
+                            "back (the official rule).")
+                animal = {c.name: _widget(c, {}, "animate") for c in ANIMATE_CONTROLS if c.name in ANIMAL_CONTROLS}
+                with gr.Row():
+                    box_fields = [gr.Number(label=f"box {n}", precision=0, minimum=0, elem_id=f"animate-box-{n}")
+                                  for n in BOX_FIELDS]
+                box_preview = gr.Image(label="Source box (click two opposite corners)", type="numpy",
+                                       interactive=False, elem_id="animate-box-preview")
+                box_corner = gr.State(None)
             with gr.Accordion("Motion", open=False):
-                motion = _widgets(MOTION_CONTROLS, "animate")
+                motion = _widgets([c for c in MOTION_CONTROLS if c.name not in ANIMAL_CONTROLS], "animate")
             with gr.Accordion("Crop, paste-back and smoothing", open=False):
-                crop = _widgets(CROP_CONTROLS, "animate")
+                crop = _widgets([c for c in CROP_CONTROLS if c.name not in ANIMAL_CONTROLS], "animate")
+            widgets = {**dict(zip((c.name for c in ANIMATE_CONTROLS if c.name not in ANIMAL_CONTROLS),
+                                  motion + crop)), **animal}
+            controls = [widgets[c.name] for c in ANIMATE_CONTROLS]
             run_button = gr.Button("Animate", variant="primary", elem_id="animate-button")
             message = gr.Markdown(elem_id="animate-message")
             with gr.Row():
@@ -511,8 +595,20 @@ def build(app: App):
                 comparison = gr.Video(label="Driving | source | result", elem_id="animate-comparison")
             result_image = gr.Image(label="Result (image driving)", type="filepath", elem_id="animate-result-image")
             download = gr.File(label="Download", elem_id="animate-download")
-            run_button.click(animate_endpoint, inputs=[source, driving, *motion, *crop],
+            run_button.click(animate_endpoint, inputs=[source, driving, *controls],
                              outputs=[result, comparison, result_image, download, message], api_name="animate")
+            box_text = animal["source_box"]
+            # an animal's stitching is off unless asked for: the checkbox follows the subject's server default
+            animal["subject"].change(lambda subject: spec.parse_options({"subject": subject})["stitching"],
+                                     inputs=[animal["subject"]], outputs=[widgets["stitching"]], api_name=False,
+                                     queue=False)
+            source.change(box_view, inputs=[source, box_text], outputs=[box_preview], api_name=False)
+            box_text.input(lambda *v: [*app.box_fields(v[1]), box_view(*v)], inputs=[source, box_text],
+                           outputs=[*box_fields, box_preview], api_name=False)
+            for field in box_fields:
+                field.input(box_typed, inputs=[source, *box_fields], outputs=[box_text, box_preview], api_name=False)
+            box_preview.select(box_clicked, inputs=[source, box_text, box_corner],
+                               outputs=[box_corner, box_text, *box_fields, box_preview], api_name=False)
         with gr.Tab("Edit", id="edit"):
             gr.Markdown("Pose and expression of one portrait; the preview follows the sliders.")
             with gr.Row():

