@@ -117,7 +117,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     choice.add_argument("--runtime-batches", type=_int_list, default=[1], metavar="B[,B...]",
                         help="batch sizes of the runtime comparison")
     choice.add_argument("--runtime-budget-s", type=float, default=10.0,
-                        help="time spent timing each (sub-network, runtime, batch); at least 3 calls")
+                        help="time spent timing each (sub-network, runtime, precision, batch); at least 3 calls")
+    choice.add_argument("--precisions", type=_name_list, default=None, metavar="P[,P...]",
+                        help="precisions to time (default: every one this CPU runs natively: fp32, and bf16 on "
+                             "the amx and avx512_bf16 machine classes)")
+    choice.add_argument("--fp16-emulation", action=argparse.BooleanOptionalAction, default=True,
+                        help="also measure the drift of F, W and G in fp16 by PyTorch's CPU autocast (the "
+                             "numerics of a GPU's half precision; default on)")
     parser.set_defaults(command_options=[(a.option_strings[-1], a.dest, a) for a in parser._actions
                                          if a.option_strings and a.dest != "help"])
 
@@ -210,6 +216,7 @@ def _log(text: str) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 def _runtime_choice(args, networks, weights: Path, repository, source, driving, out: Path) -> int:
     from .. import runtimes
+    from ..precision import ALWAYS_FP32, EXACT, REDUCED, machine_class
     from ..pipeline import TorchRunner
     from . import flops, report, runtime_choice
     from .inputs import batch_of, record_submodel_inputs
@@ -223,20 +230,32 @@ def _runtime_choice(args, networks, weights: Path, repository, source, driving, 
     rate = flops.gemm_rate(args.threads)
     _log(f"fp32 GEMM rate on {args.threads} thread(s): {rate / 1e9:.1f} GFLOP/s")
     results = runtime_choice.compare_runtimes(weights, args.config, repository, samples, args.submodels, kinds,
-                                              args.runtime_batches, args.threads, args.runtime_budget_s, work, rate)
+                                              args.runtime_batches, args.threads, args.runtime_budget_s, work, rate,
+                                              args.precisions)
+    fp16 = (runtime_choice.emulated_fp16_drift(weights, args.config, samples,
+                                               [m for m in args.submodels if m not in ALWAYS_FP32], args.threads)
+            if args.fp16_emulation else None)
     machine = report.machine_info()
+    machine["machine class"] = f"{machine_class()} (liveportrait_triton/precision.py machine_class)"
     machine["threads"] = str(args.threads)
     machine["fp32 GEMM rate"] = f"{rate / 1e9:.1f} GFLOP/s (torch matmul 2048^2, {args.threads} thread(s))"
     machine["network config"] = args.config
     machine["weights"] = args.weights or f"synthetic seed {args.synthetic}"
     machine["onnx files"] = _repository_note(args)
-    (out / "runtime_choice.md").write_text(runtime_choice.markdown(results, command_line(args), machine))
+    (out / "runtime_choice.md").write_text(runtime_choice.markdown(results, command_line(args), machine, fp16))
     _write_dicts(out / "runtime_choice.csv", runtime_choice.csv_rows(results))
-    won = runtime_choice.winners(results)
-    print(f"winners (batch 1): {won}")
+    exact = runtime_choice.winners(results, policy=EXACT)
+    reduced = runtime_choice.winners(results, policy=REDUCED)
+    for line in runtime_choice.refused(results):
+        print(line)
+    print(f"winners (batch 1), exact: {', '.join(f'{m} {e.label()}' for m, e in exact.items())}")
+    print(f"winners (batch 1), reduced on machine class {machine_class()}: "
+          f"{', '.join(f'{m} {e.label()}' for m, e in reduced.items())}")
     print(f"wrote {out / 'runtime_choice.md'} and {out / 'runtime_choice.csv'}")
     if args.choice_file != "none":
-        entry = runtime_choice.write_choice(args.choice_file, won)
+        source = f"measured by `{command_line(args)}` on {machine.get('cpu', 'this machine')}"
+        entry = runtime_choice.write_choice(args.choice_file, exact, reduced if args.precisions is None
+                                            or len(args.precisions) > 1 else None, source=source)
         print(f"wrote the local target's choice into {args.choice_file}: {entry} (re-render with "
               "`liveportrait-triton export`)")
     return 0

@@ -128,6 +128,10 @@ class ExportedModel:
         parts = [f"{self.model}: {self.path} ({size:.1f} MiB, opset {self.opset}): checker, shape inference and "
                  "I/O vs spec ok"]
         for c in self.comparisons:
+            if c.precision != "fp32":
+                parts.append(f"  {c.kind}/{c.precision}, batch {c.batch}: drift vs PyTorch fp32: "
+                             + "; ".join(d.describe() for d in c.drift))
+                continue
             diffs = ", ".join(f"{name} {diff:.2e} (bound {c.bound[name]:.0e})" for name, diff in c.max_abs_diff.items())
             shares = "".join(f", {name} differs in {share:.3%} of values" for name, share in c.share_differing.items())
             parts.append(f"  {c.kind}, batch {c.batch}: max abs diff vs PyTorch: {diffs}{shares}")
@@ -135,15 +139,21 @@ class ExportedModel:
 
 
 def validation_entries(model: str, served: runtimes.RuntimePlanEntry | None) -> list[runtimes.RuntimePlanEntry]:
-    """The runners an export is checked on, as plan entries on the CPU in fp32: ONNX Runtime always (the ONNX
-    file), and the kind of the plan's `served` entry when that kind runs a file export writes (OpenVINO: the ONNX
-    file; openvino_fastconv: its own model_fastconv.onnx; the torch kinds: the network file model.pt); TensorRT
-    engines are checked by `liveportrait-triton tensorrt`."""
-    kinds = ["onnxruntime"]
-    if served is not None and served.kind != "onnxruntime" and served.kind in (*runtimes.ONNX_KINDS,
-                                                                               *runtimes.TORCH_KINDS):
-        kinds.append(served.kind)
-    return [runtimes.RuntimePlanEntry.of(model, kind) for kind in kinds]
+    """The runners an export is checked on, as plan entries on the CPU: ONNX Runtime in fp32 always (the ONNX
+    file), and the plan's `served` entry when its kind runs a file export writes (OpenVINO: the ONNX file;
+    openvino_fastconv: its own model_fastconv.onnx; the torch kinds: the network file model.pt), in its
+    precision; a reduced-precision entry also brings its exact entry (what a CPU without native bf16 loads
+    instead, runtimes.native_entry). TensorRT engines are checked by `liveportrait-triton tensorrt`."""
+    entries = [runtimes.RuntimePlanEntry.of(model, "onnxruntime")]
+    servable = (*runtimes.ONNX_KINDS, *runtimes.TORCH_KINDS)
+    candidates = [served] if served is not None else []
+    if served is not None and not served.exact:
+        candidates.append(runtimes.runtime_plan("local")[model])
+    for entry in candidates:
+        entry = runtimes.RuntimePlanEntry.of(model, entry.kind, precision=entry.precision)
+        if entry.kind in servable and entry not in entries:
+            entries.append(entry)
+    return entries
 
 
 def _remove_served_files(final: Path) -> None:
