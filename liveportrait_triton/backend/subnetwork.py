@@ -39,12 +39,13 @@ class Subnetwork:
 
     @classmethod
     def load(cls, model_spec: spec.ModelSpec, entry: runtimes.RuntimePlanEntry, version_dir: str | Path,
-             threads: int | None = None) -> "Subnetwork":
+             threads: int | None = None, machine: str | None = None) -> "Subnetwork":
         """The entry's artefact in version_dir on the entry's kind; ConfigError naming what does not fit. An entry
         whose precision this CPU cannot run natively loads its exact entry instead (runtimes.native_entry; the
-        same kind in fp32 where export did not write that entry's artefact), and says so in `fallback`."""
+        same kind in fp32 where export did not write that entry's artefact), and says so in `fallback`.
+        `machine`: the CPU's class (precision.machine_class), default this machine's."""
         try:
-            native, fallback = runtimes.native_entry(entry)
+            native, fallback = runtimes.native_entry(entry, machine)
             if fallback and not (Path(version_dir) / native.artefact).is_file():
                 native = runtimes.RuntimePlanEntry.of(model_spec.name, entry.kind, entry.device, "fp32")
                 fallback += f" ({entry.kind} in fp32: export wrote no {runtimes.ARTEFACT[entry.kind]} for it)"
