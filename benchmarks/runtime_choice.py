@@ -111,6 +111,7 @@ def compare_runtimes(weights_dir, config: str, repository, samples: dict[str, li
     pairs = candidates(kinds, precisions_wanted)
     ordered = [("torch", "fp32")] + [p for p in pairs if p != ("torch", "fp32")]   # the reference first
     results, reference = [], {}
+    downstream = Downstream(weights_dir, config, samples, threads)
     for kind, precision in ordered:
         chosen = [m for m in models if precision == "fp32" or m not in precisions.ALWAYS_FP32]
         if not chosen:
@@ -128,10 +129,38 @@ def compare_runtimes(weights_dir, config: str, repository, samples: dict[str, li
                 r.parity = parity(got, want, r.model)
                 if precision != "fp32":
                     r.drift = [precisions.output_drift(r.model, name, got[name], want[name]) for name in want]
+                    r.drift += downstream.drift(r.model, got, want)
             print(format_row(r), flush=True)
         if (kind, precision) in pairs:
             results += measured
     return results
+
+
+class Downstream:
+    """precision.downstream_drift over PyTorch fp32 networks loaded on first use, the other inputs from the
+    recorded samples, the fp32 outputs' image computed once per (model, batch)."""
+
+    def __init__(self, weights_dir, config: str, samples: dict[str, list[dict]], threads: int):
+        self.weights_dir, self.config, self.samples, self.threads = weights_dir, config, samples, threads
+        self._runner = None
+        self._images: dict[tuple[str, int], object] = {}
+
+    def drift(self, model: str, got: dict, want: dict) -> list:
+        from .. import spec
+        if model not in (spec.APPEARANCE, spec.WARPING):
+            return []
+        if self._runner is None:
+            import torch
+
+            from ..pipeline import TorchRunner
+            from ..weights import load_networks
+            torch.set_num_threads(self.threads)
+            self._runner = TorchRunner(load_networks(self.weights_dir, self.config), threads=self.threads)
+        batch = next(iter(want.values())).shape[0]
+        kp = {k: v for k, v in batch_of(self.samples[spec.WARPING], batch).items() if k != "feature_volume"}
+        if (model, batch) not in self._images:
+            self._images[(model, batch)] = precisions.downstream_image(self._runner, model, want, kp)
+        return precisions.downstream_drift(self._runner, model, got, want, kp, self._images[(model, batch)])
 
 
 def emulated_fp16_drift(weights_dir, config: str, samples: dict[str, list[dict]], models, threads: int,
@@ -146,6 +175,7 @@ def emulated_fp16_drift(weights_dir, config: str, samples: dict[str, list[dict]]
     torch.set_num_threads(threads)
     networks = load_networks(weights_dir, config)
     specs = spec.submodel_specs(config)
+    downstream = Downstream(weights_dir, config, samples, threads)
     drifts = []
     for model in models:
         feeds = batch_of(samples[model], 1)
@@ -154,9 +184,11 @@ def emulated_fp16_drift(weights_dir, config: str, samples: dict[str, list[dict]]
         half = runtimes.create_subnetwork(runtimes.RuntimePlanEntry.of(model, "torch", precision="fp16"),
                                           specs[model], networks=networks, threads=threads, emulate=True)
         want, got = exact.run(feeds), half.run(feeds)
-        drifts += [precisions.output_drift(model, name, got[name], want[name]) for name in want]
-        for d in drifts[-len(want):]:
+        found = [precisions.output_drift(model, name, got[name], want[name]) for name in want]
+        found += downstream.drift(model, got, want)
+        for d in found:
             print(f"fp16 (CPU autocast emulation) {d.describe()}", flush=True)
+        drifts += found
     return drifts
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import torch
 
-from .. import runtimes, spec
+from .. import precision, runtimes, spec
 from ..networks.fast_convolution import fast_convolutions
 from ..networks.grid_sample import MODES as GRID_SAMPLE_MODES
 from ..pipeline import TorchRunner
@@ -213,7 +213,15 @@ def export_repository(networks: Networks, repository: str | os.PathLike, grid_sa
                     artefact = export_fastconv_model(networks, model, final.with_name(runtimes.FASTCONV_ONNX_FILENAME),
                                                      inputs[model], grid_sample)
                 runner = runtimes.create_subnetwork(entry, specs[model], artefact=artefact)
-                comparisons += [compare(runner, feeds, reference) for feeds, reference in references]
+                for feeds, reference in references:
+                    comparisons.append(compare(runner, feeds, reference))
+                    if not entry.exact:      # F and W: the image they give through fp32 W and G decides too
+                        got = runner.run(feeds)
+                        kp = {k: v[:len(got[next(iter(got))])] for k, v in inputs[spec.WARPING].items()
+                              if k != "feature_volume"}
+                        with grid_sample_mode(networks, "native"):
+                            comparisons[-1].drift += precision.downstream_drift(reference_runner, model, got,
+                                                                                reference, kp)
                 del runner
             problems = [f for c in comparisons for f in c.failures]
         except (ValidationError, runtimes.RuntimeLoadError) as exc:

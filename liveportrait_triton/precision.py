@@ -144,6 +144,27 @@ def output_drift(model: str, output: str, got, want) -> Drift:
     return float_drift(what, got, want)
 
 
+def downstream_image(runner, model: str, outputs: dict, warping_inputs: dict | None = None):
+    """The generator's image from the outputs of F or W through the following networks of `runner` (a
+    pipeline.Runner in fp32: W, then G); F's needs W's keypoint inputs (`warping_inputs`, batch-matched)."""
+    if model == spec.APPEARANCE:
+        outputs = runner.run(spec.WARPING, {**warping_inputs, "feature_volume": outputs["feature_volume"]})
+    return runner.run(spec.GENERATOR, {"warped_feature": outputs["warped_feature"]})["image"]
+
+
+def downstream_drift(runner, model: str, got: dict, want: dict, warping_inputs: dict | None = None,
+                     want_image=None) -> list[Drift]:
+    """[Drift of the image a reduced-precision F or W gives through fp32 downstream networks] ([] for other
+    sub-networks): half a percent of feature drift can move the image by levels (G amplifies it), so for F and W
+    the image decides, as for the whole served frame. `want_image`: the fp32 outputs' image when known."""
+    if model not in (spec.APPEARANCE, spec.WARPING):
+        return []
+    if want_image is None:
+        want_image = downstream_image(runner, model, want, warping_inputs)
+    return [image_drift(f"{model} -> {spec.GENERATOR}.image (fp32 downstream)",
+                        downstream_image(runner, model, got, warping_inputs), want_image)]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # THE bounds.
 

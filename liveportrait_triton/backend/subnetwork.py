@@ -47,8 +47,8 @@ class Subnetwork:
         try:
             native, fallback = runtimes.native_entry(entry, machine)
             if fallback and not (Path(version_dir) / native.artefact).is_file():
+                fallback += f"; export wrote no {native.artefact} for it, so {entry.kind}/fp32"
                 native = runtimes.RuntimePlanEntry.of(model_spec.name, entry.kind, entry.device, "fp32")
-                fallback += f" ({entry.kind} in fp32: export wrote no {runtimes.ARTEFACT[entry.kind]} for it)"
             entry = native
         except runtimes.RuntimeLoadError as exc:
             raise ConfigError(f"model {model_spec.name!r}: {exc}") from exc
