@@ -99,12 +99,14 @@ def run(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     started = time.perf_counter()
+    overridden = set(runtimes.parse_runtime_overrides(args.runtime)) if plan else set()
     try:
         exported = export_repository(networks, args.repository, args.grid_sample, args.validate_batches,
-                                     plan=plan)
+                                     plan=plan, exact_where_refused=tuple(m for m in plan if m not in overridden))
     except ValidationError as exc:
         print(f"error: export failed validation: {exc}", file=sys.stderr)
         return 1
+    plan = {**plan, **{item.model: item.served for item in exported if item.served is not None}}
     for item in exported:
         manifest = {
             "model": item.model, "config": args.config, "grid_sample": args.grid_sample,
@@ -114,6 +116,7 @@ def run(args) -> int:
             "tensorrt_precision": "fp32" if precision in (EXACT, "fp32") else "fp16",   # engines built later
             "runtime": plan[item.model].kind if item.model in plan else None,
             "runtime_plan": plan[item.model].parameters() if item.model in plan else None,
+            "refused": item.refused,
             "validation": [{"runtime": c.kind, "precision": c.precision, "batch": c.batch,
                             "max_abs_diff": c.max_abs_diff, "bound": c.bound, "share_differing": c.share_differing,
                             "drift": [d.row() for d in c.drift]} for c in item.comparisons],

@@ -122,6 +122,8 @@ class ExportedModel:
     path: Path
     opset: int
     comparisons: list[Comparison]
+    served: runtimes.RuntimePlanEntry | None = None    # the plan entry it is served on (None: no plan given)
+    refused: list[str] = dataclasses.field(default_factory=list)   # a reduced entry's drift beyond the bounds
 
     def summary(self) -> str:
         size = self.path.stat().st_size / 2 ** 20
@@ -164,14 +166,17 @@ def _remove_served_files(final: Path) -> None:
 
 def export_repository(networks: Networks, repository: str | os.PathLike, grid_sample: str = "decomposed",
                       validate_batches: tuple[int, ...] = (1, 3), models: tuple[str, ...] = spec.SUBMODELS,
-                      plan: runtimes.RuntimePlan | None = None, log=print) -> list[ExportedModel]:
+                      plan: runtimes.RuntimePlan | None = None, log=print,
+                      exact_where_refused: tuple[str, ...] = ()) -> list[ExportedModel]:
     """Export, check and compare every served model into `<repository>/<model>/1/model.onnx`, on ONNX Runtime
     and on the kind the runtime `plan` serves it on (`validation_entries`).
 
     PyTorch references use the native F.grid_sample whatever `grid_sample` says, so the comparison also checks
     the decomposed grid sample. A file is moved into place only after it passed (and a model.plan built from an
     earlier export is removed); a failing one is left as `model.rejected.onnx` for inspection. Raises
-    ValidationError listing every failure after trying all models.
+    ValidationError listing every failure after trying all models, except that a reduced-precision entry of a
+    model in `exact_where_refused` (the choice of the reduced policy, not one asked for by name) whose drift lies
+    beyond the bounds is refused with its figures and the model served on its exact entry (`ExportedModel.served`).
     """
     if not validate_batches or min(validate_batches) < 1:
         raise ValueError(f"validate_batches must be positive batch sizes, got {validate_batches}")
@@ -226,8 +231,17 @@ def export_repository(networks: Networks, repository: str | os.PathLike, grid_sa
             problems = [f for c in comparisons for f in c.failures]
         except (ValidationError, runtimes.RuntimeLoadError) as exc:
             problems = [str(exc)]
+        entry = (plan or {}).get(model)
+        refused = []
+        if entry is not None and not entry.exact and model in exact_where_refused:
+            refused = [f for c in comparisons if c.precision != "fp32" for f in c.failures]
+            if refused:
+                problems = [p for p in problems if p not in refused]
+                entry = runtimes.runtime_plan("local")[model]
+                log(f"{model}: reduced precision refused, serving the exact entry {entry.label()}: "
+                    + "; ".join(refused))
         os.replace(partial, rejected if problems else final)
-        result = ExportedModel(model, rejected if problems else final, opset, comparisons)
+        result = ExportedModel(model, rejected if problems else final, opset, comparisons, entry, refused)
         if comparisons:
             log(result.summary())
         if problems:

@@ -162,6 +162,12 @@ def test_export_refuses_a_reduced_choice_outside_the_bounds(tmp_path, tiny_netwo
     assert "spade_generator on openvino_fastconv/bf16 at batch 1: spade_generator.image: max" in message
     assert "levels, mean" in message and "> 1" in message
     assert not model_path(tmp_path, spec.GENERATOR).exists()
+    # the same entry as the reduced policy's choice (not asked for by name): refused, the exact entry served
+    [exported] = export_repository(tiny_networks, tmp_path, "decomposed", (1,), models=(spec.GENERATOR,), plan=plan,
+                                   log=lambda _: None, exact_where_refused=(spec.GENERATOR,))
+    assert exported.served == runtimes.runtime_plan("local")[spec.GENERATOR]
+    assert len(exported.refused) == 1 and "openvino_fastconv/bf16" in exported.refused[0]
+    assert model_path(tmp_path, spec.GENERATOR).is_file()
 
 
 def test_export_precision_option(tmp_path, capsys):
