@@ -124,8 +124,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="precisions to time (default: every one this CPU runs natively: fp32, and bf16 on "
                              "the amx and avx512_bf16 machine classes)")
     choice.add_argument("--fp16-emulation", action=argparse.BooleanOptionalAction, default=True,
-                        help="also measure the drift of F, W and G in fp16 by PyTorch's CPU autocast (the "
-                             "numerics of a GPU's half precision; default on)")
+                        help="also measure the drift of F, W and G in fp16 by emulation (fp16 operands, fp32 "
+                             "accumulation: the numerics of a GPU's half precision; default on)")
     parser.set_defaults(command_options=[(a.option_strings[-1], a.dest, a) for a in parser._actions
                                          if a.option_strings and a.dest != "help"])
 

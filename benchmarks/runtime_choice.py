@@ -9,8 +9,8 @@ latency at batch 1 count as equally fast and the first of them wins: fp32 before
 (the plain graph before its fast-convolution rewrite). The `exact` winner is chosen among fp32 runners only, the
 `reduced` one among all, for this machine's class (precision.machine_class); both are written to the choice file
 that `export` renders (liveportrait_triton/runtime_choice.json). M and the MLPs are timed in fp32 only
-(precision.ALWAYS_FP32). `emulated_fp16_drift` measures fp16 by PyTorch's CPU autocast: numbers for the GPU
-bounds, never a served choice.
+(precision.ALWAYS_FP32). `emulated_fp16_drift` measures fp16 by emulation (fp16 operands, fp32 accumulation: a
+GPU's tensor cores): numbers for the GPU bounds, never a served choice.
 """
 from __future__ import annotations
 
@@ -163,17 +163,44 @@ class Downstream:
         return precisions.downstream_drift(self._runner, model, got, want, kp, self._images[(model, batch)])
 
 
-def emulated_fp16_drift(weights_dir, config: str, samples: dict[str, list[dict]], models, threads: int,
-                        reference: dict | None = None) -> list:
-    """precision.Drift of every output of `models` (F, W, G: those a GPU plan runs in half precision) under
-    PyTorch's CPU fp16 autocast against fp32, at batch 1 on the recorded inputs: the numerics of fp16 on a GPU
-    without a GPU (an fp16 runner on the CPU is emulated: slow, never served)."""
+def rounded_networks(networks, dtype):
+    """A copy of `networks` whose convolutions and linear layers take operands (inputs, weights, biases) rounded to
+    `dtype` and round their outputs to it, accumulating in fp32 between: how a GPU's half-precision tensor cores
+    compute (normalisation, softmax and W's grid-sample maths stay fp32, as the TensorRT fp16 engines keep them),
+    at fp32 speed on the CPU. Overflow shows as it would on the GPU: inf."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    def rounded(t):
+        return t.to(dtype).float() if torch.is_tensor(t) and t.is_floating_point() else t
+
+    out = copy.deepcopy(networks)
+    for field in ("appearance_feature_extractor", "motion_extractor", "warping_module", "spade_generator"):
+        for module in getattr(out, field).modules():
+            if isinstance(module, (nn.Conv2d, nn.Conv3d, nn.Linear)):
+                module.weight.data = rounded(module.weight.data)
+                if module.bias is not None:
+                    module.bias.data = rounded(module.bias.data)
+                module.register_forward_pre_hook(lambda _, args: tuple(rounded(a) for a in args))
+                module.register_forward_hook(lambda _, args, result: rounded(result))
+    return out
+
+
+def emulated_fp16_drift(weights_dir, config: str, samples: dict[str, list[dict]], models, threads: int) -> list:
+    """precision.Drift of every output of `models` (F, W, G: those a GPU plan runs in half precision), and of the
+    image F and W give through fp32 downstream networks, with fp16 operands (`rounded_networks`) against fp32, at
+    batch 1 on the recorded inputs: the numerics of fp16 on a GPU without a GPU. (PyTorch's CPU fp16 autocast
+    would compute the same but has no fast fp16 convolution here: one 256-channel 3x3 convolution on 64x64 took
+    over 120 s against 0.29 s in fp32.)"""
     import torch
 
     from .. import spec
     from ..weights import load_networks
     torch.set_num_threads(threads)
     networks = load_networks(weights_dir, config)
+    half_networks = rounded_networks(networks, torch.float16)
     specs = spec.submodel_specs(config)
     downstream = Downstream(weights_dir, config, samples, threads)
     drifts = []
@@ -181,13 +208,14 @@ def emulated_fp16_drift(weights_dir, config: str, samples: dict[str, list[dict]]
         feeds = batch_of(samples[model], 1)
         exact = runtimes.create_subnetwork(runtimes.RuntimePlanEntry.of(model, "torch"), specs[model],
                                            networks=networks, threads=threads)
-        half = runtimes.create_subnetwork(runtimes.RuntimePlanEntry.of(model, "torch", precision="fp16"),
-                                          specs[model], networks=networks, threads=threads, emulate=True)
+        half = runtimes.create_subnetwork(runtimes.RuntimePlanEntry.of(model, "torch"), specs[model],
+                                          networks=half_networks, threads=threads)
         want, got = exact.run(feeds), half.run(feeds)
         found = [precisions.output_drift(model, name, got[name], want[name]) for name in want]
         found += downstream.drift(model, got, want)
+        found = [dataclasses.replace(d, what=f"{d.what} (fp16 operands)") for d in found]
         for d in found:
-            print(f"fp16 (CPU autocast emulation) {d.describe()}", flush=True)
+            print(f"fp16 by emulation: {d.describe()}", flush=True)
         drifts += found
     return drifts
 
@@ -370,9 +398,10 @@ def markdown(results: list[RuntimeResult], command: str, machine: dict, fp16: li
             [dataclasses.replace(d, what=f"{d.what} ({r.label})") for r in results if r.batch == 1
              for d in r.drift])
     if fp16:
-        lines += ["", "## fp16 by emulation (PyTorch CPU autocast fp16 vs fp32, batch 1)", "",
-                  "The numerics of half precision on a GPU, measured without one (the bounds of "
-                  "export/tensorrt_build.py come from these figures):", ""]
+        lines += ["", "## fp16 by emulation (fp16 operands, fp32 accumulation, vs fp32; batch 1)", "",
+                  "The numerics of half precision on a GPU's tensor cores, measured without one "
+                  "(benchmarks/runtime_choice.py `rounded_networks`); export/tensorrt_build.py holds FP16 engines "
+                  "to the same bounds:", ""]
         lines += precisions.drift_markdown(fp16)
     lines += ["", "## Bounds (`liveportrait_triton/precision.py` BOUNDS)", ""] + precisions.bounds_markdown()
     no = refused(results)

@@ -323,15 +323,14 @@ class SubnetworkRunner:
 
 def create_subnetwork(entry: RuntimePlanEntry, model_spec: spec.ModelSpec, *,
                       artefact: str | os.PathLike | bytes | None = None, networks=None,
-                      threads: int | None = None, emulate: bool = False) -> SubnetworkRunner:
+                      threads: int | None = None) -> SubnetworkRunner:
     """The runner of `model_spec` that plan entry `entry` describes: the ONNX kinds need `artefact` (the file's
     path), `tensorrt` the engine (path or bytes), the torch kinds the loaded `networks` (weights.Networks) or
     their network file (model.pt). RuntimeLoadError otherwise, and for a precision the entry's device does not
-    compute natively unless `emulate` (drift measurements only: fp16 on the CPU). The one constructor of
-    sub-network runners."""
+    compute natively (emulated bf16 is slower than fp32). The one constructor of sub-network runners."""
     if model_spec.name != entry.model:
         raise RuntimeLoadError(f"plan entry of {entry.model!r} given the spec of {model_spec.name!r}")
-    if not emulate and entry.precision not in precisions.native_precisions(entry.device):
+    if entry.precision not in precisions.native_precisions(entry.device):
         raise RuntimeLoadError(f"{entry.describe()}: this CPU (machine class {precisions.machine_class()}) has no "
                                f"native {entry.precision} and emulating it is slower than fp32; load "
                                "runtimes.native_entry(entry) instead")
