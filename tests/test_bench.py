@@ -112,17 +112,34 @@ def test_bench_end_to_end(tmp_path, tiny_weights_dir, tiny_repository, tiny_serv
 
 
 def test_runtime_winners_break_ties_by_kind_order():
-    """The fastest passing servable kind wins; within TIE the plainer kind (earlier in runtimes.KINDS) does."""
-    def result(model, kind, p50_ms, ok=True):
-        r = RuntimeResult(model, kind, 1, stats=Stats(5, p50_ms, p50_ms, p50_ms, p50_ms, p50_ms))
+    """The fastest passing servable kind wins; within TIE the plainer kind (earlier in runtimes.KINDS) does; the
+    exact policy picks among fp32 runners, the reduced one among all that lie within the drift bounds, fp32 first
+    within TIE."""
+    from liveportrait_triton.benchmarks.runtime_choice import refused
+    from liveportrait_triton.precision import Drift
+    m, w, g, f = spec.MOTION, spec.WARPING, spec.GENERATOR, spec.APPEARANCE
+
+    def result(model, kind, p50_ms, ok=True, precision="fp32", mean=0.5):
+        r = RuntimeResult(model, kind, 1, precision, stats=Stats(5, p50_ms, p50_ms, p50_ms, p50_ms, p50_ms))
         r.parity = {"out": (0.0, 1.0, ok)}
+        if precision != "fp32":
+            r.drift = [Drift(f"{model}.image", "levels", 3.0, mean, 0.1, 0.001)]
         return r
-    results = [result("m", "openvino", 100.0), result("m", "openvino_fastconv", 98.0),
-               result("w", "openvino", 100.0), result("w", "openvino_fastconv", 60.0),
-               result("g", "onnxruntime", 50.0, ok=False), result("g", "torch", 90.0)]
-    assert {m: e.kind for m, e in winners(results).items()} == {"m": "openvino", "w": "openvino_fastconv",
-                                                                 "g": "torch"}
-    assert all(e.precision == "fp32" for e in winners(results).values())
+    results = [result(m, "openvino", 100.0), result(m, "openvino_fastconv", 98.0),
+               result(w, "openvino", 100.0), result(w, "openvino_fastconv", 60.0),
+               result(g, "onnxruntime", 50.0, ok=False), result(g, "torch", 90.0),
+               result(g, "openvino", 40.0, precision="bf16", mean=1.5),       # faster, beyond the bounds
+               result(w, "torch", 59.0, precision="bf16"),                     # within TIE of fp32: fp32 wins
+               result(f, "openvino", 100.0), result(f, "openvino", 50.0, precision="bf16")]
+    exact = winners(results)
+    assert {k: e.kind for k, e in exact.items()} == {m: "openvino", w: "openvino_fastconv", g: "torch",
+                                                     f: "openvino"}
+    assert all(e.precision == "fp32" for e in exact.values())
+    reduced = winners(results, policy="reduced")
+    assert {k: e.label() for k, e in reduced.items()} == {m: "openvino/fp32", w: "openvino_fastconv/fp32",
+                                                          g: "torch/fp32", f: "openvino/bf16"}
+    [no] = refused(results)
+    assert no.startswith(f"{g} on openvino/bf16 refused:") and "mean 1.5 > 1" in no
 
 
 def test_runtime_choice(tmp_path, tiny_weights_dir, tiny_repository):
