@@ -244,10 +244,18 @@ def _runtime_choice(args, networks, weights: Path, repository, source, driving, 
     machine["network config"] = args.config
     machine["weights"] = args.weights or f"synthetic seed {args.synthetic}"
     machine["onnx files"] = _repository_note(args)
-    (out / "runtime_choice.md").write_text(runtime_choice.markdown(results, command_line(args), machine, fp16))
-    _write_dicts(out / "runtime_choice.csv", runtime_choice.csv_rows(results))
     exact = runtime_choice.winners(results, policy=EXACT)
     reduced = runtime_choice.winners(results, policy=REDUCED)
+    committed = runtimes.runtime_plan("local")
+    reduced, frames = runtime_choice.frame_checked(
+        {**committed, **exact}, reduced, results,
+        lambda entries: _frame_drift(entries, {**committed, **exact}, networks, repository, source, driving[:2],
+                                     args.threads))
+    for labels, drift in frames:
+        print(f"whole frame with {labels}: {drift.describe()}")
+    (out / "runtime_choice.md").write_text(runtime_choice.markdown(results, command_line(args), machine, fp16,
+                                                                   frames, reduced))
+    _write_dicts(out / "runtime_choice.csv", runtime_choice.csv_rows(results))
     for line in runtime_choice.refused(results):
         print(line)
     print(f"winners (batch 1), exact: {', '.join(f'{m} {e.label()}' for m, e in exact.items())}")
@@ -261,6 +269,27 @@ def _runtime_choice(args, networks, weights: Path, repository, source, driving, 
         print(f"wrote the local target's choice into {args.choice_file}: {entry} (re-render with "
               "`liveportrait-triton export`)")
     return 0
+
+
+def _frame_drift(entries: dict, exact: dict, networks, repository, source, driving, threads: int):
+    """precision.Drift of the frames a plan of `entries` gives against those of the `exact` plan (in-process, the
+    runners the runtime choice timed: runtime_choice.timed_subnetwork)."""
+    import numpy as np
+
+    from ..pipeline import Animator, DrivingFrame
+    from ..precision import image_drift
+    from ..runtimes import PlanRunner
+    from .inputs import pipeline_options
+    from .runtime_choice import timed_subnetwork
+    specs = spec.submodel_specs(networks.params)
+    frames = []
+    for plan in (entries, exact):
+        runner = PlanRunner({m: timed_subnetwork(e.kind, specs[m], repository, networks, threads, e.precision)
+                             for m, e in plan.items()})
+        animator = Animator(runner)
+        [state] = animator.register_sources([source], [pipeline_options()])
+        frames.append(np.stack([animator.animate([state], [DrivingFrame(crop=crop)])[0] for crop in driving]))
+    return image_drift("whole frame: reduced plan vs exact plan", *frames)
 
 
 def _repository_note(args) -> str:

@@ -310,6 +310,30 @@ def winners(results: list[RuntimeResult], batch: int = 1, policy: str = precisio
     return chosen
 
 
+def frame_checked(exact: dict, reduced: dict, results: list[RuntimeResult], frame_drift, batch: int = 1):
+    """The reduced winners whose plan, all together, keeps the whole frame within the bounds: sub-networks within
+    the bounds one by one can exceed them together, so while the frame of (exact entries, then the reduced ones
+    left) drifts beyond precision.BOUNDS against the exact frame (`frame_drift(entries) -> Drift`), the reduced
+    entry that saves the least time goes back to exact. Returns (the reduced entries kept, [(labels, Drift) of
+    each plan tried])."""
+    p50 = {(r.model, r.kind, r.precision): r.stats.p50_ms for r in results if r.batch == batch and r.stats}
+
+    def saving(model):
+        e, x = reduced[model], exact.get(model)
+        if x is None or (model, x.kind, x.precision) not in p50:
+            return 0.0
+        return p50[(model, x.kind, x.precision)] - p50.get((model, e.kind, e.precision), float("inf"))
+    kept = {m: e for m, e in reduced.items() if not e.exact}
+    tried = []
+    while kept:
+        drift = frame_drift({**exact, **kept})
+        tried.append((", ".join(f"{m} {e.label()}" for m, e in kept.items()), drift))
+        if precisions.within_bounds(drift):
+            break
+        del kept[min(kept, key=saving)]
+    return {**{m: e for m, e in reduced.items() if e.exact}, **kept}, tried
+
+
 def refused(results: list[RuntimeResult], batch: int = 1) -> list[str]:
     """The reduced-precision runners refused for their drift, with the figures (precision.check's message)."""
     out = []
@@ -358,7 +382,8 @@ def write_choice(path: str | Path, exact: dict[str, runtimes.RuntimePlanEntry],
     return entry
 
 
-def markdown(results: list[RuntimeResult], command: str, machine: dict, fp16: list | None = None) -> str:
+def markdown(results: list[RuntimeResult], command: str, machine: dict, fp16: list | None = None,
+             frames: list | None = None, reduced: dict | None = None) -> str:
     """runtime_choice.md: the command, machine, the full table, the drift table, the bounds and the winners per
     sub-network (exact and reduced)."""
     ratio = speedups(results)
@@ -407,12 +432,23 @@ def markdown(results: list[RuntimeResult], command: str, machine: dict, fp16: li
     no = refused(results)
     if no:
         lines += ["", "## Refused for their drift", ""] + [f"- {line}" for line in no]
+    if frames:
+        lines += ["", "## Whole frame of the reduced plan against the exact plan's", "",
+                  "The reduced winners together, on the recorded driving crops; while the frame drifts beyond the "
+                  "bounds, the one that saves the least time goes back to exact (`frame_checked`).", "",
+                  "| reduced entries | max | mean | > 1 level | > 4 levels | within bounds |",
+                  "| --- | ---: | ---: | ---: | ---: | --- |"]
+        for labels, d in frames:
+            verdict = "yes" if precisions.within_bounds(d) else "**no**: " + ", ".join(precisions.problems(d))
+            lines.append(f"| {labels} | {d.max:.0f} | {d.mean:.3f} | {d.over_1:.2%} | {d.over_4:.2%} | {verdict} |")
     p50 = {(r.model, r.kind, r.precision): r.stats.p50_ms for r in results if r.batch == 1 and r.stats}
     for policy in precisions.POLICIES:
-        lines += ["", f"## Winner per sub-network, {policy} policy (batch 1, servable runners that pass)", "",
+        chosen = winners(results, policy=policy) if policy == precisions.EXACT or reduced is None else reduced
+        lines += ["", f"## Winner per sub-network, {policy} policy (batch 1, servable runners that pass"
+                  + (", whole frame within the bounds" if policy == precisions.REDUCED and frames else "") + ")", "",
                   "| sub-network | runtime | precision | p50 ms | speed-up vs torch fp32 |",
                   "| --- | --- | --- | ---: | ---: |"]
-        for model, e in winners(results, policy=policy).items():
+        for model, e in chosen.items():
             lines.append(f"| {model} | {e.kind} | {e.precision} | {p50[(model, e.kind, e.precision)]:.2f} | "
                          f"{ratio.get((model, e.kind, e.precision, 1), float('nan')):.2f} |")
     return "\n".join(lines) + "\n"

@@ -142,6 +142,32 @@ def test_runtime_winners_break_ties_by_kind_order():
     assert no.startswith(f"{g} on openvino/bf16 refused:") and "mean 1.5 > 1" in no
 
 
+def test_reduced_entries_that_together_exceed_the_frame_bounds_go_back_to_exact():
+    """Each within the bounds, two reduced entries can exceed them together: the one saving the least time goes
+    back to exact until the whole frame is within the bounds."""
+    from liveportrait_triton.benchmarks.runtime_choice import frame_checked
+    from liveportrait_triton.precision import Drift
+    f, g = spec.APPEARANCE, spec.GENERATOR
+
+    def result(model, kind, p50_ms, precision="fp32"):
+        r = RuntimeResult(model, kind, 1, precision, stats=Stats(5, p50_ms, p50_ms, p50_ms, p50_ms, p50_ms))
+        r.parity = {"out": (0.0, 1.0, True)}
+        return r
+    results = [result(f, "openvino", 1900.0), result(f, "openvino", 760.0, "bf16"),
+               result(g, "openvino_fastconv", 15000.0), result(g, "openvino", 10000.0, "bf16")]
+    exact = {f: runtimes.RuntimePlanEntry.of(f, "openvino"), g: runtimes.RuntimePlanEntry.of(g, "openvino_fastconv")}
+    reduced = {f: runtimes.RuntimePlanEntry.of(f, "openvino", precision="bf16"),
+               g: runtimes.RuntimePlanEntry.of(g, "openvino", precision="bf16")}
+
+    def frame(entries):      # 0.6 levels of mean drift per reduced sub-network
+        mean = 0.6 * sum(not e.exact for e in entries.values())
+        return Drift("frame", "levels", 8.0, mean, 0.2, 0.001)
+    kept, tried = frame_checked(exact, reduced, results, frame)
+    assert kept == {g: reduced[g]}, "F saves 1.1 s, G 5 s: F goes back to exact"
+    assert [labels for labels, _ in tried] == [f"{f} openvino/bf16, {g} openvino/bf16", f"{g} openvino/bf16"]
+    assert frame_checked(exact, reduced, results, lambda entries: Drift("frame", "levels", 1, 0.1, 0, 0))[0] == reduced
+
+
 def test_runtime_choice(tmp_path, tiny_weights_dir, tiny_repository):
     """Every kind measured with parity and FLOP rate; the winners land in the choice file that export renders
     (unmeasured sub-networks keep their committed kind)."""
