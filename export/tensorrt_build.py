@@ -45,8 +45,9 @@ FP32_LAYER_TYPES = {
 # TOLERANCES. FP32 engines: GPU kernels sum in other orders, so 10x the ONNX Runtime vs PyTorch bound. FP16
 # engines: the drift bounds of every reduced precision (liveportrait_triton/precision.py BOUNDS: image mean <= 1
 # level, <= 2% of values off by > 4 levels, max 48; float features mean <= 2% and max <= 25% of their scale). fp16
-# measured by emulation (PyTorch CPU autocast fp16 vs fp32, `liveportrait-triton bench --runtime-choice`,
-# benchmarks/results/amd_epyc/precision_choice.md) lies well inside them.
+# measured by emulation (fp16 operands, fp32 accumulation, `liveportrait-triton bench --runtime-choice`,
+# benchmarks/results/amd_epyc/precision_fp16_emulation.md: full-size G image max 1 level, mean 0.075; F and W
+# through fp32 downstream mean 0.11 and 0.17 levels) lies far inside them.
 FP32_ENGINE_FACTOR = 10.0
 
 
