@@ -368,7 +368,7 @@ def write_choice(path: str | Path, exact: dict[str, runtimes.RuntimePlanEntry],
     path = Path(path)
     document = json.loads(path.read_text()) if path.is_file() else {"targets": {}}
     entry = document["targets"].setdefault(target, {})
-    before = {m: runtimes._entry(m, v) for m, v in entry.get("exact", {}).items()}
+    before = {m: runtimes.choice_entry(m, v) for m, v in entry.get("exact", {}).items()}
     entry["exact"] = {m: e.kind for m, e in runtimes.plan_of({**before, **exact}).items()}
     if reduced is not None:
         machine = machine or precisions.machine_class()
@@ -376,8 +376,8 @@ def write_choice(path: str | Path, exact: dict[str, runtimes.RuntimePlanEntry],
         kept = {m: v for m, v in classes.get(machine, {}).get("plan", {}).items() if m not in reduced}
         kept.update({m: _choice_value(e) for m, e in reduced.items() if not e.exact})
         classes[machine] = {"source": source, "plan": {m: kept[m] for m in runtimes.plan_of(
-            {**{m: runtimes._entry(m, v) for m, v in entry["exact"].items()},
-             **{m: runtimes._entry(m, v) for m, v in kept.items()}}) if m in kept}}
+            {**{m: runtimes.choice_entry(m, v) for m, v in entry["exact"].items()},
+             **{m: runtimes.choice_entry(m, v) for m, v in kept.items()}}) if m in kept}}
     path.write_text(json.dumps(document, indent=2) + "\n")
     return entry
 

@@ -206,7 +206,7 @@ def plan_of(kinds: Mapping[str, str | RuntimePlanEntry]) -> RuntimePlan:
     return plan
 
 
-def _entry(model: str, value) -> RuntimePlanEntry:
+def choice_entry(model: str, value) -> RuntimePlanEntry:
     """A choice file's value: a kind (fp32 on the CPU) or {"kind": ..., "precision": ...}."""
     if isinstance(value, str):
         return RuntimePlanEntry.of(model, value)
@@ -223,7 +223,7 @@ def runtime_choice(target: str = "local", path: str | os.PathLike = RUNTIME_CHOI
     choices = json.loads(Path(path).read_text())["targets"]
     if target not in choices:
         raise RuntimeLoadError(f"{path} has no runtime choice for target {target!r} (it has {sorted(choices)})")
-    exact = {m: _entry(m, v) for m, v in choices[target]["exact"].items()}
+    exact = {m: choice_entry(m, v) for m, v in choices[target]["exact"].items()}
     if policy == precisions.EXACT:
         return plan_of(exact)
     machine = machine or precisions.machine_class()
@@ -231,7 +231,7 @@ def runtime_choice(target: str = "local", path: str | os.PathLike = RUNTIME_CHOI
     if machine not in reduced:
         raise RuntimeLoadError(f"{path} has no reduced-precision choice of target {target!r} for machine class "
                                f"{machine!r} (it has {sorted(reduced)})")
-    return plan_of({**exact, **{m: _entry(m, v) for m, v in reduced[machine]["plan"].items()}})
+    return plan_of({**exact, **{m: choice_entry(m, v) for m, v in reduced[machine]["plan"].items()}})
 
 
 def runtime_plan(target: str = "local", overrides: Mapping[str, str | RuntimePlanEntry] | None = None,
