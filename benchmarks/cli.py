@@ -23,7 +23,7 @@ from .. import spec
 from ..config import CONFIGS
 
 DEFAULT_OUT = Path("bench_results")           # under the current working directory, never inside the package
-INPROCESS_RUNNERS = ("torch", "served")     # or any runtimes kind for every sub-network
+INPROCESS_RUNNERS = ("torch", "exact", "served")     # or any runtimes kind for every sub-network
 
 
 def _choice_file() -> Path:
@@ -64,9 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed frames before timing each one-stream run")
     parser.add_argument("--frames", type=int, default=5, help="timed frames of each one-stream run")
     parser.add_argument("--inprocess", type=_name_list, default=list(INPROCESS_RUNNERS), metavar="R[,R...]",
-                        help="in-process runners: served (each sub-network on the kind the server runs it on) "
-                             "and/or one runtime kind for every sub-network: torch (our PyTorch modules, the "
-                             "eager baseline), onnxruntime, openvino")
+                        help="in-process runners: served (each sub-network on the plan entry the server runs "
+                             "it on: the repository's precision policy, reduced by default), exact (the exact "
+                             "policy's fp32 plan on the same repository's files) and/or one runtime kind for every "
+                             "sub-network: torch (our PyTorch modules, the eager baseline), onnxruntime, openvino. "
+                             "The drift table compares the frames of served, exact and torch")
     parser.add_argument("--served-runtime", default="served", metavar="R",
                         help="the in-process runner that uses the served models' runtime (for the 10%% comparison)")
     parser.add_argument("--no-server", action="store_true", help="skip the Triton and perf_analyzer parts")
@@ -117,7 +119,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     choice.add_argument("--runtime-batches", type=_int_list, default=[1], metavar="B[,B...]",
                         help="batch sizes of the runtime comparison")
     choice.add_argument("--runtime-budget-s", type=float, default=10.0,
-                        help="time spent timing each (sub-network, runtime, batch); at least 3 calls")
+                        help="time spent timing each (sub-network, runtime, precision, batch); at least 3 calls")
+    choice.add_argument("--precisions", type=_name_list, default=None, metavar="P[,P...]",
+                        help="precisions to time (default: every one this CPU runs natively: fp32, and bf16 on "
+                             "the amx and avx512_bf16 machine classes)")
+    choice.add_argument("--fp16-emulation", action=argparse.BooleanOptionalAction, default=True,
+                        help="also measure the drift of F, W and G in fp16 by emulation (fp16 operands, fp32 "
+                             "accumulation: the numerics of a GPU's half precision; default on)")
     parser.set_defaults(command_options=[(a.option_strings[-1], a.dest, a) for a in parser._actions
                                          if a.option_strings and a.dest != "help"])
 
@@ -210,6 +218,7 @@ def _log(text: str) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 def _runtime_choice(args, networks, weights: Path, repository, source, driving, out: Path) -> int:
     from .. import runtimes
+    from ..precision import ALWAYS_FP32, EXACT, REDUCED, machine_class
     from ..pipeline import TorchRunner
     from . import flops, report, runtime_choice
     from .inputs import batch_of, record_submodel_inputs
@@ -223,23 +232,64 @@ def _runtime_choice(args, networks, weights: Path, repository, source, driving, 
     rate = flops.gemm_rate(args.threads)
     _log(f"fp32 GEMM rate on {args.threads} thread(s): {rate / 1e9:.1f} GFLOP/s")
     results = runtime_choice.compare_runtimes(weights, args.config, repository, samples, args.submodels, kinds,
-                                              args.runtime_batches, args.threads, args.runtime_budget_s, work, rate)
+                                              args.runtime_batches, args.threads, args.runtime_budget_s, work, rate,
+                                              args.precisions)
+    fp16 = (runtime_choice.emulated_fp16_drift(weights, args.config, samples,
+                                               [m for m in args.submodels if m not in ALWAYS_FP32], args.threads)
+            if args.fp16_emulation else None)
     machine = report.machine_info()
+    machine["machine class"] = f"{machine_class()} (liveportrait_triton/precision.py machine_class)"
     machine["threads"] = str(args.threads)
     machine["fp32 GEMM rate"] = f"{rate / 1e9:.1f} GFLOP/s (torch matmul 2048^2, {args.threads} thread(s))"
     machine["network config"] = args.config
     machine["weights"] = args.weights or f"synthetic seed {args.synthetic}"
     machine["onnx files"] = _repository_note(args)
-    (out / "runtime_choice.md").write_text(runtime_choice.markdown(results, command_line(args), machine))
+    exact = runtime_choice.winners(results, policy=EXACT)
+    reduced = runtime_choice.winners(results, policy=REDUCED)
+    committed = runtimes.runtime_plan("local")
+    reduced, frames = runtime_choice.frame_checked(
+        {**committed, **exact}, reduced, results,
+        lambda entries: _frame_drift(entries, {**committed, **exact}, networks, repository, source, driving[:2],
+                                     args.threads))
+    for labels, drift in frames:
+        print(f"whole frame with {labels}: {drift.describe()}")
+    (out / "runtime_choice.md").write_text(runtime_choice.markdown(results, command_line(args), machine, fp16,
+                                                                   frames, reduced))
     _write_dicts(out / "runtime_choice.csv", runtime_choice.csv_rows(results))
-    won = runtime_choice.winners(results)
-    print(f"winners (batch 1): {won}")
+    for line in runtime_choice.refused(results):
+        print(line)
+    print(f"winners (batch 1), exact: {', '.join(f'{m} {e.label()}' for m, e in exact.items())}")
+    print(f"winners (batch 1), reduced on machine class {machine_class()}: "
+          f"{', '.join(f'{m} {e.label()}' for m, e in reduced.items())}")
     print(f"wrote {out / 'runtime_choice.md'} and {out / 'runtime_choice.csv'}")
     if args.choice_file != "none":
-        entry = runtime_choice.write_choice(args.choice_file, won)
+        source = f"measured by `{command_line(args)}` on {machine.get('cpu', 'this machine')}"
+        entry = runtime_choice.write_choice(args.choice_file, exact, reduced if args.precisions is None
+                                            or len(args.precisions) > 1 else None, source=source)
         print(f"wrote the local target's choice into {args.choice_file}: {entry} (re-render with "
               "`liveportrait-triton export`)")
     return 0
+
+
+def _frame_drift(entries: dict, exact: dict, networks, repository, source, driving, threads: int):
+    """precision.Drift of the frames a plan of `entries` gives against those of the `exact` plan (in-process, the
+    runners the runtime choice timed: runtime_choice.timed_subnetwork)."""
+    import numpy as np
+
+    from ..pipeline import Animator, DrivingFrame
+    from ..precision import image_drift
+    from ..runtimes import PlanRunner
+    from .inputs import pipeline_options
+    from .runtime_choice import timed_subnetwork
+    specs = spec.submodel_specs(networks.params)
+    frames = []
+    for plan in (entries, exact):
+        runner = PlanRunner({m: timed_subnetwork(e.kind, specs[m], repository, networks, threads, e.precision)
+                             for m, e in plan.items()})
+        animator = Animator(runner)
+        [state] = animator.register_sources([source], [pipeline_options()])
+        frames.append(np.stack([animator.animate([state], [DrivingFrame(crop=crop)])[0] for crop in driving]))
+    return image_drift("whole frame: reduced plan vs exact plan", *frames)
 
 
 def _repository_note(args) -> str:
@@ -268,15 +318,23 @@ def _pipeline_benchmark(args, networks, repository, source, driving, out: Path, 
              f"threads {args.threads}",
              "load average (1, 5, 15 min) at the start: " + " ".join(f"{v:.2f}" for v in os.getloadavg())
              + " (the machine table has it at the end; other work on the machine slows every figure)"]
+    from .. import repository as rendering
+    notes.append("served plan: " + ", ".join(f"{m} {e.label()}" for m, e in rendering.served_plan(repository).items()))
+    _log(notes[-1])
+    frames = {}
     for runner_name in args.inprocess:
-        rows.append(_time_inprocess(runner_name, networks, repository, source, driving, args))
+        row, frames[runner_name] = _time_inprocess(runner_name, networks, repository, source, driving, args)
+        rows.append(row)
         _log(_describe(rows[-1]))
         gc.collect()
+    drifts = _frame_drifts(frames)
     from ..pipeline import TorchRunner
     from .inputs import record_submodel_inputs
     samples = record_submodel_inputs(TorchRunner(networks), source, driving[:2])
     if args.module_repeats:
-        rows += _time_modules(args, networks, repository, samples, notes)
+        rows += _time_modules(args, networks, repository, samples, notes, drifts)
+    for d in drifts:
+        _log(d.describe())
     versions = {"triton": None, "perf_analyzer": None}
     failed = 0
     notes.append(_serving_layout(args, repository))
@@ -285,8 +343,19 @@ def _pipeline_benchmark(args, networks, repository, source, driving, out: Path, 
         if not args.no_server:
             failed = _served(args, networks, repository, samples, source, driving, pa, tmp, rows, notes, versions)
     finally:     # what was measured is written even when a later step fails
-        _write_results(args, rows, notes, versions, out)
+        _write_results(args, rows, notes, versions, out, drifts)
     return 1 if failed else 0
+
+
+def _frame_drifts(frames: dict[str, list]) -> list:
+    """precision.Drift of the whole frames (every timed and warm-up frame) of each in-process runner against the
+    exact ones: served vs exact, then each vs PyTorch eager fp32."""
+    import numpy as np
+
+    from ..precision import image_drift
+    pairs = [(a, b) for a, b in (("served", "exact"), ("served", "torch"), ("exact", "torch")) if a in frames
+             and b in frames]
+    return [image_drift(f"served frame: {a} vs {b}", np.stack(frames[a]), np.stack(frames[b])) for a, b in pairs]
 
 
 def _serving_layout(args, repository: Path) -> str:
@@ -303,13 +372,15 @@ def _serving_layout(args, repository: Path) -> str:
             f"with {threads} thread(s) each")
 
 
-def _write_results(args, rows, notes, versions, out: Path) -> None:
+def _write_results(args, rows, notes, versions, out: Path, drifts: list) -> None:
+    from ..precision import machine_class
     from . import report
     machine = report.machine_info(versions["triton"], versions["perf_analyzer"])
+    machine["machine class"] = f"{machine_class()} (liveportrait_triton/precision.py)"
     plots = report.plot(rows, out, args.served_runtime)
     report.write_csv(out / "benchmark.csv", rows, machine)
     (out / "benchmark.md").write_text(report.markdown(rows, machine, command_line(args), args.served_runtime,
-                                                      plots, notes))
+                                                      plots, notes, drifts))
     print("\n".join(report.targets(rows, args.served_runtime)))
     print(f"wrote {out / 'benchmark.md'}, {out / 'benchmark.csv'} and {len(plots)} plot(s) in {out}")
 
@@ -324,9 +395,10 @@ def _make_runner(name: str, networks, repository: Path, threads: int):
     runtime kind for every sub-network."""
     from .. import repository as rendering
     from .. import runtimes
-    if name != "served" and name not in runtimes.KINDS:
-        raise ValueError(f"unknown in-process runner {name!r}; choose served or one of {list(runtimes.KINDS)}")
-    plan = rendering.served_plan(repository) if name == "served" else runtimes.uniform_plan(name)
+    if name not in ("served", "exact") and name not in runtimes.KINDS:
+        raise ValueError(f"unknown in-process runner {name!r}; choose served, exact or one of {list(runtimes.KINDS)}")
+    plan = {"served": lambda: {m: runtimes.native_entry(e)[0] for m, e in rendering.served_plan(repository).items()},
+            "exact": lambda: runtimes.runtime_plan("local")}.get(name, lambda: runtimes.uniform_plan(name))()
     return runtimes.create_runner(plan, networks.params, networks=networks, repository=repository, threads=threads)
 
 
@@ -338,13 +410,14 @@ def _time_inprocess(name: str, networks, repository: Path, source, driving, args
     from .timing import Stats
     animator = Animator(_make_runner(name, networks, repository, args.threads))
     [state] = animator.register_sources([source], [pipeline_options()])
-    seconds = []
+    seconds, frames = [], []
     for i, crop in enumerate(driving[:args.warmup + args.frames]):
         start = time.perf_counter()
-        animator.animate([state], [DrivingFrame(crop=crop)])
+        [frame] = animator.animate([state], [DrivingFrame(crop=crop)])
         if i >= args.warmup:
             seconds.append(time.perf_counter() - start)
-    return _row("inprocess", name, spec.PIPELINE, Stats.of(seconds), report)
+        frames.append(frame)
+    return _row("inprocess", name, spec.PIPELINE, Stats.of(seconds), report), frames
 
 
 def _row(section: str, runner: str, model: str, stats, report):
@@ -352,16 +425,20 @@ def _row(section: str, runner: str, model: str, stats, report):
                       mean_ms=stats.mean_ms, p50_ms=stats.p50_ms, p95_ms=stats.p95_ms, p99_ms=stats.p99_ms)
 
 
-def _time_modules(args, networks, repository, samples, notes: list) -> list:
-    """Every sub-network at batch 1 on PyTorch eager and on the kind the server runs it on, with its counted
-    FLOPs and the fraction of the machine's fp32 GEMM rate (measured here, in the same run) that it reaches."""
+def _time_modules(args, networks, repository, samples, notes: list, drifts: list) -> list:
+    """Every sub-network at batch 1 on PyTorch eager and on the plan entry the server runs it on, with its counted
+    FLOPs and the fraction of the machine's fp32 GEMM rate (measured here, in the same run) that it reaches; a
+    reduced-precision entry also on its exact entry, its drift against PyTorch fp32 appended to `drifts`."""
+    from .. import runtimes
+    from ..precision import output_drift
     from ..repository import served_plan
     from . import flops, report
     from .inputs import batch_of
     from .runtime_choice import timed_subnetwork
     from .timing import Stats, time_calls
     rate = flops.gemm_rate(args.threads)
-    served = {m: entry.kind for m, entry in served_plan(repository).items()}
+    exact = runtimes.runtime_plan("local")
+    served = {m: runtimes.native_entry(entry)[0] for m, entry in served_plan(repository).items()}
     specs = spec.submodel_specs(networks.params)
     notes.append(f"fp32 GEMM rate of this machine: {rate / 1e9:.1f} GFLOP/s (torch matmul 2048x2048, "
                  f"{args.threads} thread(s), best of repeated runs, measured in this run)")
@@ -370,11 +447,21 @@ def _time_modules(args, networks, repository, samples, notes: list) -> list:
     for model in spec.SUBMODELS:
         feeds = batch_of(samples[model], 1)
         work = flops.layer_flops(networks, specs[model], feeds)
-        for kind in dict.fromkeys(("torch", served[model])):
-            runner = timed_subnetwork(kind, specs[model], repository, networks, args.threads)
+        reference = None
+        entries = [runtimes.RuntimePlanEntry.of(model, "torch"), served[model]]
+        if not served[model].exact:
+            entries.insert(1, exact[model])
+        for entry in dict.fromkeys(entries):
+            runner = timed_subnetwork(entry.kind, specs[model], repository, networks, args.threads, entry.precision)
             calls = 1 if work > 1e9 else 50
             wall, _ = time_calls(lambda: [runner.run(feeds) for _ in range(calls)], 1, args.module_repeats)
+            if reference is None:
+                reference = runner.run(feeds)
+            elif not entry.exact:
+                got = runner.run(feeds)
+                drifts += [output_drift(model, name, got[name], reference[name]) for name in reference]
             stats = Stats.of([w / calls for w in wall])
+            kind = entry.kind if entry.exact else entry.label()
             rows.append(report.Row("module", kind, model, count=args.module_repeats * calls,
                                    items_per_s=1e3 / stats.mean_ms, mean_ms=stats.mean_ms, p50_ms=stats.p50_ms,
                                    p95_ms=stats.p95_ms, p99_ms=stats.p99_ms, flop=work,

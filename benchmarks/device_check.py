@@ -8,7 +8,10 @@ Sections, each measured in this one run (a failing section is reported and the o
    at 1, 4, 8 and 16 concurrent streams: frames/s, p50/p99 frame latency, GPU memory per stream, driven by the
    project's stream client (benchmarks.server_stream), one thread per stream;
 3. the same sweep with two instances of W and G;
-4. fp16 vs fp32 served frames, and fp32 served vs the in-process pipeline on the same device.
+4. fp16 vs fp32 served frames, and fp32 served vs the in-process pipeline on the same device;
+5. the drift of each reduced-precision sub-network against fp32 on the device.
+Drift figures and their bounds are those of liveportrait_triton/precision.py (the export, the runtime choice and the
+bench use the same); M and the MLPs stay fp32 in every plan (precision.ALWAYS_FP32).
 `--rehearse` runs the same steps on the CPU with the tiny networks and small sweeps (CI keeps it working).
 """
 from __future__ import annotations
@@ -218,9 +221,34 @@ def served(plan: CheckSettings, weights: Path, work: Path, precision: str, insta
         return rows, stream_frames(server.grpc_url, source, driving, sequence_id=1)[1]
 
 
-def image_difference(a: list[np.ndarray], b: list[np.ndarray]) -> str:
-    diff = np.abs(np.stack(a).astype(np.int16) - np.stack(b).astype(np.int16))
-    return f"max {int(diff.max())}, mean {diff.mean():.3f}, pixels off by > 8 levels: {(diff > 8).mean() * 100:.2f} %"
+def image_difference(what: str, a: list[np.ndarray], b: list[np.ndarray]):
+    """precision.Drift of two lists of frames."""
+    from ..precision import image_drift
+    return image_drift(what, np.stack(a), np.stack(b))
+
+
+def module_drift(plan: CheckSettings, networks) -> list[str]:
+    """Drift of F, W and G in the reduced precision against fp32 on the device (random inputs, batch 2; the torch
+    runtime's plan entries), within precision.BOUNDS or not."""
+    import torch
+
+    from ..pipeline import TorchRunner
+    from ..precision import ALWAYS_FP32, drift_markdown, output_drift
+    specs = spec.submodel_specs(plan.config)
+    exact = TorchRunner(copy.deepcopy(networks), plan.device, precision="fp32")
+    reduced = TorchRunner(copy.deepcopy(networks), plan.device, precision=plan.fast)
+    rng = np.random.default_rng(1)
+    drifts = []
+    for model in (m for m in MODULES.values() if m not in ALWAYS_FP32):
+        inputs = {t.name: torch.from_numpy(rng.uniform(0, 1, (2, *t.shape)).astype(np.float32)).to(plan.device)
+                  for t in specs[model].inputs}
+        want, got = exact.run(model, inputs), reduced.run(model, inputs)
+        drifts += [output_drift(model, name, _host(got[name]), _host(want[name])) for name in want]
+    return drift_markdown(drifts)
+
+
+def _host(value) -> np.ndarray:
+    return value.cpu().numpy() if hasattr(value, "cpu") else np.asarray(value)
 
 
 def inputs(seed: int, frames: int) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -282,12 +310,13 @@ def main(argv: list[str] | None = None) -> int:
         animator = Animator(TorchRunner(copy.deepcopy(networks), plan.device, precision="fp32"))
         [state] = animator.register_sources([source], [spec.parse_options({})])
         in_process = [animator.animate([state], [DrivingFrame(crop=f)])[0] for f in driving]
+        from ..precision import drift_markdown
         fp32, fast = images["fp32"], images["fast"]
-        return ["| comparison | uint8 difference over all frames |", "| --- | --- |",
-                f"| {plan.fast} served vs fp32 served | {image_difference(fast, fp32)} |",
-                f"| fp32 served vs fp32 in-process | {image_difference(fp32, in_process)} |"]
+        return drift_markdown([image_difference(f"{plan.fast} served vs fp32 served", fast, fp32),
+                               image_difference("fp32 served vs fp32 in-process", fp32, in_process)])
 
-    section("Served frames compared", comparisons)
+    section("Served frames compared (drift and bounds: liveportrait_triton/precision.py)", comparisons)
+    section(f"Drift per sub-network, {plan.fast} vs fp32 on {plan.device}", lambda: module_drift(plan, networks))
     lines.append(f"Sections failed: {', '.join(failures) if failures else 'none'}")
     args.report.write_text("\n".join(lines) + "\n")
     print(f"report: {args.report}")

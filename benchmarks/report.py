@@ -129,6 +129,12 @@ def targets(rows: list[Row], served_runner: str) -> list[str]:
     if served is not None and same is not None:
         lines.append(f"- Served vs the same runtimes ({served_runner}) called in-process, one stream: "
                      f"{served / same:.3f}x the in-process time (the cost of Triton, BLS and copies).")
+    exact = frame_p50(rows, "inprocess", "exact")
+    if exact is not None and same is not None and served_runner != "exact":
+        lines.append(f"- In-process per frame: {served_runner} (the repository's precision policy) {same / 1e3:.2f} s vs "
+                     f"exact (fp32 plan) {exact / 1e3:.2f} s: **{exact / same:.2f}x**"
+                     + (f"; PyTorch eager fp32 {torch_ms / 1e3:.2f} s ({torch_ms / same:.2f}x)" if torch_ms else "")
+                     + ". Goal (issue 26): a served full-size frame <= 1.0 s on a 2-core AMX Xeon.")
     modules = {r.model: r for r in rows if r.section == "module" and r.runner == "torch"}
     rate = [r.flop / (r.p50_ms / 1e3) / r.gemm_fraction for r in rows if r.section == "module" and r.gemm_fraction]
     if served is not None and rate and all(m in modules for m in PER_FRAME_MODULES):
@@ -145,7 +151,7 @@ def targets(rows: list[Row], served_runner: str) -> list[str]:
 
 
 def markdown(rows: list[Row], machine: dict[str, str], command: str, served_runner: str,
-             plots: list[Path], notes: list[str]) -> str:
+             plots: list[Path], notes: list[str], drifts: list | None = None) -> str:
     torch_ms = frame_p50(rows, "inprocess", "torch")
     same_ms = frame_p50(rows, "inprocess", served_runner)
     out = ["# LivePortrait-Triton benchmark", "", "Command:", "", "```", command, "```", "",
@@ -167,6 +173,13 @@ def markdown(rows: list[Row], machine: dict[str, str], command: str, served_runn
             vs_same = _fmt(r.p50_ms / same_ms, 3) if same_ms else ""
             out.append(f"| {how} | {r.runner} | {r.count} | {_fmt(r.items_per_s, 3)} | {_fmt(r.mean_ms)} | "
                        f"{_fmt(r.p50_ms)} | {_fmt(r.p95_ms)} | {_fmt(r.p99_ms)} | {vs_torch} | {vs_same} |")
+
+    if drifts:
+        from ..precision import bounds_markdown, drift_markdown
+        out += ["", "## Drift against fp32 (liveportrait_triton/precision.py)", "",
+                "Whole frames of the in-process runners above (warm-up frames included), and each reduced-precision "
+                "sub-network of the served plan against PyTorch eager fp32 on the recorded inputs (batch 1).", ""]
+        out += drift_markdown(drifts) + ["", "Bounds:", ""] + bounds_markdown()
 
     modules = [r for r in rows if r.section == "module"]
     if modules:

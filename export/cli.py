@@ -16,9 +16,24 @@ from pathlib import Path
 from .. import spec
 from ..config import CONFIGS
 from ..networks.grid_sample import MODES as GRID_SAMPLE_MODES
+from ..precision import EXACT, REDUCED
 from ..runtimes import KINDS, PRECISIONS_OF_KIND
 
 TARGETS = ("local", "ngc")
+PRECISION_CHOICES = (EXACT, REDUCED, *PRECISIONS_OF_KIND["tensorrt"])
+
+
+def precision_policy(target: str, requested: str | None) -> str:
+    """The --precision of `target`: local runs a policy (exact | reduced; fp32 is exact), ngc a TensorRT engine
+    precision (fp32 | fp16; exact is fp32, reduced fp16)."""
+    if target == "local":
+        if requested == "fp16":
+            raise ValueError("--precision fp16 is a TensorRT engine precision (--target ngc); the local target's "
+                             "CPUs run exact (fp32) or reduced (bf16 where the machine has it)")
+        return EXACT if requested in (EXACT, "fp32") else REDUCED
+    return {None: "fp16", EXACT: "fp32", REDUCED: "fp16"}.get(requested, requested)
+
+
 MANIFEST_FILENAME = "export.json"
 
 
@@ -54,10 +69,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grid-sample", choices=GRID_SAMPLE_MODES, default="decomposed",
                         help="5-D grid sample in the warping module: decomposed (gathers, opset 17, builds in "
                              "TensorRT 10) or native (ONNX GridSample, opset 20, ONNX Runtime only)")
-    parser.add_argument("--precision", choices=PRECISIONS_OF_KIND["tensorrt"], default="fp16",
-                        help="precision of the TensorRT engines that `liveportrait-triton tensorrt` later builds from "
-                             "this export (recorded in export.json; default fp16, where motion_extractor and the S "
-                             "MLPs stay fp32). The ONNX files always stay FP32: inputs, outputs and weights")
+    parser.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
+                        help="local target: exact (fp32 everywhere, today's numerics, within one uint8 level of "
+                             "the official code; fp32 says the same) or reduced (default: the choice measured for "
+                             "this machine's class, liveportrait_triton/precision.py: bf16 where it was faster "
+                             "within the drift bounds; M and the MLPs stay fp32). ngc target: the precision of the "
+                             "TensorRT engines that `liveportrait-triton tensorrt` later builds from this export "
+                             "(recorded in export.json; default fp16, where motion_extractor and the S MLPs stay "
+                             "fp32; exact means fp32). The ONNX files always stay FP32: inputs, outputs and weights")
     parser.add_argument("--validate-batches", type=batch_sizes, default=(1, 3), metavar="B[,B...]",
                         help="batch sizes at which the runtimes are compared with PyTorch (default 1,3)")
     parser.add_argument("--runtime", action="append", default=[], metavar="MODEL=KIND",
@@ -105,35 +124,44 @@ def run(args) -> int:
     from .onnx_export import OPSET, export_repository
     from .validate import ValidationError
     try:
-        plan = (runtimes.runtime_plan(args.target, runtimes.parse_runtime_overrides(args.runtime),
+        precision = precision_policy(args.target, args.precision)
+        plan = (runtimes.runtime_plan(args.target, runtimes.parse_runtime_overrides(args.runtime), policy=precision,
                                       subjects=subjects(args)) if args.target == "local" else {})
         networks = load(args)
     except (WeightsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     started = time.perf_counter()
+    overridden = set(runtimes.parse_runtime_overrides(args.runtime)) if plan else set()
     try:
         exported = []
         for subject, subject_networks in networks.items():
             models = spec.SUBMODELS if subject == spec.HUMAN else spec.ANIMAL_SUBMODELS
             exported += export_repository(subject_networks, args.repository, args.grid_sample, args.validate_batches,
-                                          models=models, plan=plan)
+                                          models=models, plan=plan,
+                                          exact_where_refused=tuple(m for m in plan if m not in overridden))
     except ValidationError as exc:
         print(f"error: export failed validation: {exc}", file=sys.stderr)
         return 1
+    plan = {**plan, **{item.model: item.served for item in exported if item.served is not None}}
     for item in exported:
         manifest = {
             "model": item.model, "config": args.config, "grid_sample": args.grid_sample,
             "opset": OPSET[args.grid_sample],
             "weights": weights_origin(args, item.model),
-            "tensorrt_precision": args.precision,
+            "precision": precision,
+            "tensorrt_precision": "fp32" if precision in (EXACT, "fp32") else "fp16",   # engines built later
             "runtime": plan[item.model].kind if item.model in plan else None,
             "runtime_plan": plan[item.model].parameters() if item.model in plan else None,
-            "validation": [{"runtime": c.kind, "batch": c.batch, "max_abs_diff": c.max_abs_diff, "bound": c.bound,
-                            "share_differing": c.share_differing} for c in item.comparisons],
+            "refused": item.refused,
+            "validation": [{"runtime": c.kind, "precision": c.precision, "batch": c.batch,
+                            "max_abs_diff": c.max_abs_diff, "bound": c.bound, "share_differing": c.share_differing,
+                            "drift": [d.row() for d in c.drift]} for c in item.comparisons],
         }
         (item.path.parent / MANIFEST_FILENAME).write_text(json.dumps(manifest, indent=2) + "\n")
     print(f"exported and validated {len(exported)} models in {time.perf_counter() - started:.0f} s")
+    if plan:
+        print(f"precision policy {precision}: " + ", ".join(f"{m} {e.label()}" for m, e in plan.items()))
     repository.write_repository_configs(args.repository, target=args.target, config=args.config,
                                         plan=plan or None, subjects=subjects(args))
     print(f"wrote Triton configs for target {args.target!r} into {args.repository}")

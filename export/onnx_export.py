@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import torch
 
-from .. import runtimes, spec
+from .. import precision, runtimes, spec
 from ..networks.fast_convolution import fast_convolutions
 from ..networks.grid_sample import MODES as GRID_SAMPLE_MODES
 from ..pipeline import TorchRunner
@@ -122,12 +122,18 @@ class ExportedModel:
     path: Path
     opset: int
     comparisons: list[Comparison]
+    served: runtimes.RuntimePlanEntry | None = None    # the plan entry it is served on (None: no plan given)
+    refused: list[str] = dataclasses.field(default_factory=list)   # a reduced entry's drift beyond the bounds
 
     def summary(self) -> str:
         size = self.path.stat().st_size / 2 ** 20
         parts = [f"{self.model}: {self.path} ({size:.1f} MiB, opset {self.opset}): checker, shape inference and "
                  "I/O vs spec ok"]
         for c in self.comparisons:
+            if c.precision != "fp32":
+                parts.append(f"  {c.kind}/{c.precision}, batch {c.batch}: drift vs PyTorch fp32: "
+                             + "; ".join(d.describe() for d in c.drift))
+                continue
             diffs = ", ".join(f"{name} {diff:.2e} (bound {c.bound[name]:.0e})" for name, diff in c.max_abs_diff.items())
             shares = "".join(f", {name} differs in {share:.3%} of values" for name, share in c.share_differing.items())
             parts.append(f"  {c.kind}, batch {c.batch}: max abs diff vs PyTorch: {diffs}{shares}")
@@ -135,15 +141,21 @@ class ExportedModel:
 
 
 def validation_entries(model: str, served: runtimes.RuntimePlanEntry | None) -> list[runtimes.RuntimePlanEntry]:
-    """The runners an export is checked on, as plan entries on the CPU in fp32: ONNX Runtime always (the ONNX
-    file), and the kind of the plan's `served` entry when that kind runs a file export writes (OpenVINO: the ONNX
-    file; openvino_fastconv: its own model_fastconv.onnx; the torch kinds: the network file model.pt); TensorRT
-    engines are checked by `liveportrait-triton tensorrt`."""
-    kinds = ["onnxruntime"]
-    if served is not None and served.kind != "onnxruntime" and served.kind in (*runtimes.ONNX_KINDS,
-                                                                               *runtimes.TORCH_KINDS):
-        kinds.append(served.kind)
-    return [runtimes.RuntimePlanEntry.of(model, kind) for kind in kinds]
+    """The runners an export is checked on, as plan entries on the CPU: ONNX Runtime in fp32 always (the ONNX
+    file), and the plan's `served` entry when its kind runs a file export writes (OpenVINO: the ONNX file;
+    openvino_fastconv: its own model_fastconv.onnx; the torch kinds: the network file model.pt), in its
+    precision; a reduced-precision entry also brings its exact entry (what a CPU without native bf16 loads
+    instead, runtimes.native_entry). TensorRT engines are checked by `liveportrait-triton tensorrt`."""
+    entries = [runtimes.RuntimePlanEntry.of(model, "onnxruntime")]
+    servable = (*runtimes.ONNX_KINDS, *runtimes.TORCH_KINDS)
+    candidates = [served] if served is not None else []
+    if served is not None and not served.exact:
+        candidates.append(runtimes.runtime_plan("local", subjects=spec.SUBJECTS)[model])
+    for entry in candidates:
+        entry = runtimes.RuntimePlanEntry.of(model, entry.kind, precision=entry.precision)
+        if entry.kind in servable and entry not in entries:
+            entries.append(entry)
+    return entries
 
 
 def _remove_served_files(final: Path) -> None:
@@ -154,7 +166,8 @@ def _remove_served_files(final: Path) -> None:
 
 def export_repository(networks: Networks, repository: str | os.PathLike, grid_sample: str = "decomposed",
                       validate_batches: tuple[int, ...] = (1, 3), models: tuple[str, ...] = spec.SUBMODELS,
-                      plan: runtimes.RuntimePlan | None = None, log=print) -> list[ExportedModel]:
+                      plan: runtimes.RuntimePlan | None = None, log=print,
+                      exact_where_refused: tuple[str, ...] = ()) -> list[ExportedModel]:
     """Export, check and compare every served model into `<repository>/<model>/1/model.onnx`, on ONNX Runtime
     and on the kind the runtime `plan` serves it on (`validation_entries`). `models` are served names of one
     model set, whose networks `networks` holds: the human set's (default), or the animal set's
@@ -163,7 +176,9 @@ def export_repository(networks: Networks, repository: str | os.PathLike, grid_sa
     PyTorch references use the native F.grid_sample whatever `grid_sample` says, so the comparison also checks
     the decomposed grid sample. A file is moved into place only after it passed (and a model.plan built from an
     earlier export is removed); a failing one is left as `model.rejected.onnx` for inspection. Raises
-    ValidationError listing every failure after trying all models.
+    ValidationError listing every failure after trying all models, except that a reduced-precision entry of a
+    model in `exact_where_refused` (the choice of the reduced policy, not one asked for by name) whose drift lies
+    beyond the bounds is refused with its figures and the model served on its exact entry (`ExportedModel.served`).
     """
     if not validate_batches or min(validate_batches) < 1:
         raise ValueError(f"validate_batches must be positive batch sizes, got {validate_batches}")
@@ -206,13 +221,30 @@ def export_repository(networks: Networks, repository: str | os.PathLike, grid_sa
                     artefact = export_fastconv_model(networks, role, final.with_name(runtimes.FASTCONV_ONNX_FILENAME),
                                                      inputs[role], grid_sample)
                 runner = runtimes.create_subnetwork(entry, specs[model], artefact=artefact)
-                comparisons += [compare(runner, feeds, reference) for feeds, reference in references]
+                for feeds, reference in references:
+                    comparisons.append(compare(runner, feeds, reference))
+                    if not entry.exact:      # F and W: the image they give through fp32 W and G decides too
+                        got = runner.run(feeds)
+                        kp = {k: v[:len(got[next(iter(got))])] for k, v in inputs[spec.WARPING].items()
+                              if k != "feature_volume"}
+                        with grid_sample_mode(networks, "native"):
+                            comparisons[-1].drift += precision.downstream_drift(reference_runner, role, got,
+                                                                                reference, kp)
                 del runner
             problems = [f for c in comparisons for f in c.failures]
         except (ValidationError, runtimes.RuntimeLoadError) as exc:
             problems = [str(exc)]
+        entry = (plan or {}).get(model)
+        refused = []
+        if entry is not None and not entry.exact and model in exact_where_refused:
+            refused = [f for c in comparisons if c.precision != "fp32" for f in c.failures]
+            if refused:
+                problems = [p for p in problems if p not in refused]
+                entry = runtimes.runtime_plan("local", subjects=spec.SUBJECTS)[model]
+                log(f"{model}: reduced precision refused, serving the exact entry {entry.label()}: "
+                    + "; ".join(refused))
         os.replace(partial, rejected if problems else final)
-        result = ExportedModel(model, rejected if problems else final, opset, comparisons)
+        result = ExportedModel(model, rejected if problems else final, opset, comparisons, entry, refused)
         if comparisons:
             log(result.summary())
         if problems:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from .. import precision as precisions
 from .. import runtimes, spec
 from ..tensorrt_engine import TensorRTError, import_tensorrt
 from .validate import TOLERANCES, UINT8_LEVELS, output_difference
@@ -28,10 +29,6 @@ from .validate import TOLERANCES, UINT8_LEVELS, output_difference
 PRECISIONS = runtimes.PRECISIONS_OF_KIND["tensorrt"]     # the plan's precisions of a TensorRT engine
 DEFAULT_OPT_BATCH = 4
 DEFAULT_WORKSPACE_GIB = 8
-ALWAYS_FP32 = {spec.MOTION: "pose-bin softmax and ConvNeXt LayerNorm/GRN statistics",
-               spec.STITCHING: "keypoint deltas; a tiny MLP gains nothing from FP16",
-               spec.RETARGET_EYE: "keypoint deltas; a tiny MLP gains nothing from FP16",
-               spec.RETARGET_LIP: "keypoint deltas; a tiny MLP gains nothing from FP16"}
 # In FP16 engines, layers of these types (trt.LayerType names) stay FP32: normalisation statistics everywhere, and
 # in W the keypoint Gaussians, softmax mask and the grid-sample coordinate and gather arithmetic (a 64-wide grid
 # index in FP16 is off by up to 0.03 voxel).
@@ -42,19 +39,19 @@ FP32_LAYER_TYPES = {
 }
 # Engine vs ONNX Runtime (CPU, FP32) bound per float output, as a multiple of max(1, max |reference|) like
 # TOLERANCES. FP32 engines: GPU kernels sum in other orders, so 10x the ONNX Runtime vs PyTorch bound. FP16
-# engines: these bounds are provisional (not yet measured on a GPU). The generator's uint8 image: the export's
-# rule (UINT8_LEVELS) for FP32 engines, FP16_IMAGE_LEVELS grey levels for FP16 ones (also provisional).
+# engines: the drift bounds of every reduced precision (liveportrait_triton/precision.py BOUNDS: image mean <= 1
+# level, <= 2% of values off by > 4 levels, max 48; float features mean <= 2% and max <= 25% of their scale). fp16
+# measured by emulation (fp16 operands, fp32 accumulation, `liveportrait-triton bench --runtime-choice`,
+# benchmarks/results/amd_epyc/precision_fp16_emulation.md: full-size G image max 1 level, mean 0.075; F and W
+# through fp32 downstream mean 0.11 and 0.17 levels) lies far inside them.
 FP32_ENGINE_FACTOR = 10.0
-FP16_ENGINE_TOLERANCES = {
-    (spec.APPEARANCE, "feature_volume"): 2e-2,
-    (spec.WARPING, "warped_feature"): 3e-2, (spec.WARPING, "occlusion_map"): 1e-2,
-}
-FP16_IMAGE_LEVELS = 3
+
+
 def engine_precision(model: str, requested: str) -> str:
     """The precision an engine of `model` is built in when `requested` is asked for."""
     if requested not in PRECISIONS:
         raise ValueError(f"unknown precision {requested!r}; choose one of {PRECISIONS}")
-    return "fp32" if spec.role_of(model) in ALWAYS_FP32 else requested
+    return "fp32" if spec.role_of(model) in precisions.ALWAYS_FP32 else requested
 
 
 def profile_shapes(model_spec: spec.ModelSpec, opt_batch: int = DEFAULT_OPT_BATCH,
@@ -68,12 +65,14 @@ def profile_shapes(model_spec: spec.ModelSpec, opt_batch: int = DEFAULT_OPT_BATC
 
 def engine_bound(model: str, output: str, precision: str) -> float:
     """Allowed max |engine - ONNX Runtime| of one output: relative to max(1, max |reference|) for float outputs,
-    in grey levels for the uint8 image. An animal model's bounds are its role's."""
+    in grey levels for the uint8 image. FP16 engines of F, W and G: the max of precision.BOUNDS (their mean and
+    share figures are checked by EngineCheck too). An animal model's bounds are its role's."""
     model = spec.role_of(model)
-    if (model, output) not in TOLERANCES:       # the uint8 image
-        return float(FP16_IMAGE_LEVELS if precision == "fp16" else UINT8_LEVELS)
-    if precision == "fp16" and (model, output) in FP16_ENGINE_TOLERANCES:
-        return FP16_ENGINE_TOLERANCES[(model, output)]
+    image = (model, output) not in TOLERANCES
+    if precision == "fp16" and engine_precision(model, precision) == "fp16":
+        return float(precisions.BOUNDS["levels" if image else "relative"].max)
+    if image:
+        return float(UINT8_LEVELS)
     return FP32_ENGINE_FACTOR * TOLERANCES[(model, output)]
 
 
@@ -152,11 +151,14 @@ class EngineCheck:
     max_abs_diff: dict[str, float]
     bound: dict[str, float]
     latency_ms: float
+    drift: list = dataclasses.field(default_factory=list)     # precision.Drift per output (FP16 engines)
 
     @property
     def failures(self) -> list[str]:
         return [f"{self.model}.{n} at batch {self.batch}: engine vs ONNX Runtime max abs diff {d:.3g} exceeds "
-                f"{self.bound[n]:.3g}" for n, d in self.max_abs_diff.items() if not d <= self.bound[n]]
+                f"{self.bound[n]:.3g}" for n, d in self.max_abs_diff.items() if not d <= self.bound[n]] + [
+                f"{self.model} at batch {self.batch}: FP16 engine {d.describe()} ({', '.join(precisions.problems(d))})"
+                for d in self.drift if precisions.problems(d)]
 
 
 def check_engine(runner, precision: str, inputs: dict[str, np.ndarray],
@@ -176,4 +178,6 @@ def check_engine(runner, precision: str, inputs: dict[str, np.ndarray],
         scale = 1.0 if want.dtype == np.uint8 else export_bound / TOLERANCES[(spec.role_of(model), t.name)]
         bounds[t.name] = engine_bound(model, t.name, precision) * scale
     batch = next(iter(inputs.values())).shape[0]
-    return EngineCheck(model, batch, diffs, bounds, runner.session.latency_ms(inputs, repeats))
+    drift = ([precisions.output_drift(model, t.name, got[t.name], np.asarray(reference[t.name]))
+              for t in runner.model_spec.outputs] if engine_precision(model, precision) == "fp16" else [])
+    return EngineCheck(model, batch, diffs, bounds, runner.session.latency_ms(inputs, repeats), drift)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .. import spec
+from .. import precision, spec
 
 # ONNX element types of the spec's dtype names.
 ONNX_DTYPE = {"FP32": onnx.TensorProto.FLOAT, "FP16": onnx.TensorProto.FLOAT16, "UINT8": onnx.TensorProto.UINT8,
@@ -124,9 +124,14 @@ class Comparison:
     bound: dict[str, float]
     kind: str = "onnxruntime"
     share_differing: dict[str, float] = dataclasses.field(default_factory=dict)
+    precision: str = "fp32"
+    drift: list = dataclasses.field(default_factory=list)    # precision.Drift per output (reduced precision)
 
     @property
     def failures(self) -> list[str]:
+        if self.precision != "fp32":      # reduced precision: held to the drift bounds, not to fp32 rounding
+            return [f"{self.model} on {self.kind}/{self.precision} at batch {self.batch}: {d.describe()} "
+                    f"({', '.join(precision.problems(d))})" for d in self.drift if precision.problems(d)]
         problems = [f"{self.model}.{name} on {self.kind} at batch {self.batch}: max abs diff {diff:.3g} exceeds "
                     f"{self.bound[name]:.3g}" for name, diff in self.max_abs_diff.items()
                     if not diff <= self.bound[name]]
@@ -155,7 +160,9 @@ def output_difference(model: str, output: str, got: np.ndarray, want: np.ndarray
 
 
 def compare(runner, inputs: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> Comparison:
-    """Run `runner` (a runtimes.SubnetworkRunner) on `inputs` and compare every spec output with `reference`."""
+    """Run `runner` (a runtimes.SubnetworkRunner) on `inputs` and compare every spec output with `reference`: an
+    fp32 runner by the fp32 rule (output_difference), a reduced-precision one by its drift against the fp32
+    reference within precision.BOUNDS."""
     model_spec = runner.model_spec
     batch = next(iter(inputs.values())).shape[0]
     try:
@@ -168,4 +175,7 @@ def compare(runner, inputs: dict[str, np.ndarray], reference: dict[str, np.ndarr
                                                                  np.asarray(reference[t.name]))
         if share is not None:
             shares[t.name] = share
-    return Comparison(model_spec.name, batch, diffs, bounds, runner.kind, shares)
+    reduced = runner.entry.precision
+    drift = ([precision.output_drift(model_spec.name, t.name, got[t.name], np.asarray(reference[t.name]))
+              for t in model_spec.outputs] if reduced != "fp32" else [])
+    return Comparison(model_spec.name, batch, diffs, bounds, runner.kind, shares, reduced, drift)

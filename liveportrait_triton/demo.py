@@ -94,7 +94,8 @@ def prepare_repository(weights: Path, work: Path, config: str) -> Path:
               "mtime": max(p.stat().st_mtime for p in weights.rglob("*.pth"))}
     complete = all(entry.path(repository).is_file()
                    and runtimes.RuntimePlanEntry.of(m, "onnxruntime").path(repository).is_file()
-                   for m, entry in runtimes.runtime_plan("local").items())
+                   for policy in ("exact", "reduced")
+                   for m, entry in runtimes.runtime_plan("local", policy=policy).items())
     if complete and stamp.is_file() and json.loads(stamp.read_text()) == wanted:
         print(f"[demo] reusing the exported repository {repository}")
         return repository

@@ -180,7 +180,7 @@ def submodel_config(model: spec.ModelSpec, target: str, config: str, platform: s
     committed plan's) or a native platform (ngc); `options.instances` instances of it."""
     pb = model_config_pb2.ModelConfig(name=model.name, max_batch_size=options.submodel_max_batch_size)
     if target == "local":
-        entry = entry or runtimes.runtime_plan(target)[model.name]
+        entry = entry or runtimes.runtime_plan(target, subjects=spec.SUBJECTS)[model.name]
         pb.backend = "python"
         params = {"network_config": config, **entry.parameters(),
                   "threads": str(options.threads), "models_at_once": str(models_at_once(options))}

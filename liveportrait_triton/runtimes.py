@@ -14,9 +14,10 @@ Kinds:
 - `onnxruntime`: the exported model.onnx in ONNX Runtime's CPU provider; all graph optimisations, sequential
   execution, explicit intra-op threads, one inter-op thread, and no spin-waiting of idle pool threads (spinning
   threads steal the cores the other models' processes need).
-- `openvino`: the exported model.onnx compiled by OpenVINO for CPU in f32 (no bf16 down-casting: it breaks the
-  grid-sample gather indices), latency hint, explicit thread count, threads not pinned to cores, compiled at
-  batch 1 and run item by item (batches gain nothing per item on the CPU).
+- `openvino`: the exported model.onnx compiled by OpenVINO for CPU in the entry's precision (f32, or bf16 through
+  `INFERENCE_PRECISION_HINT`; bf16 breaks W's decomposed grid-sample gather indices, so W's reduced choice is
+  torch), latency hint, explicit thread count, threads not pinned to cores, compiled at batch 1 and run item by
+  item (batches gain nothing per item on the CPU).
 - `openvino_fastconv`: OpenVINO as above on model_fastconv.onnx, the export of our modules with the fast
   convolution forms ONNX can express (Winograd, low-resolution SPADE; no FFT), export/onnx_export.py
   `export_fastconv_model`.
@@ -29,6 +30,13 @@ Kinds:
   export/tensorrt_build.py).
 
 `threads=None` means `default_threads()`: every core this process may use. Torch's thread count is process-wide.
+
+Precision (precision.py): the plan of a CPU target has two policies. `exact` (fp32 everywhere: today's numerics,
+within one uint8 level of the official code; what `runtime_plan` gives by default and the committed
+model_repository renders) and `reduced` (the choice measured for the machine's class: `amx`, `avx512_bf16` or
+`fp32`; bf16 where it pays and its drift is within precision.BOUNDS; what `export` renders by default). M and
+the MLPs are always fp32. At load, an entry whose precision the CPU cannot run natively falls back to its exact
+entry (`native_entry`), never to emulated bf16.
 """
 from __future__ import annotations
 
@@ -40,13 +48,14 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from . import precision as precisions
 from . import spec
 from .arrays import is_torch
 
 KINDS = {
     "onnxruntime": "ONNX Runtime CPU, ORT_ENABLE_ALL, sequential, no spinning",
-    "openvino": "OpenVINO CPU, f32, latency hint",
-    "openvino_fastconv": "OpenVINO CPU, f32, the graph with Winograd / DFT / low-resolution SPADE convolutions",
+    "openvino": "OpenVINO CPU, f32 or bf16, latency hint",
+    "openvino_fastconv": "OpenVINO CPU, f32 or bf16, the graph with Winograd / DFT / low-resolution SPADE convolutions",
     "torch": "PyTorch eager (our modules), CPU or CUDA",
     "torch_fastconv": "PyTorch eager, convolutions by Winograd / FFT / low-resolution SPADE (CPU)",
     "tensorrt": "TensorRT engine (CUDA GPU)",
@@ -60,11 +69,13 @@ TORCH_FILENAME = "model.pt"                  # weights.save_network_file
 ARTEFACT = {"onnxruntime": ONNX_FILENAME, "openvino": ONNX_FILENAME, "openvino_fastconv": FASTCONV_ONNX_FILENAME,
             "tensorrt": PLAN_FILENAME,
             "torch": TORCH_FILENAME, "torch_fastconv": TORCH_FILENAME}
-# Numeric precision of a runner: fp32 is the exact numerics (every CPU kind); fp16 is the official GPU default
+# Numeric precision of a runner: fp32 is the exact numerics (every kind); fp16 is the official GPU default
 # (torch on CUDA under autocast; TensorRT engines built in fp16, export/tensorrt_build.py keeping M and the MLPs
-# in fp32); bf16 runs torch under bf16 autocast.
+# in fp32); bf16 runs torch under bf16 autocast (its grid sample stays fp32) and OpenVINO with the bf16 inference
+# precision hint. ONNX Runtime's CPU provider has no bf16 convolutions: fp32 only.
 PRECISIONS = ("fp32", "fp16", "bf16")
-PRECISIONS_OF_KIND = {"tensorrt": ("fp32", "fp16"), "torch": PRECISIONS}     # every other kind: fp32 only
+PRECISIONS_OF_KIND = {"tensorrt": ("fp32", "fp16"), "torch": PRECISIONS, "torch_fastconv": ("fp32", "bf16"),
+                      "openvino": ("fp32", "bf16"), "openvino_fastconv": ("fp32", "bf16")}   # others: fp32 only
 CUDA_KINDS = ("torch", "tensorrt")           # kinds that run on a CUDA device (tensorrt only there)
 RUNTIME_CHOICE_FILE = Path(__file__).parent / "runtime_choice.json"
 class RuntimeLoadError(ValueError):
@@ -133,14 +144,22 @@ class RuntimePlanEntry:
         if self.precision not in allowed:
             raise RuntimeLoadError(f"{self.model}: runtime {self.kind!r} runs in {list(allowed)}, "
                                    f"not {self.precision!r}")
+        if self.precision != "fp32" and spec.role_of(self.model) in precisions.ALWAYS_FP32:
+            raise RuntimeLoadError(f"{self.model}: always fp32 ({precisions.ALWAYS_FP32[spec.role_of(self.model)]}), "
+                                   f"not {self.precision!r}")
 
     @classmethod
     def of(cls, model: str, kind: str, device: str | None = None,
            precision: str | None = None) -> "RuntimePlanEntry":
         """An entry with the kind's defaults: tensorrt on cuda, everything else on the CPU; fp16 on a CUDA device
-        (the official GPU default), fp32 (exact) on the CPU."""
+        (the official GPU default), fp32 (exact) on the CPU; M and the MLPs always fp32 (precision.ALWAYS_FP32)."""
         device = device or ("cuda" if kind == "tensorrt" else "cpu")
-        return cls(model, kind, device, precision or ("fp32" if device == "cpu" else "fp16"))
+        precision = precision or ("fp32" if device == "cpu" else "fp16")
+        return cls(model, kind, device, "fp32" if spec.role_of(model) in precisions.ALWAYS_FP32 else precision)
+
+    @property
+    def exact(self) -> bool:
+        return self.precision == "fp32"
 
     def parameters(self) -> dict[str, str]:
         """The entry as config.pbtxt parameters (what a served model reads back and reports)."""
@@ -163,6 +182,10 @@ class RuntimePlanEntry:
     def describe(self) -> str:
         return f"{self.model} runs {self.kind} on {self.device} in {self.precision} from {self.artefact}"
 
+    def label(self) -> str:
+        """kind/precision, e.g. openvino/bf16 (tables)."""
+        return f"{self.kind}/{self.precision}"
+
 
 RuntimePlan = dict     # {sub-network: RuntimePlanEntry}, in spec.ALL_SUBMODELS order
 
@@ -184,41 +207,83 @@ def plan_of(kinds: Mapping[str, str | RuntimePlanEntry], models: tuple[str, ...]
     return plan
 
 
-def runtime_choice(target: str = "local", path: str | os.PathLike = RUNTIME_CHOICE_FILE) -> dict[str, str]:
-    """{sub-network: kind} committed for `target` (measured by `liveportrait-triton bench --runtime-choice`)."""
+def choice_entry(model: str, value) -> RuntimePlanEntry:
+    """A choice file's value: a kind (fp32 on the CPU) or {"kind": ..., "precision": ...}."""
+    if isinstance(value, str):
+        return RuntimePlanEntry.of(model, value)
+    return RuntimePlanEntry.of(model, value["kind"], precision=value.get("precision", "fp32"))
+
+
+def runtime_choice(target: str = "local", path: str | os.PathLike = RUNTIME_CHOICE_FILE,
+                   policy: str = precisions.EXACT, machine: str | None = None) -> RuntimePlan:
+    """The plan committed for `target` (measured by `liveportrait-triton bench --runtime-choice`): its `exact`
+    entries (fp32, every machine class), or for the `reduced` policy the entries chosen for machine class
+    `machine` (default: this machine's, precision.machine_class) over them."""
+    if policy not in precisions.POLICIES:
+        raise RuntimeLoadError(f"unknown precision policy {policy!r}; choose one of {list(precisions.POLICIES)}")
     choices = json.loads(Path(path).read_text())["targets"]
     if target not in choices:
         raise RuntimeLoadError(f"{path} has no runtime choice for target {target!r} (it has {sorted(choices)})")
-    return {m: entry.kind for m, entry in plan_of(choices[target]).items()}
+    exact = {m: choice_entry(m, v) for m, v in choices[target]["exact"].items()}
+    if policy == precisions.EXACT:
+        return plan_of(exact)
+    machine = machine or precisions.machine_class()
+    reduced = choices[target].get("reduced", {})
+    if machine not in reduced:
+        raise RuntimeLoadError(f"{path} has no reduced-precision choice of target {target!r} for machine class "
+                               f"{machine!r} (it has {sorted(reduced)})")
+    return plan_of({**exact, **{m: choice_entry(m, v) for m, v in reduced[machine]["plan"].items()}})
 
 
 def runtime_plan(target: str = "local", overrides: Mapping[str, str | RuntimePlanEntry] | None = None,
-                 path: str | os.PathLike = RUNTIME_CHOICE_FILE, subjects=(spec.HUMAN,)) -> RuntimePlan:
-    """THE runtime plan of a repository of `target` holding the model sets `subjects`: the committed choice (an
+                 path: str | os.PathLike = RUNTIME_CHOICE_FILE, policy: str = precisions.EXACT,
+                 machine: str | None = None, subjects=(spec.HUMAN,)) -> RuntimePlan:
+    """THE runtime plan of a repository of `target` holding the model sets `subjects`: the committed choice of
+    `policy` (exact: fp32 everywhere; reduced: the choice of machine class `machine`, default this machine's; an
     animal sub-network, the same architecture as its human one, gets its role's), then `overrides` ({model: kind
     or entry}, e.g. `export --runtime MODEL=KIND`)."""
-    choice = runtime_choice(target, path)
+    choice = runtime_choice(target, path, policy, machine)
     models = spec.subject_models(subjects)
-    return plan_of({**{m: choice[spec.role_of(m)] for m in models}, **(overrides or {})}, models)
+    return plan_of({**{m: _as_model(choice[spec.role_of(m)], m) for m in models}, **(overrides or {})}, models)
+
+
+def _as_model(entry: RuntimePlanEntry, model: str) -> RuntimePlanEntry:
+    """A role's entry for the served model `model` that runs it (`animal_warping_module` runs `warping_module`)."""
+    return entry if entry.model == model else dataclasses.replace(entry, model=model)
+
+
+def native_entry(entry: RuntimePlanEntry, machine: str | None = None,
+                 path: str | os.PathLike = RUNTIME_CHOICE_FILE) -> tuple[RuntimePlanEntry, str | None]:
+    """The entry a runner loads on this machine: `entry` where its device computes its precision natively
+    (precision.native_precisions of machine class `machine`, default this machine's), else the exact plan's entry
+    of its sub-network (never emulated bf16), with the line saying so (None when unchanged)."""
+    if entry.precision in precisions.native_precisions(entry.device, machine):
+        return entry, None
+    machine = machine or precisions.machine_class()
+    fallback = _as_model(runtime_choice("local", path)[spec.role_of(entry.model)], entry.model)
+    return fallback, (f"{entry.model}: this CPU (machine class {machine}) has no native {entry.precision}: "
+                      f"running the exact choice {fallback.label()} instead of {entry.label()}")
 
 
 def uniform_plan(kind: str, device: str | None = None, precision: str | None = None,
                  subjects=(spec.HUMAN,)) -> RuntimePlan:
     """Every sub-network of the model sets `subjects` on one kind (the in-process PyTorch reference, the device
-    check)."""
+    check); M and the MLPs stay fp32 whatever `precision` says (precision.ALWAYS_FP32)."""
     models = spec.subject_models(subjects)
     return plan_of({m: RuntimePlanEntry.of(m, kind, device, precision) for m in models}, models)
 
 
-def parse_runtime_overrides(items: list[str]) -> dict[str, str]:
-    """['MODEL=KIND', ...] (the `export --runtime` option) -> {model: kind}."""
+def parse_runtime_overrides(items: list[str]) -> dict[str, str | RuntimePlanEntry]:
+    """['MODEL=KIND', 'MODEL=KIND/PRECISION', ...] (the `export --runtime` option) -> {model: kind or entry}."""
     out = {}
     for item in items:
-        model, sep, kind = item.partition("=")
-        if not sep or model not in spec.ALL_SUBMODELS or kind not in KINDS:
-            raise RuntimeLoadError(f"--runtime {item!r}: expected MODEL=KIND with MODEL one of "
-                                   f"{list(spec.ALL_SUBMODELS)} and KIND one of {list(KINDS)}")
-        out[model] = kind
+        model, sep, value = item.partition("=")
+        kind, slash, precision = value.partition("/")
+        if not sep or model not in spec.ALL_SUBMODELS or kind not in KINDS or (slash and precision not in PRECISIONS):
+            raise RuntimeLoadError(f"--runtime {item!r}: expected MODEL=KIND or MODEL=KIND/PRECISION with MODEL "
+                                   f"one of {list(spec.ALL_SUBMODELS)}, KIND one of {list(KINDS)} and PRECISION "
+                                   f"one of {list(PRECISIONS)}")
+        out[model] = RuntimePlanEntry.of(model, kind, precision=precision) if slash else kind
     return out
 
 
@@ -272,9 +337,14 @@ def create_subnetwork(entry: RuntimePlanEntry, model_spec: spec.ModelSpec, *,
                       threads: int | None = None) -> SubnetworkRunner:
     """The runner of `model_spec` that plan entry `entry` describes: the ONNX kinds need `artefact` (the file's
     path), `tensorrt` the engine (path or bytes), the torch kinds the loaded `networks` (weights.Networks) or
-    their network file (model.pt). RuntimeLoadError otherwise. The one constructor of sub-network runners."""
+    their network file (model.pt). RuntimeLoadError otherwise, and for a precision the entry's device does not
+    compute natively (emulated bf16 is slower than fp32). The one constructor of sub-network runners."""
     if model_spec.name != entry.model:
         raise RuntimeLoadError(f"plan entry of {entry.model!r} given the spec of {model_spec.name!r}")
+    if entry.precision not in precisions.native_precisions(entry.device):
+        raise RuntimeLoadError(f"{entry.describe()}: this CPU (machine class {precisions.machine_class()}) has no "
+                               f"native {entry.precision} and emulating it is slower than fp32; load "
+                               "runtimes.native_entry(entry) instead")
     threads = threads or default_threads()
     kind = entry.kind
     if kind in TORCH_KINDS:
@@ -288,8 +358,10 @@ def create_subnetwork(entry: RuntimePlanEntry, model_spec: spec.ModelSpec, *,
             raise RuntimeLoadError(f"runtime {kind!r} needs the exported ONNX file ({entry.artefact}) of "
                                    f"{model_spec.name!r}, got {str(artefact)!r}: run `liveportrait-triton export` "
                                    "first")
-        build = _onnxruntime_forward if kind == "onnxruntime" else _openvino_forward
-        forward, session = build(model_spec, Path(artefact), threads)
+        if kind == "onnxruntime":
+            forward, session = _onnxruntime_forward(model_spec, Path(artefact), threads)
+        else:
+            forward, session = _openvino_forward(model_spec, Path(artefact), threads, entry.precision)
     return SubnetworkRunner(entry, model_spec, threads, forward, session)
 
 
@@ -407,14 +479,18 @@ def _onnxruntime_forward(model_spec: spec.ModelSpec, path: Path, threads: int):
     return forward, session
 
 
-def _openvino_forward(model_spec: spec.ModelSpec, path: Path, threads: int):
+OPENVINO_PRECISION = {"fp32": "f32", "bf16": "bf16"}
+
+
+def _openvino_forward(model_spec: spec.ModelSpec, path: Path, threads: int, precision: str = "fp32"):
     """OpenVINO compiles the graph once at batch 1 (static shapes) and runs a batch item by item into the
     batch's output arrays: on the CPU a batch is no cheaper per item, while every further compiled batch size
     costs memory and compilation time, and a dynamic-batch graph recompiles at each new size (measurements:
-    benchmarks/results/, runtime_choice.md)."""
+    benchmarks/results/, runtime_choice.md). `precision` is OpenVINO's inference precision hint: bf16 lets the
+    CPU plugin run the graph's convolutions and matrix products in bf16."""
     import openvino as ov
     core = ov.Core()
-    config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
+    config = {"INFERENCE_PRECISION_HINT": OPENVINO_PRECISION[precision], "PERFORMANCE_HINT": "LATENCY",
               "INFERENCE_NUM_THREADS": int(threads), "ENABLE_CPU_PINNING": False}
     try:
         model = core.read_model(str(path))

@@ -451,6 +451,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds to wait for every model to be ready")
 
 
+def active_precisions(repository: str | Path) -> list[str]:
+    """One line per served sub-network of a local-target repository: the runtime and precision it runs on this
+    machine (its config's plan entry, or the exact entry it falls back to where this CPU has no native bf16, as
+    the served model itself decides at load: runtimes.native_entry)."""
+    from . import runtimes
+    from .precision import machine_class
+    from .repository import served_plan
+    try:
+        plan = served_plan(repository)
+    except (OSError, ValueError):      # an ngc repository, or none of our sub-network configs
+        return []
+    lines = [f"precision (machine class {machine_class()}):"]
+    for model, entry in plan.items():
+        active, fallback = runtimes.native_entry(entry)
+        lines.append(f"  {model}: {active.label()}" + (f"  ({fallback})" if fallback else ""))
+    return lines
+
+
 def run(args) -> int:
     server = TritonServer(args.repository, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                           metrics_port=args.metrics_port, admin_key=args.admin_key, log_file=args.log_file,
@@ -469,6 +487,7 @@ def run(args) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         models = ", ".join(repository_models(server.repository))
+        print("\n".join(active_precisions(server.repository)), flush=True)
         print(f"ready: {models}\n{server.endpoints()}\nweb page: liveportrait-triton ui --server {server.grpc_url} "
               f"--metrics-url {server.metrics_url}\nCtrl-C to stop", flush=True)
         reason = health.watch(server.process, server.http_url, stop)

@@ -192,11 +192,13 @@ def full_repository(full_networks, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_repository(tmp_path_factory, tiny_weights_dir) -> Path:
-    """`liveportrait-triton export` of the tiny networks (session weights) into a local-target repository."""
+    """`liveportrait-triton export --precision exact` of the tiny networks (session weights) into a local-target
+    repository: exact, so that served frames compare with the in-process fp32 pipeline on every machine class (the
+    reduced policy is tested in test_precision.py)."""
     from liveportrait_triton.cli import main
     out = tmp_path_factory.mktemp("repository_tiny")
     code = main(["export", "--weights", str(tiny_weights_dir), "--config", "tiny", "--repository", str(out),
-                 "--validate-batches", "1"])
+                 "--validate-batches", "1", "--precision", "exact"])
     if code != 0:
         pytest.fail(f"export of the tiny repository failed with status {code}")
     return out

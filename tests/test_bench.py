@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import ASSETS
-from liveportrait_triton import runtimes, spec
+from liveportrait_triton import precision, runtimes, spec
 from liveportrait_triton.benchmarks import perf_analyzer as P
 from liveportrait_triton.benchmarks.runtime_choice import TIE, RuntimeResult, winners
 from liveportrait_triton.benchmarks.timing import Stats
@@ -72,12 +72,17 @@ def test_bench_end_to_end(tmp_path, tiny_weights_dir, tiny_repository, tiny_serv
     sections = {}
     for row in rows:
         sections.setdefault(row["section"], []).append(row)
-    assert {r["runner"] for r in sections["inprocess"]} == {"torch", "served"}
+    assert {r["runner"] for r in sections["inprocess"]} == {"torch", "exact", "served"}
     assert len(sections["server_stream"]) == 1
-    # every sub-network on PyTorch and on its served kind, with counted FLOPs and a share of the GEMM rate
-    from liveportrait_triton.runtimes import runtime_plan
+    # every sub-network on PyTorch and on its served entry (and its exact entry when reduced), with counted FLOPs
+    # and a share of the GEMM rate
+    from liveportrait_triton.repository import served_plan
+    exact = runtimes.runtime_plan("local")
     modules = {(r["model"], r["runner"]): r for r in sections["module"]}
-    assert set(modules) == {(m, k) for m, served in runtime_plan("local").items() for k in ("torch", served.kind)}
+    expected = set()
+    for m, e in served_plan(tiny_repository).items():
+        expected |= {(m, "torch"), (m, e.kind if e.exact else e.label())} | (set() if e.exact else {(m, exact[m].kind)})
+    assert set(modules) == expected
     for row in modules.values():
         assert float(row["flop"]) > 0 and 0 < float(row["gemm_fraction"]) < 5, row
     generator = {k: float(r["flop"]) for (m, k), r in modules.items() if m == spec.GENERATOR}
@@ -99,21 +104,68 @@ def test_bench_end_to_end(tmp_path, tiny_weights_dir, tiny_repository, tiny_serv
     assert "Served pipeline per frame" in text and "vs PyTorch eager per frame" in text
     assert "fp32 GEMM rate of this machine" in text and "fp32 floor per frame" in text
     assert "## Per sub-network, batch 1" in text
+    assert "## Drift against fp32" in text and "| served frame: served vs exact | levels |" in text
+    assert "| served frame: exact vs torch | levels |" in text and "In-process per frame: served" in text
     for name in ("throughput_vs_concurrency.png", "latency_by_submodel.png", "submodel_batch_sweep.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "wrote" in done.stdout
 
 
 def test_runtime_winners_break_ties_by_kind_order():
-    """The fastest passing servable kind wins; within TIE the plainer kind (earlier in runtimes.KINDS) does."""
-    def result(model, kind, p50_ms, ok=True):
-        r = RuntimeResult(model, kind, 1, stats=Stats(5, p50_ms, p50_ms, p50_ms, p50_ms, p50_ms))
+    """The fastest passing servable kind wins; within TIE the plainer kind (earlier in runtimes.KINDS) does; the
+    exact policy picks among fp32 runners, the reduced one among all that lie within the drift bounds, fp32 first
+    within TIE."""
+    from liveportrait_triton.benchmarks.runtime_choice import refused
+    from liveportrait_triton.precision import Drift
+    m, w, g, f = spec.MOTION, spec.WARPING, spec.GENERATOR, spec.APPEARANCE
+
+    def result(model, kind, p50_ms, ok=True, precision="fp32", mean=0.5):
+        r = RuntimeResult(model, kind, 1, precision, stats=Stats(5, p50_ms, p50_ms, p50_ms, p50_ms, p50_ms))
         r.parity = {"out": (0.0, 1.0, ok)}
+        if precision != "fp32":
+            r.drift = [Drift(f"{model}.image", "levels", 3.0, mean, 0.1, 0.001)]
         return r
-    results = [result("m", "openvino", 100.0), result("m", "openvino_fastconv", 98.0),
-               result("w", "openvino", 100.0), result("w", "openvino_fastconv", 60.0),
-               result("g", "onnxruntime", 50.0, ok=False), result("g", "torch", 90.0)]
-    assert winners(results) == {"m": "openvino", "w": "openvino_fastconv", "g": "torch"}
+    results = [result(m, "openvino", 100.0), result(m, "openvino_fastconv", 98.0),
+               result(w, "openvino", 100.0), result(w, "openvino_fastconv", 60.0),
+               result(g, "onnxruntime", 50.0, ok=False), result(g, "torch", 90.0),
+               result(g, "openvino", 40.0, precision="bf16", mean=1.5),       # faster, beyond the bounds
+               result(w, "torch", 59.0, precision="bf16"),                     # within TIE of fp32: fp32 wins
+               result(f, "openvino", 100.0), result(f, "openvino", 50.0, precision="bf16")]
+    exact = winners(results)
+    assert {k: e.kind for k, e in exact.items()} == {m: "openvino", w: "openvino_fastconv", g: "torch",
+                                                     f: "openvino"}
+    assert all(e.precision == "fp32" for e in exact.values())
+    reduced = winners(results, policy="reduced")
+    assert {k: e.label() for k, e in reduced.items()} == {m: "openvino/fp32", w: "openvino_fastconv/fp32",
+                                                          g: "torch/fp32", f: "openvino/bf16"}
+    [no] = refused(results)
+    assert no.startswith(f"{g} on openvino/bf16 refused:") and "mean 1.5 > 1" in no
+
+
+def test_reduced_entries_that_together_exceed_the_frame_bounds_go_back_to_exact():
+    """Each within the bounds, two reduced entries can exceed them together: the one saving the least time goes
+    back to exact until the whole frame is within the bounds."""
+    from liveportrait_triton.benchmarks.runtime_choice import frame_checked
+    from liveportrait_triton.precision import Drift
+    f, g = spec.APPEARANCE, spec.GENERATOR
+
+    def result(model, kind, p50_ms, precision="fp32"):
+        r = RuntimeResult(model, kind, 1, precision, stats=Stats(5, p50_ms, p50_ms, p50_ms, p50_ms, p50_ms))
+        r.parity = {"out": (0.0, 1.0, True)}
+        return r
+    results = [result(f, "openvino", 1900.0), result(f, "openvino", 760.0, "bf16"),
+               result(g, "openvino_fastconv", 15000.0), result(g, "openvino", 10000.0, "bf16")]
+    exact = {f: runtimes.RuntimePlanEntry.of(f, "openvino"), g: runtimes.RuntimePlanEntry.of(g, "openvino_fastconv")}
+    reduced = {f: runtimes.RuntimePlanEntry.of(f, "openvino", precision="bf16"),
+               g: runtimes.RuntimePlanEntry.of(g, "openvino", precision="bf16")}
+
+    def frame(entries):      # 0.6 levels of mean drift per reduced sub-network
+        mean = 0.6 * sum(not e.exact for e in entries.values())
+        return Drift("frame", "levels", 8.0, mean, 0.2, 0.001)
+    kept, tried = frame_checked(exact, reduced, results, frame)
+    assert kept == {g: reduced[g]}, "F saves 1.1 s, G 5 s: F goes back to exact"
+    assert [labels for labels, _ in tried] == [f"{f} openvino/bf16, {g} openvino/bf16", f"{g} openvino/bf16"]
+    assert frame_checked(exact, reduced, results, lambda entries: Drift("frame", "levels", 1, 0.1, 0, 0))[0] == reduced
 
 
 def test_runtime_choice(tmp_path, tiny_weights_dir, tiny_repository):
@@ -130,13 +182,24 @@ def test_runtime_choice(tmp_path, tiny_weights_dir, tiny_repository):
     rows = read_rows(out / "runtime_choice.csv")
     assert {r["runtime"] for r in rows} == {"torch", "torch_fastconv", "onnxruntime", "openvino", "openvino_fastconv"}
     for row in rows:
-        assert row["error"] == "" and row["parity_ok"] == "True", row
-        assert float(row["flop"]) > 0 and float(row["fraction_of_gemm"]) > 0, row
+        if row["precision"] == "fp32":
+            assert row["error"] == "" and row["parity_ok"] == "True", row
+            assert float(row["flop"]) > 0 and float(row["fraction_of_gemm"]) > 0, row
+    reduced = [r for r in rows if r["precision"] != "fp32"]
+    assert all(r["model"] != spec.STITCHING for r in reduced), "the MLPs stay fp32"
+    if "bf16" in precision.native_precisions("cpu"):
+        assert {r["runtime"] for r in reduced} == {"torch", "torch_fastconv", "openvino", "openvino_fastconv"}
+        for row in reduced:      # OpenVINO bf16 breaks W's grid-sample indices; every other runner has figures
+            assert row["drift"] or "GatherElements" in row["error"], row
     text = (out / "runtime_choice.md").read_text()
-    assert "## Winner per sub-network" in text and f"| {spec.WARPING} |" in text and "% of GEMM" in text
-    written = json.loads(choice_file.read_text())["targets"]["local"]
-    committed = runtimes.runtime_choice("local")
-    served = [r for r in rows if r["batch"] == "1" and r["runtime"] in runtimes.KINDS]
+    assert "## Winner per sub-network, exact policy" in text and f"| {spec.WARPING} |" in text
+    assert "## Winner per sub-network, reduced policy" in text and "## Bounds" in text and "% of GEMM" in text
+    assert "## fp16 by emulation" in text
+    document = json.loads(choice_file.read_text())["targets"]["local"]
+    written = document["exact"]
+    assert precision.machine_class() in document["reduced"]
+    committed = {m: e.kind for m, e in runtimes.runtime_choice("local").items()}
+    served = [r for r in rows if r["batch"] == "1" and r["runtime"] in runtimes.KINDS and r["precision"] == "fp32"]
     fastest = {r["model"]: min(float(o["p50_ms"]) for o in served if o["model"] == r["model"]) for r in served}
     for model, best in fastest.items():     # within TIE of the fastest, the first kind in runtimes.KINDS order
         ties = [r["runtime"] for r in served if r["model"] == model and float(r["p50_ms"]) <= best * (1 + TIE)]

@@ -28,5 +28,9 @@ def test_rehearsal_runs_every_step_and_writes_its_report(tmp_path):
     rows = re.findall(r"^\| (\d+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| n/a \(no GPU\) \|$", text, re.M)
     assert [r[0] for r in rows] == ["1", "2", "1", "2", "1"], text
     assert all(float(r[1]) > 0 and float(r[3]) >= float(r[2]) > 0 for r in rows)
-    # the served fp32 pipeline is the in-process one: identical frames on the CPU
-    assert "| fp32 served vs fp32 in-process | max 0, mean 0.000," in text
+    # the served fp32 pipeline is the in-process one: identical frames on the CPU (precision.drift_markdown)
+    assert "| fp32 served vs fp32 in-process | levels | 0 | 0 | 0.00% | 0.00% | yes |" in text
+    assert re.search(r"^\| bf16 served vs fp32 served \| levels \| \d+ \| [\d.]+ \|", text, re.M), text
+    # the reduced sub-networks' drift on the device, M and the MLPs left out (always fp32)
+    assert re.search(r"^## Drift per sub-network, bf16 vs fp32 on cpu", text, re.M)
+    assert "| spade_generator.image | levels |" in text and "motion_extractor." not in text.split("Drift per")[-1]

@@ -70,7 +70,7 @@ def test_served_models_report_the_runtime_plan():
     a config whose runtime, device, precision or artefact disagrees with the plan fails here."""
     plan = runtimes.runtime_plan("local")
     assert list(plan) == list(spec.SUBMODELS)
-    assert {m: e.kind for m, e in plan.items()} == runtimes.runtime_choice("local")
+    assert plan == runtimes.runtime_choice("local") == runtimes.runtime_choice("local", policy="exact")
     for name, entry in plan.items():
         config = parse((COMMITTED / name / "config.pbtxt").read_text())
         reported = runtimes.RuntimePlanEntry.from_parameters(name, repository.config_parameters(config))
@@ -80,14 +80,16 @@ def test_served_models_report_the_runtime_plan():
 
 
 def test_a_cuda_plan_renders_device_inputs():
-    """torch on CUDA is the plan entry torch/cuda/fp16, rendered like any other entry; its inputs stay in GPU
-    memory (FORCE_CPU_ONLY_INPUT_TENSORS no)."""
+    """torch on CUDA is the plan entry torch/cuda/fp16 (fp32 for M and the MLPs: precision.ALWAYS_FP32), rendered
+    like any other entry; its inputs stay in GPU memory (FORCE_CPU_ONLY_INPUT_TENSORS no)."""
+    from liveportrait_triton.precision import ALWAYS_FP32
     plan = runtimes.uniform_plan("torch", "cuda")
     rendered = repository.render_repository("local", "tiny", plan=plan)
     for name in spec.SUBMODELS:
         parameters = repository.config_parameters(parse(rendered[f"{name}/config.pbtxt"]))
         assert runtimes.RuntimePlanEntry.from_parameters(name, parameters) == plan[name]
-        assert (parameters["device"], parameters["precision"], parameters["artefact"]) == ("cuda", "fp16", "model.pt")
+        precision = "fp32" if name in ALWAYS_FP32 else "fp16"
+        assert (parameters["device"], parameters["precision"], parameters["artefact"]) == ("cuda", precision, "model.pt")
         assert parameters["FORCE_CPU_ONLY_INPUT_TENSORS"] == "no"
     cpu = repository.config_parameters(parse(repository.render_repository("local", "tiny")[f"{spec.WARPING}/config.pbtxt"]))
     assert "FORCE_CPU_ONLY_INPUT_TENSORS" not in cpu

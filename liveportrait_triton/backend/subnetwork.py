@@ -28,9 +28,10 @@ def thread_count(model_config: dict) -> int:
 class Subnetwork:
     """One served sub-network on its plan entry: request batching and NaN/Inf refusal."""
 
-    def __init__(self, runner: runtimes.SubnetworkRunner):
+    def __init__(self, runner: runtimes.SubnetworkRunner, fallback: str | None = None):
         self.runner = runner
         self.spec = runner.model_spec
+        self.fallback = fallback      # why it runs another entry than its config's (runtimes.native_entry)
 
     @property
     def entry(self) -> runtimes.RuntimePlanEntry:
@@ -38,14 +39,25 @@ class Subnetwork:
 
     @classmethod
     def load(cls, model_spec: spec.ModelSpec, entry: runtimes.RuntimePlanEntry, version_dir: str | Path,
-             threads: int | None = None) -> "Subnetwork":
-        """The entry's artefact in version_dir on the entry's kind; ConfigError naming what does not fit."""
+             threads: int | None = None, machine: str | None = None) -> "Subnetwork":
+        """The entry's artefact in version_dir on the entry's kind; ConfigError naming what does not fit. An entry
+        whose precision this CPU cannot run natively loads its exact entry instead (runtimes.native_entry; the
+        same kind in fp32 where export did not write that entry's artefact), and says so in `fallback`.
+        `machine`: the CPU's class (precision.machine_class), default this machine's."""
+        try:
+            native, fallback = runtimes.native_entry(entry, machine)
+            if fallback and not (Path(version_dir) / native.artefact).is_file():
+                fallback += f"; export wrote no {native.artefact} for it, so {entry.kind}/fp32"
+                native = runtimes.RuntimePlanEntry.of(model_spec.name, entry.kind, entry.device, "fp32")
+            entry = native
+        except runtimes.RuntimeLoadError as exc:
+            raise ConfigError(f"model {model_spec.name!r}: {exc}") from exc
         path = Path(version_dir) / entry.artefact
         if not path.is_file():
             raise ConfigError(f"model {model_spec.name!r}: {path} not found (runtime {entry.kind!r}; run "
                               f"`liveportrait-triton export`)")
         try:
-            return cls(runtimes.create_subnetwork(entry, model_spec, artefact=path, threads=threads))
+            return cls(runtimes.create_subnetwork(entry, model_spec, artefact=path, threads=threads), fallback)
         except runtimes.RuntimeLoadError as exc:
             raise ConfigError(f"model {model_spec.name!r}: {exc}") from exc
 

@@ -26,6 +26,8 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         self.network = Subnetwork.from_config(config, Path(args["model_repository"]) / args["model_version"])
+        if self.network.fallback:
+            pb_utils.Logger.log_warn(f"liveportrait_triton runtime plan: {self.network.fallback}")
         pb_utils.Logger.log_info(f"liveportrait_triton runtime plan: {self.network.entry.describe()}")
 
     def execute(self, requests):

@@ -107,7 +107,7 @@ class WinogradConvolution(nn.Module):
         m = torch.bmm(u[0], v[:, :, :columns])
         for tap in range(1, self.depth_taps):
             start = tap * n * tiles
-            m.baddbmm_(u[tap], v[:, :, start:start + columns])
+            m.baddbmm_(u[tap].to(m.dtype), v[:, :, start:start + columns].to(m.dtype))    # in place: no autocast
         co = m.shape[1]
         y = (self.output_transform @ m.view(36, -1)).view(TILE, TILE, co, d, n, th, tw)
         y = y.permute(4, 2, 3, 5, 0, 6, 1).reshape(n, co, d, h, w)
