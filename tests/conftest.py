@@ -224,9 +224,15 @@ def tiny_both_repository(tmp_path_factory, tiny_repository, tiny_animal_networks
 @pytest.fixture(scope="module")
 def tiny_both_server(tiny_both_repository, tmp_path_factory):
     """The bundled Triton server with both model sets (tiny networks) on 127.0.0.1, free ports."""
+    yield from running_server(tiny_both_repository, tmp_path_factory)
+
+
+def running_server(repository: Path, tmp_path_factory):
+    """The bundled Triton server on `repository`, 127.0.0.1, free ports, while the generator runs (a fixture
+    body); its log stays in tmp."""
     from liveportrait_triton.serve import TritonServer
     log = tmp_path_factory.mktemp("triton_log") / "tritonserver.log"
-    with TritonServer(tiny_both_repository, log_file=log) as server:
+    with TritonServer(repository, log_file=log) as server:
         yield server
 
 
@@ -250,10 +256,7 @@ def rendered_copy(repository: Path, destination: Path, plan=None, **serving) -> 
 @pytest.fixture(scope="module")
 def tiny_server(tiny_repository, tmp_path_factory):
     """The bundled Triton server on the tiny repository, 127.0.0.1, free ports; its log stays in tmp."""
-    from liveportrait_triton.serve import TritonServer
-    log = tmp_path_factory.mktemp("triton_log") / "tritonserver.log"
-    with TritonServer(tiny_repository, log_file=log) as server:
-        yield server
+    yield from running_server(tiny_repository, tmp_path_factory)
 
 
 BATCHING_WINDOW_US = 2_000_000     # the batching tests' pipeline queue delay: far longer than a loaded machine needs

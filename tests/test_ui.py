@@ -73,7 +73,12 @@ def media_files(tmp_path_factory):
 @pytest.fixture(scope="module")
 def page_url(tiny_server):
     """The page on loopback, talking to the tiny server."""
-    app = ui.App(tiny_server.grpc_url, tiny_server.metrics_url)
+    yield from launched_page(tiny_server)
+
+
+def launched_page(server):
+    """(the page's address, its App) on loopback, talking to `server`, while the generator runs."""
+    app = ui.App(server.grpc_url, server.metrics_url)
     port = free_port()
     demo = ui.launch(app, "127.0.0.1", port, block=False)
     try:
@@ -484,14 +489,8 @@ def animal_inputs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def animals_page_url(tiny_both_server):
-    app = ui.App(tiny_both_server.grpc_url, tiny_both_server.metrics_url)
-    port = free_port()
-    demo = ui.launch(app, "127.0.0.1", port, block=False)
-    try:
-        yield f"http://127.0.0.1:{port}/", app
-    finally:
-        demo.close()
-        app.close()
+    """The page on loopback, talking to the server with both model sets."""
+    yield from launched_page(tiny_both_server)
 
 
 @pytest.mark.parametrize("values, flags, size", [
